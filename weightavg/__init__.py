@@ -1,0 +1,11 @@
+"""weightavg: weight averaging (EMA, SWA, ...) as a one-line, near-free addition to a PyTorch training run.
+
+Faces: ``weightavg.callbacks`` (Lightning), ``weightavg.optim`` (plain loops), ``weightavg.config`` (Hydra).
+"""
+
+from weightavg.core import Averager, Clock, Rule, load_into_module
+from weightavg.methods import EMA, SWA
+
+__version__ = "0.1.0"
+
+__all__ = ["EMA", "SWA", "Averager", "Clock", "Rule", "__version__", "load_into_module"]

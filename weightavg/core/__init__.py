@@ -1,0 +1,8 @@
+"""The framework-free engine: binding, batched kernels, swaps, state and safetensors io. Imports torch only."""
+
+from weightavg.core.averager import Averager
+from weightavg.core.binding import BufferPolicy, Entry
+from weightavg.core.io import load_into_module
+from weightavg.core.rule import Clock, Rule
+
+__all__ = ["Averager", "BufferPolicy", "Clock", "Entry", "Rule", "load_into_module"]

@@ -1,0 +1,364 @@
+"""The engine: averaged copies of a model's tensors, updated by batched kernels, swapped in without copies.
+
+``Averager`` binds to a module (or bare parameters), groups tensors by device and dtype once, and asks a method's
+rule what to do at each event. It knows no method and imports neither Lightning nor Hydra.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from weightavg.core import io, kernels
+from weightavg.core.binding import BufferPolicy, Entry, bind_module, bind_tensors
+from weightavg.core.checks import check_number
+from weightavg.core.rule import Clock, Event, Rule
+
+STATE_VERSION = 1
+
+
+@dataclass
+class _Group:
+    """Tensors that one kernel launch updates: same live device/dtype, same average device/dtype, same kind."""
+
+    live: list[torch.Tensor]
+    avg: list[torch.Tensor]
+    averaged: bool
+    # Tensors with the live dtype/device holding the average while it is swapped in; ``avg`` itself when the
+    # average already has the live dtype and device (then a swap moves pointers only).
+    views: list[torch.Tensor] | None = None
+    # Copies of the live tensors on the average's device, used when the two devices differ.
+    staging: list[torch.Tensor] | None = None
+    direct: bool = True
+    names: list[str] = field(default_factory=list)
+
+
+def _average_dtype(live: torch.dtype, requested: torch.dtype | None, averaged: bool) -> torch.dtype:
+    if not averaged:
+        return live
+    if requested is not None:
+        return requested
+    return torch.float32 if live in (torch.float16, torch.bfloat16) else live
+
+
+class Averager:
+    """Averaged copies of a model's weights, driven by a rule.
+
+    Args:
+        target: the live ``nn.Module`` (parameters and persistent buffers, by ``state_dict`` name) or an iterable of
+            tensors (named by position).
+        rule: the method's rule (``weightavg.methods.EMA(...)``, ``weightavg.methods.SWA(...)``, ...).
+        buffers: ``"average"``, ``"copy"`` or ``"ignore"`` floating buffers (integer buffers are always copied).
+        include, exclude: glob patterns on names selecting which tensors to follow.
+        parameters: with a module, follow only these parameters (and the module's buffers).
+        device: where the averages live; default: each live tensor's own device.
+        dtype: dtype of the averages; default fp32 for fp16/bf16 tensors and the live dtype otherwise.
+        total_steps: the run's total optimizer steps, for starts given as a fraction of training.
+
+    Example:
+        >>> model = nn.Linear(4, 2)
+        >>> from weightavg.methods import EMA
+        >>> averager = Averager(model, EMA(decay=0.9))
+        >>> averager.step()   # after each optimizer.step()
+        True
+        >>> with averager.averaged():
+        ...     _ = model(torch.zeros(1, 4))
+    """
+
+    def __init__(
+        self,
+        target: nn.Module | Iterable[torch.Tensor],
+        rule: Rule,
+        *,
+        buffers: BufferPolicy = "average",
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        parameters: Iterable[torch.Tensor] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        total_steps: int | None = None,
+    ) -> None:
+        if not isinstance(rule, Rule):
+            raise TypeError(f"rule={rule!r} must be an averaging rule such as weightavg.methods.EMA(...)")
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise ValueError(f"dtype={dtype!r} must be a floating torch.dtype (e.g. torch.float32) or None")
+        if total_steps is not None:
+            check_number("total_steps", total_steps, low=1, integer=True)
+        self.rule = rule
+        self.total_steps = total_steps
+        if isinstance(target, nn.Module):
+            entries = bind_module(target, buffers=buffers, include=include, exclude=exclude, parameters=parameters)
+        else:
+            if include is not None or exclude is not None:
+                raise ValueError("include=/exclude= select tensors by name and need a module target")
+            entries = bind_tensors(target)
+        self.entries: list[Entry] = entries
+        self.device = None if device is None else torch.device(device)
+        self.dtype = dtype
+        self._groups = self._make_groups(entries)
+        # Entries in group order, for swaps and state; built once.
+        self._live = [t for g in self._groups for t in g.live]
+        self._avg = [t for g in self._groups for t in g.avg]
+        self._names = [n for g in self._groups for n in g.names]
+        self._saved: list[torch.Tensor] | None = None
+        self.num_updates = 0
+        self.step_count = 0
+        self.epoch_count = 0
+        self._last_step: int | None = None
+        self._last_epoch: int | None = None
+        rule.validate_clock(self.clock)
+        self._event("bind")
+
+    # ------------------------------------------------------------------ binding
+    def _make_groups(self, entries: list[Entry]) -> list[_Group]:
+        groups: dict[tuple[Any, ...], _Group] = {}
+        with torch.no_grad():
+            for entry in entries:
+                live = entry.tensor
+                avg_device = self.device or live.device
+                avg_dtype = _average_dtype(live.dtype, self.dtype, entry.averaged)
+                key = (live.device, live.dtype, avg_device, avg_dtype, entry.averaged)
+                group = groups.get(key)
+                if group is None:
+                    direct = avg_device == live.device and avg_dtype == live.dtype
+                    group = groups[key] = _Group([], [], entry.averaged, direct=direct)
+                    if avg_device != live.device:
+                        group.staging = []
+                group.live.append(live)
+                group.avg.append(live.detach().to(device=avg_device, dtype=avg_dtype, copy=True))
+                if group.staging is not None:
+                    group.staging.append(torch.empty_like(group.avg[-1]))
+                group.names.append(entry.name)
+        for group in groups.values():
+            if group.direct:
+                group.views = group.avg
+        return list(groups.values())
+
+    @property
+    def names(self) -> list[str]:
+        """Canonical names of the followed tensors, in the engine's order."""
+        return list(self._names)
+
+    @property
+    def clock(self) -> Clock:
+        return Clock(self.step_count, self.epoch_count, self.total_steps)
+
+    @property
+    def has_average(self) -> bool:
+        """Whether at least one update has happened (before that, the average is meaningless)."""
+        return self.num_updates > 0
+
+    @property
+    def is_swapped(self) -> bool:
+        """Whether the model currently holds the averaged weights (inside ``averaged()`` or after ``swap()``)."""
+        return self._saved is not None
+
+    # ------------------------------------------------------------------ updates
+    def step(self, step: int | None = None) -> bool:
+        """Signal that an optimizer step has happened; update the average if the rule says so.
+
+        Args:
+            step: optimizer steps done so far (e.g. Lightning's ``trainer.global_step``); default: one more than
+                last time. A repeated value is ignored, so calling this once per batch under gradient accumulation
+                with the true step count is safe.
+
+        Returns:
+            Whether the average was updated.
+        """
+        if step is None:
+            step = self.step_count + 1
+        if step == self._last_step:
+            return False
+        self.step_count = step
+        self._last_step = step
+        return self._event("step")
+
+    def epoch_end(self, epoch: int | None = None) -> bool:
+        """Signal the end of an epoch (``epoch`` = epochs done); update if the rule says so. Repeats are ignored."""
+        if epoch is None:
+            epoch = self.epoch_count + 1
+        if epoch == self._last_epoch:
+            return False
+        self.epoch_count = epoch
+        self._last_epoch = epoch
+        return self._event("epoch")
+
+    def _event(self, event: Event) -> bool:
+        weight = self.rule.weight(event, self.clock, self.num_updates)
+        if weight is None:
+            return False
+        if self.num_updates == 0:
+            weight = 1.0
+        self.update(weight)
+        self.num_updates += 1
+        return True
+
+    @torch.no_grad()
+    def update(self, weight: float) -> None:
+        """``avg <- avg + weight * (live - avg)`` for averaged tensors; copied tensors take the live value.
+
+        One batched launch per group (two where the average's dtype differs from the live one); ``weight`` is a
+        Python float, so nothing waits on the device.
+        """
+        if self._saved is not None:
+            raise RuntimeError("cannot update the average while it is swapped into the model; swap back first")
+        for group in self._groups:
+            sources = group.live
+            if group.staging is not None:
+                kernels.copy_(group.staging, group.live)
+                sources = group.staging
+            if group.averaged:
+                kernels.lerp_(group.avg, sources, weight)
+            else:
+                kernels.copy_(group.avg, sources)
+
+    # ------------------------------------------------------------------ swapping
+    @torch.no_grad()
+    def swap(self) -> None:
+        """Put the averaged weights into the model, or the live weights back if they are swapped in.
+
+        Same-dtype, same-device tensors exchange storage pointers (``tensor.data``); no tensor is copied and
+        nothing is allocated. Where the average has another dtype or device, it is first cast into a persistent
+        buffer of the live dtype (allocated on the first swap). Restoring is exact: the live storage itself returns.
+        """
+        if self._saved is not None:
+            for tensor, saved in zip(self._live, self._saved, strict=False):
+                tensor.data = saved
+            self._saved = None
+            return
+        views: list[torch.Tensor] = []
+        for group in self._groups:
+            if group.views is None:
+                group.views = [torch.empty_like(live) for live in group.live]
+            if not group.direct:
+                kernels.copy_(group.views, group.avg)
+            views.extend(group.views)
+        self._saved = [tensor.data for tensor in self._live]
+        for tensor, view in zip(self._live, views, strict=False):
+            tensor.data = view
+
+    @contextmanager
+    def averaged(self) -> Iterator[None]:
+        """Run the body with the averaged weights in the model; the live weights return afterwards, even on error."""
+        if self._saved is not None:
+            yield
+            return
+        self.swap()
+        try:
+            yield
+        finally:
+            self.swap()
+
+    @torch.no_grad()
+    def commit_swapped(self) -> None:
+        """While swapped in, take the model's current values as the average (e.g. after recomputing BatchNorm
+        statistics on the averaged model). A no-op for groups whose average is swapped in by pointer."""
+        if self._saved is None:
+            raise RuntimeError("commit_swapped() needs the average swapped in")
+        for group in self._groups:
+            if not group.direct and group.views is not None:
+                kernels.copy_(group.avg, group.views)
+
+    def update_bn(self, inputs: Iterable[Any], module: nn.Module, device: torch.device | None = None) -> None:
+        """Recompute the BatchNorm statistics of the averaged weights with one pass over ``inputs`` and keep them
+        in the average (``torch.optim.swa_utils.update_bn`` run with the average swapped in). A model without
+        BatchNorm is left alone. ``inputs`` yields batches (``batch[0]`` is fed when a batch is a list or tuple)."""
+        norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not norms:
+            return
+        followed = {id(t) for t in self._live}
+        if any(m.running_mean is not None and id(m.running_mean) not in followed for m in norms):
+            raise ValueError(
+                "update_bn needs the BatchNorm buffers in the average (buffers='average' or 'copy', and not "
+                "excluded); otherwise it would overwrite the live statistics"
+            )
+        with self.averaged():
+            torch.optim.swa_utils.update_bn(inputs, module, device)
+            self.commit_swapped()
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        """Overwrite the live weights with the average (the model keeps the averaged weights from now on)."""
+        if self._saved is not None:
+            self.swap()
+        for group in self._groups:
+            kernels.copy_(group.live, group.avg)
+
+    # ------------------------------------------------------------------ views of the state
+    def averaged_tensors(self) -> dict[str, torch.Tensor]:
+        """Canonical name -> averaged tensor (the engine's own storage; in the average's dtype)."""
+        return dict(zip(self._names, self._avg, strict=False))
+
+    def live_tensors(self) -> dict[str, torch.Tensor]:
+        """Canonical name -> live weights, also while the average is swapped in."""
+        live = self._saved if self._saved is not None else [t.detach() for t in self._live]
+        return dict(zip(self._names, live, strict=False))
+
+    def aliases(self) -> dict[str, tuple[str, ...]]:
+        """Canonical name -> the other ``state_dict`` names of the same (tied) tensor."""
+        return {entry.name: entry.names[1:] for entry in self.entries}
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that affects future updates: the averages, the counters and the rule's description.
+
+        Tensors are the engine's own (not copies), like ``nn.Module.state_dict()``.
+        """
+        return {
+            "version": STATE_VERSION,
+            "rule": repr(self.rule),
+            "averaged": self.averaged_tensors(),
+            "num_updates": self.num_updates,
+            "step_count": self.step_count,
+            "epoch_count": self.epoch_count,
+            "last_step": self._last_step,
+            "last_epoch": self._last_epoch,
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a ``state_dict()``; raises ``ValueError`` naming missing, unexpected or mis-shaped tensors."""
+        if not isinstance(state, dict) or "averaged" not in state:
+            raise ValueError("state must be a dict returned by Averager.state_dict() (it has no 'averaged' entry)")
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"averaging state version {state.get('version')!r} is not supported ({STATE_VERSION})")
+        averaged = state["averaged"]
+        self._check_tensors(averaged, source="averaging state")
+        if self._saved is not None:
+            raise RuntimeError("cannot load averaging state while the average is swapped in; swap back first")
+        for name, tensor in zip(self._names, self._avg, strict=False):
+            tensor.copy_(averaged[name])
+        self.num_updates = int(state["num_updates"])
+        self.step_count = int(state["step_count"])
+        self.epoch_count = int(state["epoch_count"])
+        self._last_step = state["last_step"]
+        self._last_epoch = state["last_epoch"]
+
+    def _check_tensors(self, tensors: dict[str, torch.Tensor], *, source: str) -> None:
+        expected = {name: tensor.shape for name, tensor in zip(self._names, self._avg, strict=False)}
+        io.check_keys(expected, {name: t.shape for name, t in tensors.items()}, source=source)
+
+    # ------------------------------------------------------------------ safetensors
+    def save(self, path: str | os.PathLike[str], *, dtype: torch.dtype | None = None) -> Path:
+        """Export the averaged weights as safetensors, atomically. ``dtype`` casts floating tensors on the way out."""
+        tensors = {
+            name: tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+            for name, tensor in self.averaged_tensors().items()
+        }
+        return io.save_safetensors(tensors, path, metadata=io.aliases_metadata(self.aliases()))
+
+    @torch.no_grad()
+    def load(self, path: str | os.PathLike[str]) -> None:
+        """Import averaged weights written by ``save`` (names and shapes must match exactly)."""
+        tensors = io.load_safetensors(path)
+        self._check_tensors(tensors, source=f"path={str(path)!r}")
+        for name, tensor in zip(self._names, self._avg, strict=False):
+            tensor.copy_(tensors[name])
+        self.num_updates = max(self.num_updates, 1)

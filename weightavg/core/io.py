@@ -1,0 +1,97 @@
+"""Safetensors export and import of averaged weights: atomic writes, loads whose errors name the offending key."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+ALIASES_KEY = "weightavg.aliases"
+
+
+def save_safetensors(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str], *, metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write ``tensors`` to ``path`` atomically: a temporary file in the same folder, fsync, then rename.
+
+    A crash mid-write leaves any earlier file at ``path`` intact. Tensors are copied to CPU and made contiguous.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    cpu = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
+    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(handle)
+    try:
+        save_file(cpu, temporary, metadata=dict(metadata or {}))
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def check_keys(
+    expected: Mapping[str, torch.Size], found: Mapping[str, torch.Size], *, source: str
+) -> None:
+    """Raise ``ValueError`` naming missing, unexpected and mis-shaped keys of ``found`` against ``expected``."""
+    missing = [name for name in expected if name not in found]
+    unexpected = [name for name in found if name not in expected]
+    misshaped = [
+        f"{name}: expected {tuple(expected[name])}, found {tuple(found[name])}"
+        for name in expected
+        if name in found and tuple(found[name]) != tuple(expected[name])
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected}")
+    if misshaped:
+        problems.append(f"mis-shaped keys [{'; '.join(misshaped)}]")
+    if problems:
+        raise ValueError(f"{source} does not match the averaged model: " + ", ".join(problems))
+
+
+def load_safetensors(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Read a safetensors file into a name -> tensor dict on ``device``."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"path={str(path)!r}: no such safetensors file")
+    return load_file(str(path), device=str(device))
+
+
+def aliases_metadata(aliases: Mapping[str, tuple[str, ...]]) -> dict[str, str]:
+    """Metadata recording the extra names of tied tensors, so a loader can fill every alias."""
+    extra = {name: list(names) for name, names in aliases.items() if names}
+    return {ALIASES_KEY: json.dumps(extra)} if extra else {}
+
+
+def load_into_module(module: torch.nn.Module, path: str | os.PathLike[str], *, strict: bool = True) -> None:
+    """Load weights exported by ``Averager.save`` into a module (tied aliases filled in).
+
+    With ``strict=True``, a key of the module's ``state_dict`` absent from the file, or a key of the file absent from
+    the module, raises ``ValueError`` naming it (buffers left out by the buffer policy count as missing: use
+    ``strict=False`` to load such partial exports over an existing model).
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    tensors = load_safetensors(path)
+    for name, extra in json.loads(metadata.get(ALIASES_KEY, "{}")).items():
+        for alias in extra:
+            tensors.setdefault(alias, tensors[name])
+    own = module.state_dict()
+    expected = {name: value.shape for name, value in own.items()}
+    found = {name: value.shape for name, value in tensors.items()}
+    if strict:
+        check_keys(expected, found, source=f"path={str(path)!r}")
+    else:
+        check_keys({k: v for k, v in expected.items() if k in found}, found, source=f"path={str(path)!r}")
+    module.load_state_dict(tensors, strict=strict)

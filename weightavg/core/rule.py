@@ -1,0 +1,54 @@
+"""What a method's rule is: a small picklable object that says, at each event, whether and how much to average.
+
+The engine (``Averager``) owns tensors and counters; a rule owns only hyperparameters and the schedule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+Event = Literal["bind", "step", "epoch"]
+
+
+@dataclass(frozen=True)
+class Clock:
+    """Training time at an event.
+
+    Attributes:
+        step: optimizer steps done (1 after the first ``optimizer.step()``).
+        epoch: epochs done (1 at the end of the first epoch).
+        total_steps: optimizer steps the whole run will take, when known (needed for starts given as a fraction).
+    """
+
+    step: int
+    epoch: int
+    total_steps: int | None = None
+
+
+@runtime_checkable
+class Rule(Protocol):
+    """An averaging rule: ``avg <- lerp(avg, live, weight)`` at the events where ``weight`` is not ``None``.
+
+    ``event`` is ``"bind"`` when the averager is created (a weight of 1 makes the average a copy of the live weights
+    right away), ``"step"`` after each optimizer step, and ``"epoch"`` at each epoch's end. ``num_updates`` counts the
+    updates done so far (0 before the first, which must have weight 1).
+    """
+
+    def weight(self, event: Event, clock: Clock, num_updates: int) -> float | None: ...
+
+    def validate_clock(self, clock: Clock) -> None:
+        """Raise ``ValueError`` if this rule cannot run with this clock (e.g. a fraction without total steps)."""
+        ...
+
+
+def compact_repr(rule: object) -> str:
+    """``Name(field=value, ...)`` listing only the fields that differ from their defaults (stable, short names)."""
+    import dataclasses
+
+    parts = [
+        f"{f.name}={getattr(rule, f.name)!r}"
+        for f in dataclasses.fields(rule)  # type: ignore[arg-type]
+        if f.default is dataclasses.MISSING or getattr(rule, f.name) != f.default
+    ]
+    return f"{type(rule).__name__}({', '.join(parts)})"

@@ -1,0 +1,6 @@
+"""Averaging rules, one file each: the method's math and schedule, nothing about tensors or frameworks."""
+
+from weightavg.methods.ema import EMA
+from weightavg.methods.swa import SWA
+
+__all__ = ["EMA", "SWA"]

@@ -1,0 +1,90 @@
+"""EMA: the exponential moving average of the weights over optimizer steps (the whole rule; the engine does the rest).
+
+    avg <- decay_t * avg + (1 - decay_t) * live        after optimizer step t  (== lerp(avg, live, 1 - decay_t))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from weightavg.core.checks import check_choice, check_number
+from weightavg.core.rule import Clock, Event, compact_repr
+from weightavg.core.schedules import WARMUPS, Warmup, decay_from_half_life, warmed_decay
+
+
+@dataclass(frozen=True, repr=False)
+class EMA:
+    """Exponential moving average of the weights.
+
+    The average becomes a copy of the live weights once ``start_step`` optimizer steps are done (at binding when
+    ``start_step`` is 0); after that, every ``every_n_steps``-th optimizer step (counted from the start of training)
+    applies ``avg <- lerp(avg, live, 1 - d)`` with
+
+    - ``d = decay_t ** every_n_steps`` when ``scale_decay`` (default): skipping steps keeps the time constant, so
+      ``every_n_steps=4`` averages over the same span of training as ``every_n_steps=1``;
+    - ``decay_t = decay`` (``warmup="none"``), ``min(decay, 1 - (1 + t / gamma) ** -power)`` (``"power"``, timm and
+      ema-pytorch), or ``min(decay, (1 + t) / (10 + t))`` (``"tf"``), where ``t`` counts steps since ``start_step``.
+
+    Args:
+        decay: the decay in [0, 1). Mutually exclusive with ``half_life``; 0.999 when neither is given.
+        half_life: the decay as a half-life in optimizer steps, ``decay = 0.5 ** (1 / half_life)``.
+        warmup: ``"none"``, ``"power"`` or ``"tf"``.
+        gamma, power: the power warmup's constants (gamma=1, power=2/3 for long runs; 3/4 for short ones).
+        every_n_steps: update after every n-th optimizer step.
+        start_step: optimizer steps before averaging starts.
+        scale_decay: use ``decay ** every_n_steps`` at each update.
+
+    Raises:
+        ValueError: on a decay outside [0, 1), a non-positive half-life, ``every_n_steps < 1``, a negative start, an
+            unknown warmup, or both ``decay`` and ``half_life``.
+    """
+
+    decay: float | None = None
+    half_life: float | None = None
+    warmup: Warmup = "none"
+    gamma: float = 1.0
+    power: float = 2 / 3
+    every_n_steps: int = 1
+    start_step: int = 0
+    scale_decay: bool = True
+
+    def __post_init__(self) -> None:
+        if self.decay is not None and self.half_life is not None:
+            raise ValueError(
+                f"decay={self.decay!r} and half_life={self.half_life!r} both set the decay; give only one"
+            )
+        if self.decay is not None:
+            check_number("decay", self.decay, low=0.0, high=1.0, high_open=True)
+        if self.half_life is not None:
+            check_number("half_life", self.half_life, low=0.0, low_open=True)
+        check_choice("warmup", self.warmup, WARMUPS)
+        check_number("gamma", self.gamma, low=0.0, low_open=True)
+        check_number("power", self.power, low=0.0, low_open=True)
+        check_number("every_n_steps", self.every_n_steps, low=1, integer=True)
+        check_number("start_step", self.start_step, low=0, integer=True)
+
+    @property
+    def base_decay(self) -> float:
+        """The decay per optimizer step before any warmup."""
+        if self.half_life is not None:
+            return decay_from_half_life(self.half_life)
+        return 0.999 if self.decay is None else self.decay
+
+    def decay_at(self, step: int) -> float:
+        """The decay applied by the update after optimizer step ``step`` (scaled for ``every_n_steps``)."""
+        decay = warmed_decay(self.base_decay, step - self.start_step, self.warmup, self.gamma, self.power)
+        return decay**self.every_n_steps if self.scale_decay else decay
+
+    def weight(self, event: Event, clock: Clock, num_updates: int) -> float | None:
+        if event == "epoch" or clock.step < self.start_step:
+            return None
+        if num_updates == 0:
+            return 1.0
+        if event == "bind" or clock.step % self.every_n_steps:
+            return None
+        return 1.0 - self.decay_at(clock.step)
+
+    __repr__ = compact_repr
+
+    def validate_clock(self, clock: Clock) -> None:
+        return None

@@ -1,0 +1,63 @@
+"""SWA (Izmailov et al. 2018, "Averaging Weights Leads to Wider Optima and Better Generalization"): the equal-weight
+running average of the weights sampled after a start point.
+
+    n <- n + 1;  avg <- avg + (live - avg) / n        at each sample (the first sample copies)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from weightavg.core.checks import check_choice, check_number
+from weightavg.core.rule import Clock, Event, compact_repr
+from weightavg.core.schedules import START_UNITS, UNITS, StartUnit, Unit, reached
+
+
+@dataclass(frozen=True, repr=False)
+class SWA:
+    """Stochastic weight averaging: an equal-weight average of weight samples.
+
+    A sample is taken at each event of ``every_unit`` (after an optimizer step, or at an epoch's end) whose count is
+    a multiple of ``every`` (steps or epochs done, counted from the start of training), once the start point is
+    reached. The first sample copies the live weights.
+
+    Args:
+        start: where sampling starts: a fraction of the run's optimizer steps in [0, 1] (``start_unit="fraction"``,
+            needs the run's total steps), or a number of optimizer steps or epochs done.
+        start_unit: ``"fraction"``, ``"step"`` or ``"epoch"``.
+        every: sample every n-th step or epoch.
+        every_unit: ``"epoch"`` (the paper: once per epoch, or per LR cycle) or ``"step"``.
+
+    Pair SWA with a constant or cyclic learning rate in the averaging phase (``torch.optim.swa_utils.SWALR``); SWA
+    never touches the optimizer or its scheduler. Recompute BatchNorm statistics of the average at the end.
+
+    Raises:
+        ValueError: on a negative start, a fraction above 1, an unknown unit, or ``every < 1``.
+    """
+
+    start: float = 0.75
+    start_unit: StartUnit = "fraction"
+    every: int = 1
+    every_unit: Unit = "epoch"
+
+    def __post_init__(self) -> None:
+        check_choice("start_unit", self.start_unit, START_UNITS)
+        if self.start_unit == "fraction":
+            check_number("start", self.start, low=0.0, high=1.0)
+        else:
+            check_number("start", self.start, low=0, integer=True)
+        check_number("every", self.every, low=1, integer=True)
+        check_choice("every_unit", self.every_unit, UNITS)
+
+    def weight(self, event: Event, clock: Clock, num_updates: int) -> float | None:
+        if event != self.every_unit or not reached(self.start, self.start_unit, clock):
+            return None
+        count = clock.step if event == "step" else clock.epoch
+        if count % self.every:
+            return None
+        return 1.0 / (num_updates + 1)
+
+    __repr__ = compact_repr
+
+    def validate_clock(self, clock: Clock) -> None:
+        reached(self.start, self.start_unit, clock)

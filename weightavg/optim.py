@@ -1,0 +1,187 @@
+"""Optimizer-wrapper face: averaging for plain training loops, without Lightning.
+
+``weightavg.optim.EMA(optimizer, ...)`` is a ``torch.optim.Optimizer`` that shares the inner optimizer's
+``param_groups`` and state, steps it, then updates the average. The averaging math lives in ``weightavg.methods``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from weightavg.core.averager import Averager
+from weightavg.core.binding import BufferPolicy
+from weightavg.core.rule import Rule
+from weightavg.core.schedules import StartUnit, Unit, Warmup
+from weightavg.methods.ema import EMA as EMARule
+from weightavg.methods.swa import SWA as SWARule
+
+
+class AveragingOptimizer(Optimizer):
+    """Wrap ``optimizer`` so that every ``step()`` also updates an average of its parameters under ``rule``.
+
+    Args:
+        optimizer: the inner optimizer; its ``param_groups`` and ``state`` are shared, so LR schedulers, gradient
+            clipping, ``zero_grad`` and ``add_param_group`` keep acting on it.
+        rule: the averaging rule.
+        module: the model; when given, tensors are named as in its ``state_dict`` and its buffers are followed too
+            (under ``buffers``). Without it only the optimizer's parameters are averaged, named by position.
+        buffers, include, exclude, device, dtype, total_steps: as for ``weightavg.Averager``.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        rule: Rule,
+        *,
+        module: nn.Module | None = None,
+        buffers: BufferPolicy = "average",
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        total_steps: int | None = None,
+    ) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.optimizer = optimizer
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        target: nn.Module | Iterable[torch.Tensor] = module if module is not None else params
+        self.averager = Averager(
+            target,
+            rule,
+            buffers=buffers,
+            include=include,
+            exclude=exclude,
+            parameters=params if module is not None else None,
+            device=device,
+            dtype=dtype,
+            total_steps=total_steps,
+        )
+        # Optimizer.__init__ sets up the hook registries; the groups and state are then the inner optimizer's own.
+        super().__init__(params, optimizer.defaults)
+        self.param_groups = optimizer.param_groups
+        self.state = optimizer.state
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.averager.rule!r}, {self.optimizer!r})"
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
+        """Step the inner optimizer, then update the average if the rule says so."""
+        with torch.enable_grad():
+            loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        self.averager.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not hasattr(self, "param_groups") or self.param_groups is not self.optimizer.param_groups:
+            super().add_param_group(param_group)  # Optimizer.__init__ building its throwaway groups
+            return
+        raise NotImplementedError(
+            "add the parameter group to the inner optimizer before wrapping it: the average is bound to the "
+            "parameters present when the wrapper is built"
+        )
+
+    def epoch_end(self) -> bool:
+        """Mark the end of an epoch (for rules that sample per epoch, e.g. ``SWA(every_unit="epoch")``)."""
+        return self.averager.epoch_end()
+
+    @contextmanager
+    def averaged(self) -> Iterator[None]:
+        """Evaluate with the averaged weights: ``with opt.averaged(): evaluate(model)``; live weights return after.
+
+        Before the first update there is no average yet; the body then runs on the live weights, with a warning.
+        """
+        if not self.averager.has_average:
+            warnings.warn("no averaging update has happened yet; evaluating the live weights", stacklevel=3)
+            yield
+            return
+        with self.averager.averaged():
+            yield
+
+    def copy_to_model(self) -> None:
+        """Overwrite the live weights with the average (e.g. at the end of training)."""
+        self.averager.copy_to_model()
+
+    def save_averaged(self, path: str) -> None:
+        """Export the averaged weights as safetensors (atomic write)."""
+        self.averager.save(path)
+
+    def update_bn(self, loader: Iterable[Any], model: nn.Module, device: torch.device | None = None) -> None:
+        """Recompute BatchNorm statistics of the averaged weights with a pass over ``loader``
+        (``torch.optim.swa_utils.update_bn``), and keep them in the average. ``model`` must be the bound module."""
+        self.averager.update_bn(loader, model, device)
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """The inner optimizer's state and the averaging state, together."""
+        return {"optimizer": self.optimizer.state_dict(), "averaging": self.averager.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        if not isinstance(state_dict, dict) or set(state_dict) != {"optimizer", "averaging"}:
+            raise ValueError(
+                "state_dict must come from a weightavg.optim wrapper's state_dict() (keys 'optimizer' and "
+                f"'averaging'), got keys {sorted(state_dict) if isinstance(state_dict, dict) else state_dict!r}"
+            )
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self.averager.load_state_dict(state_dict["averaging"])
+
+
+class EMA(AveragingOptimizer):
+    """``optimizer`` plus an exponential moving average of its parameters (``weightavg.methods.EMA``).
+
+    Example:
+        >>> model = nn.Linear(4, 2)
+        >>> opt = EMA(torch.optim.SGD(model.parameters(), lr=0.1), decay=0.99)
+        >>> model(torch.randn(8, 4)).pow(2).mean().backward()
+        >>> opt.step()
+        >>> with opt.averaged():
+        ...     _ = model(torch.randn(8, 4))
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        decay: float | None = None,
+        *,
+        half_life: float | None = None,
+        warmup: Warmup = "none",
+        gamma: float = 1.0,
+        power: float = 2 / 3,
+        every_n_steps: int = 1,
+        start_step: int = 0,
+        scale_decay: bool = True,
+        **engine: Any,
+    ) -> None:
+        rule = EMARule(decay, half_life, warmup, gamma, power, every_n_steps, start_step, scale_decay)
+        super().__init__(optimizer, rule, **engine)
+
+
+class SWA(AveragingOptimizer):
+    """``optimizer`` plus a stochastic weight average of its parameters (``weightavg.methods.SWA``).
+
+    In a plain loop the natural unit is the step: ``SWA(opt, start=1000, start_unit="step", every=100,
+    every_unit="step")``. With ``every_unit="epoch"``, call ``opt.epoch_end()`` at the end of each epoch. Pair with
+    ``torch.optim.swa_utils.SWALR`` on the inner optimizer for the SWA learning rate; the wrapper never changes it.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        start: float = 0.75,
+        *,
+        start_unit: StartUnit = "fraction",
+        every: int = 1,
+        every_unit: Unit = "step",
+        **engine: Any,
+    ) -> None:
+        super().__init__(optimizer, SWARule(start, start_unit, every, every_unit), **engine)
