@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from typing import Any
 
 import lightning.pytorch as pl
@@ -60,7 +61,7 @@ class DigitsModule(pl.LightningModule):
 def trainer(**kwargs: Any) -> pl.Trainer:
     defaults: dict[str, Any] = dict(
         accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, num_sanity_val_steps=0,
+        enable_checkpointing=False, num_sanity_val_steps=0, default_root_dir=tempfile.mkdtemp(prefix="weightavg-"),
     )
     defaults.update(kwargs)
     return pl.Trainer(**defaults)

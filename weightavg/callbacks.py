@@ -45,7 +45,9 @@ class AveragingCallback(Callback):
             With several averagers the first one with ``apply_at_end=True`` does it, and its average is also what
             checkpoints hold under ``state_dict``.
         export_path: write the averaged weights as safetensors here at the end of fit (global rank 0).
-        name: a unique name for this averager (its checkpoint ``state_key``); default: the rule's repr.
+        name: a unique name for this averager (its checkpoint ``state_key`` is ``weightavg[<name>]``); default: the
+            rule's compact repr, e.g. ``EMA(decay=0.999)``. Two identical averagers need distinct names: Lightning
+            refuses two callbacks with one ``state_key`` when the Trainer is built.
         buffers, include, exclude, device, dtype: as for ``weightavg.Averager``.
     """
 
@@ -61,7 +63,7 @@ class AveragingCallback(Callback):
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
         device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
     ) -> None:
         check_choice("validate_with", validate_with, ("average", "live"))
         if not isinstance(apply_at_end, bool):
@@ -93,10 +95,6 @@ class AveragingCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         ours = [cb for cb in trainer.callbacks if isinstance(cb, AveragingCallback)]  # type: ignore[attr-defined]
-        keys = [cb.state_key for cb in ours]
-        duplicates = sorted({key for key in keys if keys.count(key) > 1})
-        if duplicates:
-            raise ValueError(f"two averagers share the name {duplicates}; give each a distinct name=...")
         validator = next((cb for cb in ours if cb.validate_with == "average"), None)
         owner = next((cb for cb in ours if cb.apply_at_end), None)
         for cb in ours:

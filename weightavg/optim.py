@@ -45,7 +45,7 @@ class AveragingOptimizer(Optimizer):
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
         device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         total_steps: int | None = None,
     ) -> None:
         if not isinstance(optimizer, Optimizer):

@@ -48,6 +48,16 @@ def _average_dtype(live: torch.dtype, requested: torch.dtype | None, averaged: b
     return torch.float32 if live in (torch.float16, torch.bfloat16) else live
 
 
+def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``None``, a floating ``torch.dtype``, or its name (``"float32"``, as Hydra configs write it)."""
+    if dtype is None:
+        return None
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"dtype={dtype!r} must be a floating torch.dtype or its name (e.g. 'float32'), or None")
+    return resolved
+
+
 class Averager:
     """Averaged copies of a model's weights, driven by a rule.
 
@@ -59,7 +69,7 @@ class Averager:
         include, exclude: glob patterns on names selecting which tensors to follow.
         parameters: with a module, follow only these parameters (and the module's buffers).
         device: where the averages live; default: each live tensor's own device.
-        dtype: dtype of the averages; default fp32 for fp16/bf16 tensors and the live dtype otherwise.
+        dtype: dtype of the averages (or its name); default fp32 for fp16/bf16 tensors and the live dtype otherwise.
         total_steps: the run's total optimizer steps, for starts given as a fraction of training.
 
     Example:
@@ -82,13 +92,12 @@ class Averager:
         exclude: str | Sequence[str] | None = None,
         parameters: Iterable[torch.Tensor] | None = None,
         device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         total_steps: int | None = None,
     ) -> None:
         if not isinstance(rule, Rule):
             raise TypeError(f"rule={rule!r} must be an averaging rule such as weightavg.methods.EMA(...)")
-        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-            raise ValueError(f"dtype={dtype!r} must be a floating torch.dtype (e.g. torch.float32) or None")
+        dtype = _resolve_dtype(dtype)
         if total_steps is not None:
             check_number("total_steps", total_steps, low=1, integer=True)
         self.rule = rule

@@ -1,0 +1,544 @@
+"""weightavg.core.averager: updates against float64 loops and torch.optim.swa_utils, swaps, state and resume."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from weightavg import EMA, SWA, Averager
+
+
+def mlp(seed: int = 0, batchnorm: bool = False, hidden: int = 8) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [nn.Linear(6, hidden)]
+    if batchnorm:
+        layers.append(nn.BatchNorm1d(hidden))
+    layers += [nn.Tanh(), nn.Linear(hidden, 3)]
+    return nn.Sequential(*layers)
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(16, 6, generator=generator), torch.randint(0, 3, (16,), generator=generator)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+    x, y = batch(step)
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+
+
+@torch.no_grad()
+def drift(model: nn.Module, seed: int) -> None:
+    """Move every state tensor of the model (any dtype) as a training step would."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point():
+            noise = torch.randn(tensor.shape, generator=generator)
+            tensor.add_((noise.abs() if name.endswith("running_var") else noise).to(tensor.dtype))
+        else:
+            tensor.add_(1)
+
+
+def drifted(
+    model_dtype: torch.dtype = torch.float32, steps: int = 3, **engine: object
+) -> tuple[nn.Module, Averager]:
+    model = mlp(0, batchnorm=True).to(model_dtype)
+    averager = Averager(model, EMA(decay=0.5), **engine)  # type: ignore[arg-type]
+    for step in range(1, steps + 1):
+        drift(model, seed=step)
+        averager.step()
+    drift(model, seed=99)  # live weights differ from the average
+    return model, averager
+
+
+def snapshot(model: nn.Module) -> dict[str, tuple[int, torch.Tensor]]:
+    return {name: (t.data_ptr(), t.clone()) for name, t in model.state_dict().items()}
+
+
+def assert_restored(model: nn.Module, before: dict[str, tuple[int, torch.Tensor]]) -> None:
+    for name, tensor in model.state_dict().items():
+        pointer, values = before[name]
+        assert tensor.data_ptr() == pointer, f"{name}: live storage not restored"
+        assert torch.equal(tensor, values), f"{name}: live values changed"
+
+
+# ---------------------------------------------------------------------------------------------- update math
+def test_ema_trajectory_matches_float64_loop_and_torch_averaged_model() -> None:
+    decay = 0.95
+    model = mlp(0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    averager = Averager(model, EMA(decay=decay))
+    torch_ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
+    torch_ema.update_parameters(model)  # torch's first update copies, as binding does here
+    reference = {name: p.detach().double().clone() for name, p in model.named_parameters()}
+    for step in range(1, 301):
+        train_step(model, optimizer, step)
+        assert averager.step()
+        torch_ema.update_parameters(model)
+        for name, p in model.named_parameters():
+            reference[name] = decay * reference[name] + (1 - decay) * p.detach().double()
+
+    averaged = averager.averaged_tensors()
+    torch_averaged = dict(torch_ema.module.named_parameters())
+    assert set(averaged) == set(reference)
+    for name, exact in reference.items():
+        assert averaged[name].dtype == torch.float32
+        torch.testing.assert_close(averaged[name].double(), exact, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(averaged[name], torch_averaged[name].detach())
+        assert not torch.allclose(averaged[name], model.get_parameter(name)), "average must differ from live"
+    assert averager.num_updates == 301
+
+
+def test_swa_equals_running_mean_of_samples_and_torch_averaged_model() -> None:
+    start, every = 10, 5
+    model = mlp(0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
+    averager = Averager(model, SWA(start=start, start_unit="step", every=every, every_unit="step"))
+    torch_swa = AveragedModel(model)
+    samples: list[dict[str, torch.Tensor]] = []
+    for step in range(1, 61):
+        train_step(model, optimizer, step)
+        sampled = averager.step()
+        assert sampled == (step >= start and step % every == 0)
+        if sampled:
+            torch_swa.update_parameters(model)
+            samples.append({name: p.detach().double().clone() for name, p in model.named_parameters()})
+
+    assert averager.num_updates == len(samples) == 11
+    averaged = averager.averaged_tensors()
+    torch_averaged = dict(torch_swa.module.named_parameters())
+    for name in samples[0]:
+        mean = torch.stack([sample[name] for sample in samples]).mean(0)
+        torch.testing.assert_close(averaged[name].double(), mean, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(averaged[name], torch_averaged[name].detach())
+
+
+def bf16_anchor_run(dtype: torch.dtype | None) -> tuple[Averager, float]:
+    """ANCHORS.md: parameter = bf16(p0 + 1e-3 t), t = 1..1000, decay 0.9999, p0 = 1.0."""
+    decay, p0, steps = 0.9999, 1.0, 1000
+    parameter = nn.Parameter(torch.full((8,), p0, dtype=torch.bfloat16))
+    averager = Averager([parameter], EMA(decay=decay), dtype=dtype)
+    held = [p0]
+    for t in range(1, steps + 1):
+        with torch.no_grad():
+            parameter.copy_(torch.full((8,), p0 + 1e-3 * t, dtype=torch.float64))
+        held.append(float(parameter.detach()[0]))
+        averager.step()
+    # Closed form of the EMA of what the model held, in float64: d^T x_0 + sum_t (1 - d) d^(T - t) x_t.
+    exact = decay**steps * held[0] + sum((1 - decay) * decay ** (steps - t) * held[t] for t in range(1, steps + 1))
+    return averager, exact
+
+
+def test_fp32_average_of_bf16_model_moves_where_bf16_average_stalls() -> None:
+    fp32, exact = bf16_anchor_run(dtype=None)
+    bf16, _ = bf16_anchor_run(dtype=torch.bfloat16)
+    float64, _ = bf16_anchor_run(dtype=torch.float64)
+    assert exact > 1.04
+    (fp32_avg,) = fp32.averaged_tensors().values()
+    (bf16_avg,) = bf16.averaged_tensors().values()
+    (float64_avg,) = float64.averaged_tensors().values()
+    assert fp32_avg.dtype == torch.float32 and bf16_avg.dtype == torch.bfloat16 and float64_avg.dtype == torch.float64
+    torch.testing.assert_close(fp32_avg.double(), torch.full((8,), exact, dtype=torch.float64), rtol=0, atol=1e-4)
+    torch.testing.assert_close(float64_avg, torch.full((8,), exact, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    assert torch.equal(bf16_avg, torch.ones(8, dtype=torch.bfloat16)), "a bf16 average rounds every update away"
+
+
+@pytest.mark.parametrize(
+    ("live", "requested", "expected"),
+    [
+        (torch.float32, None, torch.float32),
+        (torch.float64, None, torch.float64),
+        (torch.bfloat16, None, torch.float32),
+        (torch.float16, None, torch.float32),
+        (torch.float32, torch.float64, torch.float64),
+        (torch.bfloat16, torch.bfloat16, torch.bfloat16),
+    ],
+)
+def test_average_dtype(live: torch.dtype, requested: torch.dtype | None, expected: torch.dtype) -> None:
+    model = mlp(0, batchnorm=True).to(live)
+    averager = Averager(model, EMA(), dtype=requested)
+    for name, tensor in averager.averaged_tensors().items():
+        if name.endswith("num_batches_tracked"):
+            assert tensor.dtype == torch.long  # integer buffers keep their dtype
+        else:
+            assert tensor.dtype == expected, name
+
+
+def test_bad_dtype_and_total_steps() -> None:
+    with pytest.raises(ValueError, match=r"dtype=torch.int64 must be a floating torch.dtype"):
+        Averager(mlp(), EMA(), dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"total_steps=0 is out of range"):
+        Averager(mlp(), EMA(), total_steps=0)
+    with pytest.raises(TypeError, match=r"rule=.*must be an averaging rule"):
+        Averager(mlp(), 0.999)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------- devices
+def test_averages_live_on_the_live_tensors_device() -> None:
+    model, averager = drifted()
+    for name, tensor in averager.averaged_tensors().items():
+        assert tensor.device == model.state_dict()[name].device
+    _, explicit = drifted(device="cpu")
+    assert all(t.device == torch.device("cpu") for t in explicit.averaged_tensors().values())
+
+
+def test_staging_path_matches_the_direct_path() -> None:
+    """A device spelled differently from the live one ("cpu:0" vs "cpu") runs the staging path (copy the live
+    weights next to the average, then average): results and swaps must not change."""
+    direct_model, direct = drifted(steps=6)
+    staged_model, staged = drifted(steps=6, device="cpu:0")
+    assert any(group.staging is not None for group in staged._groups), "this test needs the staging path"
+    for name, tensor in direct.averaged_tensors().items():
+        assert torch.equal(staged.averaged_tensors()[name], tensor)
+    before = snapshot(staged_model)
+    with staged.averaged():
+        for name, tensor in staged_model.state_dict().items():
+            assert torch.equal(tensor, direct.averaged_tensors()[name])
+    assert_restored(staged_model, before)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: Averager compares torch.device objects literally, so device='cpu:0' for a cpu model (or "
+    "device='cuda' for a cuda:0 model) counts as another device: a full staging copy is allocated, every update "
+    "copies the model, and swaps copy instead of exchanging pointers",
+)
+def test_same_device_spelled_with_an_index_still_swaps_by_pointer() -> None:
+    model, averager = drifted(device="cpu:0")
+    assert all(group.staging is None for group in averager._groups)
+    with averager.averaged():
+        for name, tensor in averager.averaged_tensors().items():
+            assert model.state_dict()[name].data_ptr() == tensor.data_ptr()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_update_and_swap_do_not_sync_with_the_host() -> None:
+    model = mlp(0, batchnorm=True).cuda()
+    averager = Averager(model, EMA(decay=0.99, warmup="power", every_n_steps=2))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(4):
+            averager.step()
+        with averager.averaged():
+            pass
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cpu_average_of_a_gpu_model() -> None:
+    model = mlp(0, batchnorm=True).cuda()
+    on_cpu = Averager(model, EMA(decay=0.5), device="cpu")
+    on_gpu = Averager(model, EMA(decay=0.5))
+    for step in range(1, 4):
+        drift(model, seed=step)
+        on_cpu.step()
+        on_gpu.step()
+    for name, tensor in on_gpu.averaged_tensors().items():
+        assert on_cpu.averaged_tensors()[name].device.type == "cpu"
+        torch.testing.assert_close(on_cpu.averaged_tensors()[name], tensor.cpu())
+    before = snapshot(model)
+    with on_cpu.averaged():
+        for name, tensor in model.state_dict().items():
+            assert tensor.device.type == "cuda"
+            torch.testing.assert_close(tensor.cpu(), on_gpu.averaged_tensors()[name].cpu())
+    assert_restored(model, before)
+
+
+# ---------------------------------------------------------------------------------------------- swapping
+def test_swap_puts_the_average_in_and_restores_live_exactly() -> None:
+    model, averager = drifted()
+    model.eval()
+    x = batch(0)[0]
+    expected_output = torch.func.functional_call(copy.deepcopy(model), averager.averaged_tensors(), (x,))
+    live_output = model(x)
+    before = snapshot(model)
+    averaged = averager.averaged_tensors()
+    with averager.averaged():
+        assert averager.is_swapped
+        for name, tensor in model.state_dict().items():
+            assert torch.equal(tensor, averaged[name])
+            assert tensor.data_ptr() == averaged[name].data_ptr(), "fp32: a swap exchanges pointers only"
+        torch.testing.assert_close(model(x), expected_output, rtol=0, atol=0)
+        assert not torch.equal(model(x), live_output)
+    assert not averager.is_swapped
+    assert_restored(model, before)
+    for name, tensor in averager.live_tensors().items():
+        assert torch.equal(tensor, before[name][1])
+
+
+def test_swap_restores_live_weights_when_the_body_raises() -> None:
+    model, averager = drifted()
+    before = snapshot(model)
+    with pytest.raises(ZeroDivisionError), averager.averaged():
+        _ = 1 / 0
+    assert not averager.is_swapped
+    assert_restored(model, before)
+
+
+def test_swap_of_bf16_model_through_the_stash_restores_exactly() -> None:
+    model, averager = drifted(model_dtype=torch.bfloat16)
+    before = snapshot(model)
+    averaged = averager.averaged_tensors()
+    assert averaged["0.weight"].dtype == torch.float32
+    for _ in range(2):
+        with averager.averaged():
+            for name, tensor in model.state_dict().items():
+                assert tensor.dtype == before[name][1].dtype
+                assert torch.equal(tensor, averaged[name].to(tensor.dtype))
+        assert_restored(model, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_repeated_swaps_allocate_nothing(dtype: torch.dtype) -> None:
+    model, averager = drifted(model_dtype=dtype)
+    outside = {t.data_ptr() for t in model.state_dict().values()}
+    inside = []
+    for _ in range(3):
+        with averager.averaged():
+            inside.append({t.data_ptr() for t in model.state_dict().values()})
+        assert {t.data_ptr() for t in model.state_dict().values()} == outside
+    assert inside[0] == inside[1] == inside[2]
+    assert inside[0].isdisjoint(outside)
+    if dtype == torch.float32:
+        assert inside[0] == {t.data_ptr() for t in averager.averaged_tensors().values()}
+
+
+def test_explicit_swap_and_nested_averaged() -> None:
+    model, averager = drifted()
+    before = snapshot(model)
+    averager.swap()
+    assert averager.is_swapped
+    with averager.averaged():  # already swapped: stays swapped, does not swap back
+        assert averager.is_swapped
+    assert averager.is_swapped
+    averager.swap()
+    assert_restored(model, before)
+
+
+def test_update_while_swapped_raises() -> None:
+    _, averager = drifted()
+    with averager.averaged():
+        with pytest.raises(RuntimeError, match=r"swapped"):
+            averager.update(0.5)
+        with pytest.raises(RuntimeError, match=r"swapped"):
+            averager.step()
+        with pytest.raises(RuntimeError, match=r"swapped"):
+            averager.load_state_dict(averager.state_dict())
+    with pytest.raises(RuntimeError, match=r"needs the average swapped in"):
+        averager.commit_swapped()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: Averager.step() advances step_count and _last_step before the update raises (average swapped "
+    "in), so the failed step is counted: the retry is ignored as a repeat or lands on the wrong step",
+)
+def test_failed_step_while_swapped_does_not_count() -> None:
+    _, averager = drifted(steps=3)
+    with averager.averaged(), pytest.raises(RuntimeError):
+        averager.step()
+    assert averager.step_count == 3
+    assert averager.step(4)
+
+
+def test_copy_to_model() -> None:
+    model, averager = drifted()
+    pointers = {name: t.data_ptr() for name, t in model.state_dict().items()}
+    averager.swap()
+    averager.copy_to_model()  # swaps back first, then copies into the live storage
+    assert not averager.is_swapped
+    for name, tensor in model.state_dict().items():
+        assert tensor.data_ptr() == pointers[name]
+        assert torch.equal(tensor, averager.averaged_tensors()[name])
+        assert tensor.data_ptr() != averager.averaged_tensors()[name].data_ptr()
+
+
+@pytest.mark.parametrize(
+    "engine",
+    [{}, {"dtype": torch.float64}, {"device": "cpu:0"}, {"buffers": "copy"}],
+    ids=["pointer-swap", "float64-average", "staging", "copied-buffers"],
+)
+def test_update_bn_equals_torch_update_bn_on_a_copy_with_the_average(engine: dict) -> None:
+    model, averager = drifted(**engine)
+    loader = [batch(i)[0] for i in range(4)]
+    averaged = averager.averaged_tensors()
+    reference = copy.deepcopy(model)
+    reference.load_state_dict({name: tensor.to(torch.float32) for name, tensor in averaged.items()})
+    torch.optim.swa_utils.update_bn(loader, reference)
+
+    before = snapshot(model)
+    averager.update_bn(loader, model)
+
+    assert_restored(model, before)
+    expected = reference.state_dict()
+    for name, tensor in averager.averaged_tensors().items():
+        if name.startswith("1."):  # the BatchNorm's buffers
+            assert torch.equal(tensor.to(expected[name].dtype), expected[name]), name
+    assert averager.averaged_tensors()["1.num_batches_tracked"].item() == len(loader)
+
+
+@pytest.mark.parametrize(
+    ("model_dtype", "engine"),
+    [(torch.float32, {}), (torch.float32, {"device": "cpu:0"})]
+    + [
+        pytest.param(
+            model_dtype,
+            engine,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="BUG: update_bn -> commit_swapped copies every swapped-in tensor back into the average, so "
+                "parameter averages kept in a wider dtype than the model (fp32 average of a bf16 model, "
+                "dtype=torch.float64) are rounded to the model's precision; only the BatchNorm buffers changed",
+            ),
+        )
+        for model_dtype, engine in [(torch.bfloat16, {}), (torch.float32, {"dtype": torch.float64})]
+    ],
+    ids=["pointer-swap", "staging", "bf16-model", "float64-average"],
+)
+def test_update_bn_leaves_parameter_averages_untouched(model_dtype: torch.dtype, engine: dict) -> None:
+    model, averager = drifted(model_dtype=model_dtype, **engine)
+    parameters = {name: averager.averaged_tensors()[name].clone() for name, _ in model.named_parameters()}
+    averager.update_bn([batch(i)[0].to(model_dtype) for i in range(4)], model)
+    for name, tensor in parameters.items():
+        assert torch.equal(averager.averaged_tensors()[name], tensor), name
+
+
+def test_update_bn_needs_the_statistics_in_the_average() -> None:
+    model = mlp(0, batchnorm=True)
+    averager = Averager(model, EMA(), buffers="ignore")
+    with pytest.raises(ValueError, match=r"update_bn needs the BatchNorm buffers"):
+        averager.update_bn([batch(0)[0]], model)
+    plain = mlp(0)
+    without_norm = Averager(plain, EMA())
+    state = {name: t.clone() for name, t in without_norm.averaged_tensors().items()}
+    without_norm.update_bn([batch(0)[0]], plain)  # nothing to recompute
+    assert all(torch.equal(t, state[name]) for name, t in without_norm.averaged_tensors().items())
+
+
+# ---------------------------------------------------------------------------------------------- counters
+def test_repeated_step_value_is_ignored_under_gradient_accumulation() -> None:
+    rule = EMA(decay=0.8, warmup="tf")
+    accumulate = 3
+    plain_model, accumulating_model = mlp(0), mlp(0)
+    plain = Averager(plain_model, rule)
+    accumulating = Averager(accumulating_model, rule)
+    for step in range(1, 6):
+        drift(plain_model, seed=step)
+        drift(accumulating_model, seed=step)
+        assert plain.step()
+        updates = [accumulating.step(step) for _ in range(accumulate)]  # once per micro-batch, true step count
+        assert updates == [True, False, False]
+    assert accumulating.step_count == plain.step_count == 5
+    assert accumulating.num_updates == plain.num_updates
+    for name, tensor in plain.averaged_tensors().items():
+        assert torch.equal(accumulating.averaged_tensors()[name], tensor)
+
+
+def test_repeated_epoch_value_is_ignored() -> None:
+    averager = Averager(mlp(0), SWA(start=0, start_unit="epoch"))
+    assert averager.epoch_end(1)
+    assert not averager.epoch_end(1)
+    assert averager.epoch_end()
+    assert averager.epoch_count == 2 and averager.num_updates == 2
+
+
+def test_start_step_copies_then_averages() -> None:
+    decay = 0.5
+    value = nn.Parameter(torch.zeros(3))
+    averager = Averager([value], EMA(decay=decay, start_step=3))
+    assert not averager.has_average
+    for step in range(1, 6):
+        with torch.no_grad():
+            value.fill_(float(step))
+        assert averager.step() == (step >= 3)
+        assert averager.has_average == (step >= 3)
+        if step == 3:
+            assert torch.equal(averager.averaged_tensors()["0"], torch.full((3,), 3.0))  # a copy
+    # Averaging after the start: 3 -> 0.5 * 3 + 0.5 * 4 -> 0.5 * 3.5 + 0.5 * 5.
+    expected = decay * (decay * 3.0 + (1 - decay) * 4.0) + (1 - decay) * 5.0
+    torch.testing.assert_close(averager.averaged_tensors()["0"], torch.full((3,), expected))
+    assert averager.num_updates == 3
+
+
+# ---------------------------------------------------------------------------------------------- state
+RESUME_RULES = [
+    EMA(decay=0.9, warmup="power", every_n_steps=2, start_step=3),
+    SWA(start=4, start_unit="step", every=2, every_unit="step"),
+    SWA(start=1, start_unit="epoch", every_unit="epoch"),
+]
+
+
+def run_with_optional_resume(rule: object, total: int, resume_at: int | None) -> tuple[nn.Module, Averager]:
+    def build(seed: int) -> tuple[nn.Module, torch.optim.Optimizer, Averager]:
+        model = mlp(seed, batchnorm=True)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        return model, optimizer, Averager(model, rule)  # type: ignore[arg-type]
+
+    model, optimizer, averager = build(seed=0)
+    for step in range(1, total + 1):
+        train_step(model, optimizer, step)
+        averager.step()
+        if step % 4 == 0:
+            averager.epoch_end()
+        if step == resume_at:
+            buffer = io.BytesIO()
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "avg": averager.state_dict()}
+            torch.save(state, buffer)
+            buffer.seek(0)
+            loaded = torch.load(buffer)
+            model, optimizer, averager = build(seed=1)  # fresh objects, different initial weights
+            model.load_state_dict(loaded["model"])
+            optimizer.load_state_dict(loaded["optimizer"])
+            averager.load_state_dict(loaded["avg"])
+    return model, averager
+
+
+@pytest.mark.parametrize("rule", RESUME_RULES, ids=repr)
+@pytest.mark.parametrize("resume_at", [2, 7])
+def test_resumed_averager_continues_bit_identically(rule: object, resume_at: int) -> None:
+    straight_model, straight = run_with_optional_resume(rule, total=14, resume_at=None)
+    resumed_model, resumed = run_with_optional_resume(rule, total=14, resume_at=resume_at)
+    for name, tensor in straight_model.state_dict().items():
+        assert torch.equal(resumed_model.state_dict()[name], tensor)
+    assert resumed.num_updates == straight.num_updates > 1
+    assert (resumed.step_count, resumed.epoch_count) == (straight.step_count, straight.epoch_count)
+    for name, tensor in straight.averaged_tensors().items():
+        assert torch.equal(resumed.averaged_tensors()[name], tensor), name
+
+
+def test_state_dict_holds_every_counter() -> None:
+    _, averager = drifted(steps=3)
+    averager.epoch_end()
+    state = averager.state_dict()
+    assert state["rule"] == repr(averager.rule)
+    assert (state["num_updates"], state["step_count"], state["epoch_count"]) == (4, 3, 1)
+    assert (state["last_step"], state["last_epoch"]) == (3, 1)
+    assert set(state["averaged"]) == set(averager.names)
+
+
+def test_loading_state_of_another_model_names_the_keys() -> None:
+    source = Averager(mlp(0, batchnorm=True, hidden=8), EMA()).state_dict()
+    with pytest.raises(ValueError, match=r"mis-shaped keys \[0.weight: expected \(16, 6\), found \(8, 6\)"):
+        Averager(mlp(0, batchnorm=True, hidden=16), EMA()).load_state_dict(source)
+    with pytest.raises(ValueError, match=r"missing keys \['2.weight', '2.bias'\], unexpected keys \['1.weight', '1.bias', '3.weight'"):
+        Averager(mlp(0, batchnorm=False, hidden=8), EMA()).load_state_dict(source)
+    extra = nn.Sequential(*mlp(0, batchnorm=True, hidden=8), nn.Linear(3, 3))
+    with pytest.raises(ValueError, match=r"missing keys \['4.weight', '4.bias'\]"):
+        Averager(extra, EMA()).load_state_dict(source)
+
+
+def test_loading_malformed_state_raises() -> None:
+    averager = Averager(mlp(), EMA())
+    with pytest.raises(ValueError, match=r"no 'averaged' entry"):
+        averager.load_state_dict({"num_updates": 1})
+    with pytest.raises(ValueError, match=r"version 99 is not supported"):
+        averager.load_state_dict({**averager.state_dict(), "version": 99})

@@ -1,0 +1,186 @@
+"""weightavg.core.io: safetensors export and import of averages, atomic writes, errors that name the key."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import weightavg
+from weightavg import EMA, Averager, load_into_module
+from weightavg.core import io
+
+
+class TiedNet(nn.Module):
+    def __init__(self, tied: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(10, 4)
+        self.norm = nn.BatchNorm1d(4)
+        self.head = nn.Linear(4, 10, bias=False)
+        if tied:
+            self.head.weight = self.embed.weight
+
+
+@torch.no_grad()
+def drift(model: nn.Module, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for tensor in model.state_dict().values():
+        if tensor.is_floating_point():
+            tensor.add_(torch.rand(tensor.shape, generator=generator))
+        else:
+            tensor.add_(1)
+
+
+def averaged_model(tied: bool = True, **engine: object) -> tuple[nn.Module, Averager]:
+    model = TiedNet(tied)
+    averager = Averager(model, EMA(decay=0.5), **engine)  # type: ignore[arg-type]
+    for step in range(1, 4):
+        drift(model, step)
+        averager.step()
+    return model, averager
+
+
+def test_save_load_round_trip(tmp_path: Path) -> None:
+    _, averager = averaged_model()
+    path = averager.save(tmp_path / "ema.safetensors")
+    assert path == tmp_path / "ema.safetensors"
+    on_disk = load_file(path)
+    assert set(on_disk) == set(averager.names)
+    for name, tensor in averager.averaged_tensors().items():
+        assert torch.equal(on_disk[name], tensor)
+
+    fresh = Averager(TiedNet(), EMA(decay=0.5, start_step=100))
+    assert not fresh.has_average
+    fresh.load(path)
+    assert fresh.has_average
+    for name, tensor in averager.averaged_tensors().items():
+        assert torch.equal(fresh.averaged_tensors()[name], tensor)
+
+
+def test_save_casts_floating_tensors_only(tmp_path: Path) -> None:
+    _, averager = averaged_model()
+    on_disk = load_file(averager.save(tmp_path / "half.safetensors", dtype=torch.bfloat16))
+    for name, tensor in averager.averaged_tensors().items():
+        if tensor.is_floating_point():
+            assert on_disk[name].dtype == torch.bfloat16
+            assert torch.equal(on_disk[name], tensor.to(torch.bfloat16))
+        else:
+            assert torch.equal(on_disk[name], tensor)
+
+
+def test_save_while_swapped_writes_the_average_and_creates_folders(tmp_path: Path) -> None:
+    _, averager = averaged_model()
+    with averager.averaged():
+        path = averager.save(tmp_path / "a" / "b" / "ema.safetensors")
+    on_disk = load_file(path)
+    for name, tensor in averager.averaged_tensors().items():
+        assert torch.equal(on_disk[name], tensor)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_load_into_module_fills_tied_aliases(tmp_path: Path, tied: bool) -> None:
+    _, averager = averaged_model(tied=True)
+    path = averager.save(tmp_path / "ema.safetensors")
+    target = TiedNet(tied=tied)  # an untied twin gets the shared weight under both names
+    load_into_module(target, path)
+    state = target.state_dict()
+    assert set(state) == {*averager.names, "head.weight"}
+    averaged = averager.averaged_tensors()
+    for name, tensor in state.items():
+        assert torch.equal(tensor, averaged["embed.weight" if name == "head.weight" else name]), name
+    assert weightavg.load_into_module is load_into_module
+
+
+def test_load_into_module_partial_export(tmp_path: Path) -> None:
+    _, averager = averaged_model(buffers="ignore")
+    path = averager.save(tmp_path / "params.safetensors")
+    target = TiedNet()
+    with pytest.raises(ValueError, match=r"missing keys \['norm.running_mean', 'norm.running_var', 'norm.num_b"):
+        load_into_module(target, path)
+    running_mean = target.norm.running_mean.clone()
+    load_into_module(target, path, strict=False)
+    assert torch.equal(target.norm.running_mean, running_mean)
+    assert torch.equal(target.embed.weight, averager.averaged_tensors()["embed.weight"])
+
+
+def test_load_errors_name_the_keys_and_the_file(tmp_path: Path) -> None:
+    path = averaged_model()[1].save(tmp_path / "ema.safetensors")
+    wider = nn.Module()
+    wider.embed = nn.Embedding(10, 5)
+    wider.norm = nn.BatchNorm1d(4)
+    wider.head = nn.Linear(5, 10, bias=False)
+    wider.extra = nn.Linear(2, 2)
+    expected = (
+        r"path='.*ema.safetensors' does not match the averaged model: missing keys \['extra.weight', 'extra.bias'\]"
+        r".*mis-shaped keys \[embed.weight: expected \(10, 5\), found \(10, 4\); head.weight"
+    )
+    with pytest.raises(ValueError, match=expected):
+        load_into_module(wider, path)
+    # The averager of the untied model follows head.weight on its own; the file has it only as an alias.
+    with pytest.raises(
+        ValueError,
+        match=r"path='.*ema.safetensors' does not match the averaged model: missing keys \['head.weight', 'extra.weight'"
+        r", 'extra.bias'\], mis-shaped keys \[embed.weight: expected \(10, 5\), found \(10, 4\)\]",
+    ):
+        Averager(wider, EMA()).load(path)
+    smaller = nn.Module()
+    smaller.embed = nn.Embedding(10, 4)
+    with pytest.raises(ValueError, match=r"unexpected keys \[") as error:
+        Averager(smaller, EMA()).load(path)
+    for name in ("norm.weight", "norm.bias", "norm.running_mean", "norm.running_var", "norm.num_batches_tracked"):
+        assert repr(name) in str(error.value)
+    assert "missing" not in str(error.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    missing = tmp_path / "absent.safetensors"
+    with pytest.raises(FileNotFoundError, match=r"path='.*absent.safetensors': no such safetensors file"):
+        averaged_model()[1].load(missing)
+    with pytest.raises(FileNotFoundError, match=r"absent.safetensors"):
+        load_into_module(TiedNet(), missing)
+
+
+@pytest.mark.parametrize("failure", [OSError("disk full"), KeyboardInterrupt()])
+def test_failed_write_leaves_the_old_file_intact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: BaseException
+) -> None:
+    _, averager = averaged_model()
+    path = averager.save(tmp_path / "ema.safetensors")
+    old_bytes = path.read_bytes()
+    drift_model, changed = averaged_model()
+    drift(drift_model, 7)
+    changed.step()
+
+    def write_half_then_fail(tensors: dict, filename: str, metadata: dict | None = None) -> None:
+        assert Path(filename) != path, "must write to a temporary file, not the target"
+        with open(filename, "wb") as handle:
+            handle.write(b"partial")
+        raise failure
+
+    monkeypatch.setattr(io, "save_file", write_half_then_fail)
+    with pytest.raises(type(failure)):
+        changed.save(path)
+    assert path.read_bytes() == old_bytes
+    assert os.listdir(tmp_path) == ["ema.safetensors"], "no temporary file may remain"
+
+    monkeypatch.undo()
+    changed.save(path)
+    assert os.listdir(tmp_path) == ["ema.safetensors"]
+    assert torch.equal(load_file(path)["embed.weight"], changed.averaged_tensors()["embed.weight"])
+
+
+def test_check_keys_lists_every_problem() -> None:
+    expected = {"a": torch.Size([2]), "b": torch.Size([3, 1]), "c": torch.Size([])}
+    found = {"a": torch.Size([2]), "b": torch.Size([3]), "d": torch.Size([1])}
+    with pytest.raises(ValueError, match=r"^here does not match") as error:
+        io.check_keys(expected, found, source="here")
+    message = str(error.value)
+    assert "missing keys ['c']" in message
+    assert "unexpected keys ['d']" in message
+    assert "mis-shaped keys [b: expected (3, 1), found (3,)]" in message
+    io.check_keys(expected, dict(expected), source="here")

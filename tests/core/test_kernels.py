@@ -1,0 +1,96 @@
+"""weightavg.core.kernels: the foreach path agrees with the per-tensor loop and with float64 closed forms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from weightavg.core import kernels
+
+SHAPES = ((3,), (4, 5), (2, 3, 4), (), (0,))
+# (target dtype, source dtype): same dtype, and the fp32-average-of-low-precision-weights case.
+DTYPE_PAIRS = [
+    (torch.float64, torch.float64),
+    (torch.float32, torch.float32),
+    (torch.float32, torch.bfloat16),
+    (torch.float32, torch.float16),
+    (torch.float64, torch.float32),
+]
+
+
+def tensors(dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype) for shape in SHAPES]
+
+
+def tolerance(dtype: torch.dtype) -> dict[str, float]:
+    eps = torch.finfo(dtype).eps
+    return {"rtol": 4 * eps, "atol": 4 * eps}
+
+
+@pytest.mark.parametrize(("target_dtype", "source_dtype"), DTYPE_PAIRS)
+@pytest.mark.parametrize("weight", [0.0, 1e-3, 0.3, 0.5, 0.999])
+def test_lerp_foreach_matches_loop_and_float64(
+    target_dtype: torch.dtype, source_dtype: torch.dtype, weight: float
+) -> None:
+    targets, sources = tensors(target_dtype, seed=0), tensors(source_dtype, seed=1)
+    sources_before = [s.clone() for s in sources]
+    by_foreach = [t.clone() for t in targets]
+    by_loop = [t.clone() for t in targets]
+
+    kernels.lerp_(by_foreach, sources, weight, foreach=True)
+    kernels.lerp_(by_loop, sources, weight, foreach=False)
+
+    for fast, slow, target, source, before in zip(by_foreach, by_loop, targets, sources, sources_before, strict=True):
+        assert fast.dtype == slow.dtype == target_dtype
+        torch.testing.assert_close(fast, slow, rtol=0, atol=0)
+        exact = target.double() + weight * (source.double() - target.double())
+        torch.testing.assert_close(fast.double(), exact, **tolerance(target_dtype))
+        assert torch.equal(source, before), "sources must not be modified"
+
+
+@pytest.mark.parametrize(("target_dtype", "source_dtype"), DTYPE_PAIRS)
+@pytest.mark.parametrize("foreach", [True, False])
+def test_lerp_weight_one_is_an_exact_copy(target_dtype: torch.dtype, source_dtype: torch.dtype, foreach: bool) -> None:
+    # Large, differently scaled values: ``t + 1 * (s - t)`` in floating point would not always give ``s`` back.
+    targets = [t * 1e6 for t in tensors(target_dtype, seed=2)]
+    sources = [s * 1e-3 for s in tensors(source_dtype, seed=3)]
+    kernels.lerp_(targets, sources, 1.0, foreach=foreach)
+    for target, source in zip(targets, sources, strict=True):
+        assert target.dtype == target_dtype
+        assert torch.equal(target, source.to(target_dtype))
+
+
+@pytest.mark.parametrize(("target_dtype", "source_dtype"), DTYPE_PAIRS)
+def test_copy_foreach_matches_loop(target_dtype: torch.dtype, source_dtype: torch.dtype) -> None:
+    sources = tensors(source_dtype, seed=4)
+    by_foreach, by_loop = tensors(target_dtype, seed=5), tensors(target_dtype, seed=5)
+    kernels.copy_(by_foreach, sources, foreach=True)
+    kernels.copy_(by_loop, sources, foreach=False)
+    for fast, slow, source in zip(by_foreach, by_loop, sources, strict=True):
+        assert torch.equal(fast, slow)
+        assert torch.equal(fast, source.to(target_dtype))
+
+
+def test_repeated_lerp_matches_float64_recurrence() -> None:
+    """Many small-weight updates (an EMA) through both paths stay on the float64 recurrence."""
+    generator = torch.Generator().manual_seed(6)
+    live = [torch.randn(50, generator=generator, dtype=torch.float64) for _ in range(3)]
+    fast = [t.float() for t in live]
+    slow = [t.float() for t in live]
+    exact = [t.clone() for t in live]
+    for _ in range(200):
+        live = [t + 0.01 * torch.randn(t.shape, generator=generator, dtype=torch.float64) for t in live]
+        kernels.lerp_(fast, [t.float() for t in live], 0.01, foreach=True)
+        kernels.lerp_(slow, [t.float() for t in live], 0.01, foreach=False)
+        exact = [0.99 * e + 0.01 * t for e, t in zip(exact, live, strict=True)]
+    for f, s, e in zip(fast, slow, exact, strict=True):
+        assert torch.equal(f, s)
+        torch.testing.assert_close(f.double(), e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_empty_lists_are_a_no_op(foreach: bool) -> None:
+    kernels.lerp_([], [], 0.5, foreach=foreach)
+    kernels.lerp_([], [], 1.0, foreach=foreach)
+    kernels.copy_([], [], foreach=foreach)

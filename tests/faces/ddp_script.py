@@ -1,0 +1,50 @@
+"""Run by test_callbacks.py: EMA under DDP with two gloo processes on CPU (Lightning relaunches this script)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).parents[2]))
+
+from tests.faces.test_callbacks import Recorder, ema_reference  # noqa: E402
+from tests.helpers import DigitsModule, digits_loaders  # noqa: E402
+from weightavg.callbacks import EMA  # noqa: E402
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    pl.seed_everything(0, verbose=False)
+    model = DigitsModule()
+    train, val = digits_loaders()
+    recorder = Recorder()
+    ema = EMA(decay=0.9, apply_at_end=False, export_path=str(Path(sys.argv[1]) / "ema.safetensors"))
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, callbacks=[recorder, ema], logger=False,
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+    )
+    trainer.fit(model, train, val)
+    averaged = ema._bound().averaged_tensors()
+    expected = ema_reference(recorder, 0.9)
+    # DDP broadcasts rank 0's buffers into every rank before each forward, validation included, where the
+    # average is swapped in: BatchNorm statistics of the average follow rank 0. Parameters are each rank's own.
+    for name, value in averaged.items():
+        if value.is_floating_point() and (trainer.is_global_zero or "running" not in name):
+            torch.testing.assert_close(value.double(), expected[name], rtol=1e-5, atol=1e-6, msg=f"rank {trainer.global_rank} {name}")
+    # Every rank holds the same average (each averages its identical replica; no communication needed).
+    flat = torch.cat([v.double().flatten() for k, v in averaged.items() if "running" not in k])
+    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, flat)
+    assert all(torch.equal(gathered[0], g) for g in gathered), "ranks disagree on the average"
+    assert ema._bound().num_updates == 1 + recorder.steps[-1]
+    if trainer.is_global_zero:
+        assert (Path(sys.argv[1]) / "ema.safetensors").is_file()
+        print("DDP OK", trainer.world_size, recorder.steps[-1])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""The Lightning face, tested with real ``Trainer`` runs on the digits data against independent references."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from tests.helpers import DigitsModule, digits_loaders, trainer
+from weightavg import load_into_module
+from weightavg.callbacks import EMA, SWA, AveragingCallback
+
+
+class Recorder(pl.Callback):
+    """Records the live weights (float64) at fit start and after every optimizer step; put it before averagers."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.weights: list[dict[str, torch.Tensor]] = []
+        self.epoch_end_steps: list[int] = []
+
+    def _record(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.steps.append(trainer.global_step)
+        self.weights.append({k: v.detach().double().clone() for k, v in module.state_dict().items()})
+
+    def on_fit_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self._record(trainer, module)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any) -> None:
+        if trainer.global_step != self.steps[-1]:
+            self._record(trainer, module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.epoch_end_steps.append(trainer.global_step)
+
+
+class LiveAtEnd(pl.Callback):
+    """Copies the live weights at the end of fit, before an averager applies its average (put it first)."""
+
+    state: dict[str, torch.Tensor]
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+class ValidationWeights(pl.Callback):
+    """Records the weights the model holds during each validation (put it after the averagers)."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, torch.Tensor]] = []
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.seen.append({k: v.detach().clone() for k, v in module.state_dict().items()})
+
+
+def ema_reference(recorder: Recorder, decay: float) -> dict[str, torch.Tensor]:
+    """The EMA rule written plainly in float64: copy at fit start, then avg = d*avg + (1-d)*live per step."""
+    avg = {k: v.clone() for k, v in recorder.weights[0].items()}
+    for weights in recorder.weights[1:]:
+        for k, v in weights.items():
+            if v.is_floating_point():
+                avg[k] = decay * avg[k] + (1 - decay) * v
+            else:
+                avg[k] = v.clone()
+    return avg
+
+
+def swa_reference(recorder: Recorder, sample_steps: list[int]) -> dict[str, torch.Tensor]:
+    """Plain mean of the live weights at the given optimizer steps."""
+    samples = [w for s, w in zip(recorder.steps, recorder.weights) if s in sample_steps]
+    assert len(samples) == len(sample_steps)
+    return {k: torch.stack([s[k] for s in samples]).mean(0) for k in samples[0] if samples[0][k].is_floating_point()}
+
+
+def assert_close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], **tol: Any) -> None:
+    assert actual, "nothing to compare"
+    for name, value in actual.items():
+        if name in expected and value.is_floating_point():
+            torch.testing.assert_close(value.double(), expected[name].double(), **tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def fit(callbacks: list[pl.Callback], epochs: int = 3, seed: int = 0, ckpt_path: str | None = None,
+        **trainer_kwargs: Any) -> tuple[pl.Trainer, DigitsModule]:
+    pl.seed_everything(seed, verbose=False)
+    model = DigitsModule()
+    train, val = digits_loaders()
+    run = trainer(max_epochs=epochs, callbacks=callbacks, **trainer_kwargs)
+    run.fit(model, train, val, ckpt_path=ckpt_path)
+    return run, model
+
+
+def test_several_averagers_match_references_and_keep_separate_state(tmp_path: Path) -> None:
+    recorder, live = Recorder(), LiveAtEnd()
+    fast, slow, swa = EMA(decay=0.9), EMA(decay=0.99), SWA(start=0.5, every_unit="epoch")
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    run, model = fit([live, recorder, fast, slow, swa, checkpoint], epochs=4, enable_checkpointing=True)
+
+    assert_close(fast._bound().averaged_tensors(), ema_reference(recorder, 0.9), rtol=1e-5, atol=1e-6)
+    assert_close(slow._bound().averaged_tensors(), ema_reference(recorder, 0.99), rtol=1e-5, atol=1e-6)
+    # SWA from half of the 32 steps, sampled at the end of epochs 2, 3 and 4 (steps 16, 24, 32). BatchNorm
+    # statistics were recomputed at the end, so compare the parameters only.
+    swa_expected = swa_reference(recorder, recorder.epoch_end_steps[1:])
+    params = {k: v for k, v in swa._bound().averaged_tensors().items() if "running" not in k}
+    assert_close(params, swa_expected, rtol=1e-5, atol=1e-6)
+
+    # The first averager owns the model: it ends with that average; live weights were different.
+    for name, value in fast._bound().averaged_tensors().items():
+        torch.testing.assert_close(model.state_dict()[name], value.to(model.state_dict()[name].dtype))
+    assert not torch.equal(live.state["net.0.weight"], model.state_dict()["net.0.weight"])
+
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert {fast.state_key, slow.state_key, swa.state_key} <= set(saved["callbacks"])
+    assert len({fast.state_key, slow.state_key, swa.state_key}) == 3
+
+
+def test_validation_uses_the_average_and_live_weights_before_the_first_update() -> None:
+    seen = ValidationWeights()
+    recorder = Recorder()
+    # start_step beyond the first epoch: the first validation must see live weights, later ones the average.
+    ema = EMA(decay=0.9, start_step=10, apply_at_end=False)
+    fit([recorder, ema, seen], epochs=2)
+    first_epoch_end = recorder.weights[recorder.steps.index(8)]
+    assert_close(seen.seen[0], first_epoch_end, rtol=0, atol=0)
+    averaged = ema._bound().averaged_tensors()
+    # The second validation ran at step 16 with the average of steps 10..16; the average was only updated by then.
+    assert not torch.equal(seen.seen[1]["net.0.weight"], recorder.weights[-1]["net.0.weight"].float())
+    torch.testing.assert_close(seen.seen[1]["net.0.weight"], averaged["net.0.weight"])
+
+
+def test_validate_with_live_and_apply_at_end_off() -> None:
+    seen, recorder = ValidationWeights(), Recorder()
+    ema = EMA(decay=0.9, validate_with="live", apply_at_end=False)
+    _, model = fit([recorder, ema, seen], epochs=1)
+    assert_close(seen.seen[0], recorder.weights[-1], rtol=0, atol=0)
+    assert_close(model.state_dict(), recorder.weights[-1], rtol=0, atol=0)
+
+
+def _resume_pair(tmp_path: Path, make_callbacks: Any, saver: pl.Callback | None = None, **kwargs: Any) -> None:
+    """Uninterrupted 4 epochs versus 2 epochs, a checkpoint, and a resumed run to 4: bit-identical weights."""
+    live_a = LiveAtEnd()
+    full = make_callbacks()
+    _, model_a = fit([live_a, *full], epochs=4, **kwargs)
+
+    first = make_callbacks()
+    if saver is not None:  # a saver that must run before the averagers' hooks
+        first = [saver, *first]
+    else:
+        first = [*first, ModelCheckpoint(dirpath=tmp_path, save_last=True)]
+    fit(first, epochs=2, enable_checkpointing=True, **kwargs)
+    ckpt = str(tmp_path / "last.ckpt")
+    live_b = LiveAtEnd()
+    resumed = make_callbacks()
+    _, model_b = fit([live_b, *resumed], epochs=4, ckpt_path=ckpt, **kwargs)
+
+    for key in live_a.state:
+        assert torch.equal(live_a.state[key], live_b.state[key]), f"live {key} differs after resume"
+    for key, value in model_a.state_dict().items():
+        assert torch.equal(value, model_b.state_dict()[key]), f"final (averaged) {key} differs after resume"
+    for cb_a, cb_b in zip(full, resumed):
+        for key, value in cb_a._bound().averaged_tensors().items():
+            assert torch.equal(value, cb_b._bound().averaged_tensors()[key]), f"{cb_a.name} {key} differs"
+        assert cb_a._bound().num_updates == cb_b._bound().num_updates
+
+
+def test_resume_is_bit_identical(tmp_path: Path) -> None:
+    _resume_pair(tmp_path, lambda: [EMA(decay=0.95), SWA(start=1, start_unit="epoch", every=4, every_unit="step")])
+
+
+class SaveWhileSwapped(pl.Callback):
+    """Writes last.ckpt during validation, before the averager swaps the live weights back (put it first)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            assert any(isinstance(cb, AveragingCallback) and cb._swapped_for_validation for cb in trainer.callbacks)
+            trainer.save_checkpoint(self.path / "last.ckpt")
+
+
+def test_resume_from_checkpoint_written_while_swapped(tmp_path: Path) -> None:
+    _resume_pair(tmp_path, lambda: [EMA(decay=0.95)], saver=SaveWhileSwapped(tmp_path))
+
+
+def test_checkpoint_state_dict_holds_the_average(tmp_path: Path) -> None:
+    ema = EMA(decay=0.9)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    live = LiveAtEnd()
+    fit([live, ema, checkpoint], epochs=2, enable_checkpointing=True)
+    loaded = DigitsModule.load_from_checkpoint(tmp_path / "last.ckpt")
+    for name, value in ema._bound().averaged_tensors().items():
+        torch.testing.assert_close(loaded.state_dict()[name], value)
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    live_saved = saved["callbacks"][ema.state_key]["live"]
+    for name, value in live_saved.items():
+        assert torch.equal(value, live.state[name])
+
+
+def test_gradient_accumulation_counts_optimizer_steps() -> None:
+    recorder = Recorder()
+    ema = EMA(decay=0.9)
+    fit([recorder, ema], epochs=2, accumulate_grad_batches=3)
+    # 8 batches per epoch -> 3 optimizer steps per epoch (the last one flushes a partial accumulation).
+    assert recorder.steps[-1] == 6
+    assert ema._bound().num_updates == 1 + 6
+    assert_close(ema._bound().averaged_tensors(), ema_reference(recorder, 0.9), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
+def test_bf16_precisions(precision: str) -> None:
+    recorder = Recorder()
+    ema = EMA(decay=0.9, apply_at_end=False)
+    _, model = fit([recorder, ema], epochs=1, precision=precision)
+    averaged = ema._bound().averaged_tensors()
+    assert averaged["net.0.weight"].dtype == torch.float32
+    assert model.net[0].weight.dtype == (torch.bfloat16 if precision == "bf16-true" else torch.float32)
+    tol = {"rtol": 1e-5, "atol": 1e-6}
+    assert_close(averaged, ema_reference(recorder, 0.9), **tol)
+
+
+def test_export_path_writes_the_average(tmp_path: Path) -> None:
+    path = tmp_path / "ema.safetensors"
+    ema = EMA(decay=0.9, export_path=str(path))
+    _, model = fit([ema], epochs=1)
+    fresh = DigitsModule()
+    load_into_module(fresh, path)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[name], value)
+
+
+def test_swa_recomputes_batchnorm_statistics_on_the_average() -> None:
+    swa = SWA(start=0.5, apply_at_end=False)
+    _, model = fit([swa], epochs=2)
+    averaged = swa._bound().averaged_tensors()
+    # Independent reference: a copy of the model holding the averaged parameters, statistics from torch's update_bn.
+    reference = DigitsModule()
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for name, param in reference.named_parameters():
+            param.copy_(averaged[name])
+    train, _ = digits_loaders()
+    torch.optim.swa_utils.update_bn(train, reference)
+    for name in ("net.1.running_mean", "net.1.running_var"):
+        torch.testing.assert_close(averaged[name], reference.state_dict()[name])
+
+
+def test_bad_arguments_name_the_argument() -> None:
+    with pytest.raises(ValueError, match=r"decay=1\.5.*\[0, 1\)"):
+        EMA(decay=1.5)
+    with pytest.raises(ValueError, match="validate_with='both'"):
+        EMA(decay=0.9, validate_with="both")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="every_n_steps=0"):
+        EMA(every_n_steps=0)
+    with pytest.raises(ValueError, match="start=-1"):
+        SWA(start=-1, start_unit="step")
+    with pytest.raises(RuntimeError, match="state_key"):
+        fit([EMA(decay=0.9), EMA(decay=0.9)], epochs=1)
+    fit([EMA(decay=0.9), EMA(decay=0.9, name="twin")], epochs=1)  # distinct names coexist
+
+
+@pytest.mark.slow
+def test_ddp_two_gloo_processes(tmp_path: Path) -> None:
+    script = Path(__file__).with_name("ddp_script.py")
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=600,
+        cwd=Path(__file__).parents[2], env=env,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "DDP OK" in result.stdout

@@ -1,0 +1,102 @@
+"""Hydra face: structured configs for the ``averaging`` group, registered by an explicit ``register_configs()``.
+
+Each config mirrors its Lightning callback's constructor field for field (a test checks the names and defaults
+against the signature) and instantiates it with ``hydra.utils.instantiate``. Value checks happen in the constructor,
+so a bad value fails with a message that names the field and its allowed range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+GROUP = "averaging"
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the config path, the field and what is allowed."""
+
+
+@dataclass
+class AveragingConfig:
+    """Options every averaging callback takes (see ``weightavg.callbacks.AveragingCallback``)."""
+
+    validate_with: str = "average"
+    apply_at_end: bool = True
+    export_path: str | None = None
+    name: str | None = None
+    buffers: str = "average"
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    device: str | None = None
+    dtype: str | None = None
+
+
+@dataclass
+class EMAConfig(AveragingConfig):
+    """``averaging=ema``: ``weightavg.callbacks.EMA``."""
+
+    _target_: str = "weightavg.callbacks.EMA"
+    decay: float | None = None
+    half_life: float | None = None
+    warmup: str = "none"
+    gamma: float = 1.0
+    power: float = 2 / 3
+    every_n_steps: int = 1
+    start_step: int = 0
+    scale_decay: bool = True
+
+
+@dataclass
+class SWAConfig(AveragingConfig):
+    """``averaging=swa``: ``weightavg.callbacks.SWA``."""
+
+    _target_: str = "weightavg.callbacks.SWA"
+    start: float = 0.75
+    start_unit: str = "fraction"
+    every: int = 1
+    every_unit: str = "epoch"
+    recompute_bn: bool = True
+
+
+#: The shipped options of the ``averaging`` group: name -> (config class, one-line description).
+CONFIGS: dict[str, tuple[type, str]] = {
+    "ema": (EMAConfig, "exponential moving average of the weights"),
+    "swa": (SWAConfig, "stochastic weight averaging (equal-weight average after a start point)"),
+}
+
+
+def register_configs(store: ConfigStore | None = None) -> ConfigStore:
+    """Register every averaging config in group ``averaging`` (plus ``none`` for no averaging).
+
+    Call it once before ``@hydra.main`` runs (e.g. at import of your training script). Nothing registers on import.
+    """
+    store = store or ConfigStore.instance()
+    for name, (node, _) in CONFIGS.items():
+        store.store(group=GROUP, name=name, node=node)
+    store.store(group=GROUP, name="none", node={})
+    return store
+
+
+def instantiate_averaging(config: Any, *, where: str = GROUP) -> Any:
+    """Build the callback an ``averaging`` config describes; ``None`` for the ``none`` option.
+
+    Raises:
+        ConfigError: naming ``where`` (the config path) and the offending field, for any invalid value.
+    """
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    if config is None or "_target_" not in config:
+        return None
+    try:
+        return instantiate(config)
+    except InstantiationException as error:
+        cause = error.__cause__ or error
+        raise ConfigError(f"{where}: {cause}") from cause
+
+
+__all__ = ["CONFIGS", "ConfigError", "GROUP", "AveragingConfig", "EMAConfig", "SWAConfig", "instantiate_averaging",
+           "register_configs"]

@@ -1,0 +1,239 @@
+"""``python -m weightavg.train``: a small Hydra app that trains a network on real data with weight averaging.
+
+Examples::
+
+    python -m weightavg.train                                   # digits, EMA(decay=0.999)
+    python -m weightavg.train averaging=ema averaging.decay=0.99 trainer.max_epochs=5
+    python -m weightavg.train averaging=swa averaging.start=0.5
+    python -m weightavg.train averaging=ema +averaging@extra_averaging.swa=swa   # several averagers at once
+    python -m weightavg.train data.name=fashion_mnist           # needs Debian's dataset-fashion-mnist
+
+It prints the test accuracy of the live weights and of each average, and writes each average as safetensors.
+"""
+
+from __future__ import annotations
+
+import gzip
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from weightavg.callbacks import AveragingCallback
+from weightavg.config import ConfigError, instantiate_averaging, register_configs
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # digits (scikit-learn, embedded) or fashion_mnist (Debian's dataset-fashion-mnist)
+    batch_size: int = 32
+    train_size: int | None = None  # cap on training examples (None: all)
+
+
+@dataclass
+class ModelConfig:
+    hidden: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 20
+    accelerator: str = "auto"
+    devices: Any = 1
+    precision: str = "32-true"
+    accumulate_grad_batches: int = 1
+    check_val_every_n_epoch: int = 1
+
+
+@dataclass
+class TrainConfig:
+    defaults: list[Any] = field(default_factory=lambda: ["_self_", {"averaging": "ema"}])
+    averaging: Any = MISSING
+    extra_averaging: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = 0
+    output_dir: str = "${hydra:runtime.output_dir}"
+
+
+Split = tuple[torch.Tensor, torch.Tensor]
+
+
+def _read_idx(path: Path) -> torch.Tensor:
+    with gzip.open(path, "rb") as handle:
+        raw = handle.read()
+    dims = raw[3]
+    shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
+    return torch.frombuffer(bytearray(raw[4 + 4 * dims :]), dtype=torch.uint8).reshape(shape)
+
+
+def load_dataset(name: str, seed: int = 0) -> tuple[Split, Split, Split]:
+    """(train, validation, test) splits of real data as flat float features in [0, 1] and integer labels.
+
+    ``digits``: scikit-learn's 1,797 8x8 handwritten digits, split 60/20/20 with a fixed permutation.
+    ``fashion_mnist``: the 60k/10k IDX files of Debian's ``dataset-fashion-mnist``; validation is the last 10k of
+    the training set.
+    """
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+        y = torch.tensor(digits.target, dtype=torch.long)
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(1234))
+        x, y = x[order], y[order]
+        a, b = int(0.6 * len(y)), int(0.8 * len(y))
+        return (x[:a], y[:a]), (x[a:b], y[a:b]), (x[b:], y[b:])
+    if name == "fashion_mnist":
+        if not FASHION_MNIST.is_dir():
+            raise FileNotFoundError(
+                f"data.name=fashion_mnist needs {FASHION_MNIST} (apt-get install dataset-fashion-mnist); "
+                "data.name=digits needs nothing"
+            )
+        images = [_read_idx(FASHION_MNIST / f"{s}-images-idx3-ubyte.gz") for s in ("train", "t10k")]
+        labels = [_read_idx(FASHION_MNIST / f"{s}-labels-idx1-ubyte.gz").long() for s in ("train", "t10k")]
+        train_x, test_x = (i.reshape(len(i), -1).float() / 255.0 for i in images)
+        return (train_x[:50000], labels[0][:50000]), (train_x[50000:], labels[0][50000:]), (test_x, labels[1])
+    raise ValueError(f"data.name={name!r} is not a dataset; choose 'digits' or 'fashion_mnist'")
+
+
+class Classifier(pl.LightningModule):
+    """An MLP with BatchNorm (so SWA's statistics recompute matters), trained with SGD at a constant rate."""
+
+    def __init__(self, features: int, classes: int, hidden: int = 128, lr: float = 0.1, momentum: float = 0.9):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(
+            nn.Linear(features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Split, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch: Split, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_acc", (self(x).argmax(-1) == y).float().mean(), prog_bar=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, split: Split, batch_size: int = 1024) -> float:
+    """Top-1 accuracy of ``model`` (in eval mode) on a split."""
+    was_training = model.training
+    model.eval()
+    x, y = split
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    correct = sum(
+        int((model(x[i : i + batch_size].to(device, dtype)).argmax(-1).cpu() == y[i : i + batch_size]).sum())
+        for i in range(0, len(y), batch_size)
+    )
+    model.train(was_training)
+    return correct / len(y)
+
+
+class _LiveSnapshot(pl.Callback):
+    """Keeps a copy of the live weights at the end of fit, before any averager puts its average in the model."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, torch.Tensor] = {}
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+
+def build_averagers(cfg: DictConfig, output_dir: Path) -> dict[str, AveragingCallback]:
+    """Instantiate ``averaging`` and every ``extra_averaging`` entry, defaulting each export path into the run dir."""
+    nodes = {"averaging": cfg.averaging, **{f"extra_averaging.{k}": v for k, v in cfg.extra_averaging.items()}}
+    callbacks: dict[str, AveragingCallback] = {}
+    for where, node in nodes.items():
+        callback = instantiate_averaging(node, where=where)
+        if callback is None:
+            continue
+        if callback.export_path is None:
+            callback.export_path = str(output_dir / f"{where.replace('extra_averaging.', '')}.safetensors")
+        if node.get("name") is None:
+            callback.name = where
+        callbacks[where] = callback
+    return callbacks
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Train as configured; return test accuracy of the live weights and of each average."""
+    pl.seed_everything(cfg.seed, verbose=False)
+    output_dir = Path(cfg.output_dir)
+    averagers = build_averagers(cfg, output_dir)
+    try:
+        train, val, test = load_dataset(cfg.data.name)
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigError(str(error)) from error
+    if cfg.data.train_size is not None:
+        train = (train[0][: cfg.data.train_size], train[1][: cfg.data.train_size])
+    loader_gen = torch.Generator().manual_seed(cfg.seed)
+    train_loader = DataLoader(TensorDataset(*train), batch_size=cfg.data.batch_size, shuffle=True, generator=loader_gen)
+    val_loader = DataLoader(TensorDataset(*val), batch_size=1024)
+    model = Classifier(train[0].shape[1], 10, **OmegaConf.to_container(cfg.model))  # type: ignore[arg-type]
+    snapshot = _LiveSnapshot()
+    trainer = pl.Trainer(
+        **OmegaConf.to_container(cfg.trainer),  # type: ignore[arg-type]
+        callbacks=[snapshot, *averagers.values()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(output_dir),
+    )
+    trainer.fit(model, train_loader, val_loader)
+
+    results: dict[str, float] = {}
+    for where, callback in averagers.items():
+        if callback.averager is not None and callback.averager.has_average:
+            with callback.averager.averaged():
+                results[f"{where} {callback.rule!r}"] = accuracy(model, test)
+    model.load_state_dict(snapshot.state)
+    results = {"live": accuracy(model, test), **results}
+    width = max(len(k) for k in results)
+    print(f"\n{'weights':<{width}}  test accuracy ({cfg.data.name}, {len(test[1])} examples)")
+    for key, value in results.items():
+        print(f"{key:<{width}}  {value:.4f}")
+    for callback in averagers.values():
+        print(f"averaged weights of {callback.name}: {callback.export_path}")
+    return results
+
+
+register_configs()
+ConfigStore.instance().store(name="weightavg_train", node=TrainConfig)
+
+
+@hydra.main(version_base=None, config_name="weightavg_train")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except ConfigError as error:
+        print(f"weightavg.train: invalid configuration: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
