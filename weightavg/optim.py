@@ -132,8 +132,12 @@ class AveragingOptimizer(Optimizer):
                 "state_dict must come from a weightavg.optim wrapper's state_dict() (keys 'optimizer' and "
                 f"'averaging'), got keys {sorted(state_dict) if isinstance(state_dict, dict) else state_dict!r}"
             )
+        self.averager.check_state(state_dict["averaging"])  # refuse before touching the inner optimizer
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.averager.load_state_dict(state_dict["averaging"])
+        # The inner optimizer's load_state_dict replaces its param_groups and state objects: share the new ones.
+        self.param_groups = self.optimizer.param_groups
+        self.state = self.optimizer.state
 
 
 class EMA(AveragingOptimizer):

@@ -121,7 +121,8 @@ class Classifier(pl.LightningModule):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        logits: torch.Tensor = self.net(x)
+        return logits
 
     def training_step(self, batch: Split, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -134,7 +135,7 @@ class Classifier(pl.LightningModule):
         self.log("val_acc", (self(x).argmax(-1) == y).float().mean(), prog_bar=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
+        return torch.optim.SGD(self.parameters(), lr=self.hparams["lr"], momentum=self.hparams["momentum"])
 
 
 @torch.no_grad()

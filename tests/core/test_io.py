@@ -124,8 +124,9 @@ def test_load_errors_name_the_keys_and_the_file(tmp_path: Path) -> None:
     # The averager of the untied model follows head.weight on its own; the file has it only as an alias.
     with pytest.raises(
         ValueError,
-        match=r"path='.*ema.safetensors' does not match the averaged model: missing keys \['head.weight', 'extra.weight'"
-        r", 'extra.bias'\], mis-shaped keys \[embed.weight: expected \(10, 5\), found \(10, 4\)\]",
+        match=r"path='.*ema.safetensors' does not match the averaged model: "
+        r"missing keys \['head.weight', 'extra.weight', 'extra.bias'\], "
+        r"mis-shaped keys \[embed.weight: expected \(10, 5\), found \(10, 4\)\]",
     ):
         Averager(wider, EMA()).load(path)
     smaller = nn.Module()

@@ -52,8 +52,9 @@ def test_lerp_foreach_matches_loop_and_float64(
 @pytest.mark.parametrize(("target_dtype", "source_dtype"), DTYPE_PAIRS)
 @pytest.mark.parametrize("foreach", [True, False])
 def test_lerp_weight_one_is_an_exact_copy(target_dtype: torch.dtype, source_dtype: torch.dtype, foreach: bool) -> None:
-    # Large, differently scaled values: ``t + 1 * (s - t)`` in floating point would not always give ``s`` back.
+    # Garbage in the targets (as in never-initialised memory): ``t + 1 * (s - t)`` would keep a NaN or inf.
     targets = [t * 1e6 for t in tensors(target_dtype, seed=2)]
+    targets[1][0, 0], targets[1][1, 1], targets[2][0, 0, 0] = float("nan"), float("inf"), -float("inf")
     sources = [s * 1e-3 for s in tensors(source_dtype, seed=3)]
     kernels.lerp_(targets, sources, 1.0, foreach=foreach)
     for target, source in zip(targets, sources, strict=True):

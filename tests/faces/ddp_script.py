@@ -11,9 +11,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parents[2]))
 
-from tests.faces.test_callbacks import Recorder, ema_reference  # noqa: E402
-from tests.helpers import DigitsModule, digits_loaders  # noqa: E402
-from weightavg.callbacks import EMA  # noqa: E402
+from tests.faces.test_callbacks import Recorder, ema_reference
+from tests.helpers import DigitsModule, digits_loaders
+from weightavg.callbacks import EMA
 
 
 def main() -> None:
@@ -34,7 +34,8 @@ def main() -> None:
     # average is swapped in: BatchNorm statistics of the average follow rank 0. Parameters are each rank's own.
     for name, value in averaged.items():
         if value.is_floating_point() and (trainer.is_global_zero or "running" not in name):
-            torch.testing.assert_close(value.double(), expected[name], rtol=1e-5, atol=1e-6, msg=f"rank {trainer.global_rank} {name}")
+            message = f"rank {trainer.global_rank} {name}"
+            torch.testing.assert_close(value.double(), expected[name], rtol=1e-5, atol=1e-6, msg=message)
     # Every rank holds the same average (each averages its identical replica; no communication needed).
     flat = torch.cat([v.double().flatten() for k, v in averaged.items() if "running" not in k])
     gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]

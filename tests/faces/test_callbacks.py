@@ -74,7 +74,7 @@ def ema_reference(recorder: Recorder, decay: float) -> dict[str, torch.Tensor]:
 
 def swa_reference(recorder: Recorder, sample_steps: list[int]) -> dict[str, torch.Tensor]:
     """Plain mean of the live weights at the given optimizer steps."""
-    samples = [w for s, w in zip(recorder.steps, recorder.weights) if s in sample_steps]
+    samples = [w for s, w in zip(recorder.steps, recorder.weights, strict=False) if s in sample_steps]
     assert len(samples) == len(sample_steps)
     return {k: torch.stack([s[k] for s in samples]).mean(0) for k in samples[0] if samples[0][k].is_floating_point()}
 
@@ -83,7 +83,9 @@ def assert_close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tens
     assert actual, "nothing to compare"
     for name, value in actual.items():
         if name in expected and value.is_floating_point():
-            torch.testing.assert_close(value.double(), expected[name].double(), **tol, msg=lambda m, n=name: f"{n}: {m}")
+            torch.testing.assert_close(
+                value.double(), expected[name].double(), **tol, msg=lambda m, n=name: f"{n}: {m}"
+            )
 
 
 def fit(callbacks: list[pl.Callback], epochs: int = 3, seed: int = 0, ckpt_path: str | None = None,
@@ -100,7 +102,7 @@ def test_several_averagers_match_references_and_keep_separate_state(tmp_path: Pa
     recorder, live = Recorder(), LiveAtEnd()
     fast, slow, swa = EMA(decay=0.9), EMA(decay=0.99), SWA(start=0.5, every_unit="epoch")
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    run, model = fit([live, recorder, fast, slow, swa, checkpoint], epochs=4, enable_checkpointing=True)
+    _run, model = fit([live, recorder, fast, slow, swa, checkpoint], epochs=4, enable_checkpointing=True)
 
     assert_close(fast._bound().averaged_tensors(), ema_reference(recorder, 0.9), rtol=1e-5, atol=1e-6)
     assert_close(slow._bound().averaged_tensors(), ema_reference(recorder, 0.99), rtol=1e-5, atol=1e-6)
@@ -149,10 +151,8 @@ def _resume_pair(tmp_path: Path, make_callbacks: Any, saver: pl.Callback | None 
     _, model_a = fit([live_a, *full], epochs=4, **kwargs)
 
     first = make_callbacks()
-    if saver is not None:  # a saver that must run before the averagers' hooks
-        first = [saver, *first]
-    else:
-        first = [*first, ModelCheckpoint(dirpath=tmp_path, save_last=True)]
+    # A saver must run before the averagers' hooks; a ModelCheckpoint is moved last by Lightning anyway.
+    first = [saver, *first] if saver is not None else [*first, ModelCheckpoint(dirpath=tmp_path, save_last=True)]
     fit(first, epochs=2, enable_checkpointing=True, **kwargs)
     ckpt = str(tmp_path / "last.ckpt")
     live_b = LiveAtEnd()
@@ -163,7 +163,7 @@ def _resume_pair(tmp_path: Path, make_callbacks: Any, saver: pl.Callback | None 
         assert torch.equal(live_a.state[key], live_b.state[key]), f"live {key} differs after resume"
     for key, value in model_a.state_dict().items():
         assert torch.equal(value, model_b.state_dict()[key]), f"final (averaged) {key} differs after resume"
-    for cb_a, cb_b in zip(full, resumed):
+    for cb_a, cb_b in zip(full, resumed, strict=False):
         for key, value in cb_a._bound().averaged_tensors().items():
             assert torch.equal(value, cb_b._bound().averaged_tensors()[key]), f"{cb_a.name} {key} differs"
         assert cb_a._bound().num_updates == cb_b._bound().num_updates

@@ -276,16 +276,9 @@ def run(
     return model, opt
 
 
-AFTER_LOAD_BUG = (
-    "BUG: AveragingOptimizer.load_state_dict calls the inner optimizer's load_state_dict, which replaces "
-    "inner.param_groups and inner.state with new objects; the wrapper keeps the old ones, so after a resume an LR "
-    "scheduler on the wrapper (or opt.param_groups edits) no longer reaches the optimizer that trains"
-)
-
-
 @pytest.mark.parametrize(
     ("resume_at", "scheduler"),
-    [(3, False), (8, False), pytest.param(8, True, marks=pytest.mark.xfail(strict=True, reason=AFTER_LOAD_BUG))],
+    [(3, False), (8, False), (8, True)],
     ids=["early", "late", "late-with-lr-scheduler"],
 )
 def test_state_dict_round_trip_continues_bit_identically(resume_at: int, scheduler: bool) -> None:
@@ -299,7 +292,6 @@ def test_state_dict_round_trip_continues_bit_identically(resume_at: int, schedul
     assert resumed.averager.step_count == straight.averager.step_count == 15
 
 
-@pytest.mark.xfail(strict=True, reason=AFTER_LOAD_BUG)
 def test_groups_and_state_stay_shared_after_load_state_dict() -> None:
     model = mlp()
     inner = sgd(model)
@@ -321,11 +313,6 @@ def test_load_state_dict_with_wrong_keys() -> None:
         opt.load_state_dict(named)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: AveragingOptimizer.load_state_dict loads the inner optimizer's state before checking the "
-    "averaging state, so a state that is refused (ValueError) still replaces the optimizer's state",
-)
 def test_refused_state_leaves_the_optimizer_untouched() -> None:
     model = mlp()
     opt = weightavg.optim.EMA(sgd(model), decay=0.9)

@@ -86,11 +86,6 @@ def test_start_as_fraction_of_total_steps() -> None:
     assert at_end == [5]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: start_step_of_fraction uses math.ceil(fraction * total_steps) in binary floating point: "
-    "0.55 * 100 == 55.00000000000001, so SWA(start=0.55) with 100 steps starts at step 56, not 55",
-)
 @pytest.mark.parametrize(("fraction", "total_steps"), [("0.55", 100), ("0.07", 100)])
 def test_decimal_fraction_starts_at_the_exact_step(fraction: str, total_steps: int) -> None:
     expected = math.ceil(Fraction(fraction) * total_steps)

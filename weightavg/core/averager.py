@@ -40,6 +40,16 @@ class _Group:
     names: list[str] = field(default_factory=list)
 
 
+def _placement(requested: torch.device | None, live: torch.device) -> torch.device:
+    """Where an average lives: ``live`` unless another device was asked for (``"cuda"`` and ``"cuda:0"`` on a
+    ``cuda:0`` tensor, or ``"cpu:0"`` on a CPU tensor, are the same place)."""
+    if requested is None or requested.type != live.type:
+        return requested or live
+    if requested.index is None or live.index is None or requested.index == live.index:
+        return live
+    return requested
+
+
 def _average_dtype(live: torch.dtype, requested: torch.dtype | None, averaged: bool) -> torch.dtype:
     if not averaged:
         return live
@@ -131,7 +141,7 @@ class Averager:
         with torch.no_grad():
             for entry in entries:
                 live = entry.tensor
-                avg_device = self.device or live.device
+                avg_device = _placement(self.device, live.device)
                 avg_dtype = _average_dtype(live.dtype, self.dtype, entry.averaged)
                 key = (live.device, live.dtype, avg_device, avg_dtype, entry.averaged)
                 group = groups.get(key)
@@ -185,9 +195,9 @@ class Averager:
             step = self.step_count + 1
         if step == self._last_step:
             return False
-        self.step_count = step
-        self._last_step = step
-        return self._event("step")
+        updated = self._event("step", Clock(step, self.epoch_count, self.total_steps))
+        self.step_count = self._last_step = step
+        return updated
 
     def epoch_end(self, epoch: int | None = None) -> bool:
         """Signal the end of an epoch (``epoch`` = epochs done); update if the rule says so. Repeats are ignored."""
@@ -195,12 +205,14 @@ class Averager:
             epoch = self.epoch_count + 1
         if epoch == self._last_epoch:
             return False
-        self.epoch_count = epoch
-        self._last_epoch = epoch
-        return self._event("epoch")
+        updated = self._event("epoch", Clock(self.step_count, epoch, self.total_steps))
+        self.epoch_count = self._last_epoch = epoch
+        return updated
 
-    def _event(self, event: Event) -> bool:
-        weight = self.rule.weight(event, self.clock, self.num_updates)
+    def _event(self, event: Event, clock: Clock | None = None) -> bool:
+        """Ask the rule about ``event`` at ``clock``; update if it gives a weight. Counters are committed by the
+        caller only after the update succeeded, so a refused update (e.g. while swapped) can be retried."""
+        weight = self.rule.weight(event, clock or self.clock, self.num_updates)
         if weight is None:
             return False
         if self.num_updates == 0:
@@ -266,14 +278,17 @@ class Averager:
             self.swap()
 
     @torch.no_grad()
-    def commit_swapped(self) -> None:
-        """While swapped in, take the model's current values as the average (e.g. after recomputing BatchNorm
-        statistics on the averaged model). A no-op for groups whose average is swapped in by pointer."""
+    def commit_swapped_buffers(self) -> None:
+        """While swapped in, take the model's current buffer values (not parameters) into the average, e.g. after
+        recomputing BatchNorm statistics on the averaged model. Groups swapped in by pointer already share storage;
+        others are copied back, and parameters are left alone so a wider-precision average is never rounded."""
         if self._saved is None:
-            raise RuntimeError("commit_swapped() needs the average swapped in")
+            raise RuntimeError("commit_swapped_buffers() needs the average swapped in")
         for group in self._groups:
-            if not group.direct and group.views is not None:
-                kernels.copy_(group.avg, group.views)
+            if group.direct or group.views is None:
+                continue
+            buffers = [i for i, live in enumerate(group.live) if not isinstance(live, nn.Parameter)]
+            kernels.copy_([group.avg[i] for i in buffers], [group.views[i] for i in buffers])
 
     def update_bn(self, inputs: Iterable[Any], module: nn.Module, device: torch.device | None = None) -> None:
         """Recompute the BatchNorm statistics of the averaged weights with one pass over ``inputs`` and keep them
@@ -290,7 +305,7 @@ class Averager:
             )
         with self.averaged():
             torch.optim.swa_utils.update_bn(inputs, module, device)
-            self.commit_swapped()
+            self.commit_swapped_buffers()
 
     @torch.no_grad()
     def copy_to_model(self) -> None:
@@ -334,14 +349,8 @@ class Averager:
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a ``state_dict()``; raises ``ValueError`` naming missing, unexpected or mis-shaped tensors."""
-        if not isinstance(state, dict) or "averaged" not in state:
-            raise ValueError("state must be a dict returned by Averager.state_dict() (it has no 'averaged' entry)")
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"averaging state version {state.get('version')!r} is not supported ({STATE_VERSION})")
+        self.check_state(state)
         averaged = state["averaged"]
-        self._check_tensors(averaged, source="averaging state")
-        if self._saved is not None:
-            raise RuntimeError("cannot load averaging state while the average is swapped in; swap back first")
         for name, tensor in zip(self._names, self._avg, strict=False):
             tensor.copy_(averaged[name])
         self.num_updates = int(state["num_updates"])
@@ -349,6 +358,16 @@ class Averager:
         self.epoch_count = int(state["epoch_count"])
         self._last_step = state["last_step"]
         self._last_epoch = state["last_epoch"]
+
+    def check_state(self, state: Any) -> None:
+        """Raise unless ``state`` could be loaded now (same model, supported version, not swapped in)."""
+        if not isinstance(state, dict) or "averaged" not in state:
+            raise ValueError("state must be a dict returned by Averager.state_dict() (it has no 'averaged' entry)")
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"averaging state version {state.get('version')!r} is not supported ({STATE_VERSION})")
+        self._check_tensors(state["averaged"], source="averaging state")
+        if self._saved is not None:
+            raise RuntimeError("cannot load averaging state while the average is swapped in; swap back first")
 
     def _check_tensors(self, tensors: dict[str, torch.Tensor], *, source: str) -> None:
         expected = {name: tensor.shape for name, tensor in zip(self._names, self._avg, strict=False)}

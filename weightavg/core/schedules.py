@@ -39,7 +39,8 @@ def warmed_decay(decay: float, t: int, warmup: Warmup, gamma: float = 1.0, power
 
 def start_step_of_fraction(fraction: float, total_steps: int) -> int:
     """First optimizer step at or after ``fraction`` of ``total_steps``."""
-    return math.ceil(fraction * total_steps)
+    # Rounded first so that 0.55 * 100 == 55.000000000000007 still starts at step 55.
+    return math.ceil(round(fraction * total_steps, 9))
 
 
 def reached(start: float, unit: StartUnit, clock: Clock) -> bool:

@@ -1,0 +1,66 @@
+"""The Hydra face: every shipped config mirrors its constructor and builds; bad values name the field."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import pickle
+
+import pytest
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from weightavg.callbacks import AveragingCallback
+from weightavg.config import CONFIGS, ConfigError, instantiate_averaging, register_configs
+
+
+def constructor_parameters(cls: type) -> dict[str, inspect.Parameter]:
+    """Keyword parameters of a callback, its own and the ones it forwards to AveragingCallback."""
+    own = {k: v for k, v in inspect.signature(cls).parameters.items() if v.kind is not v.VAR_KEYWORD}
+    shared = {k: v for k, v in inspect.signature(AveragingCallback).parameters.items() if k != "rule"}
+    return {**shared, **own}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_config_mirrors_the_constructor(name: str) -> None:
+    node, _ = CONFIGS[name]
+    fields = {f.name: f for f in dataclasses.fields(node) if f.name != "_target_"}
+    target = OmegaConf.structured(node)._target_
+    module, _, attr = target.rpartition(".")
+    cls = getattr(__import__(module, fromlist=[attr]), attr)
+    params = constructor_parameters(cls)
+    configurable = {k for k, v in params.items() if k != "bn_input"}  # a callable cannot live in a config
+    assert set(fields) == configurable
+    for key in fields:
+        default = params[key].default
+        assert fields[key].default == default, f"{name}.{key}: config {fields[key].default!r} != {default!r}"
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_every_shipped_config_builds_and_pickles(name: str) -> None:
+    callback = instantiate_averaging(OmegaConf.structured(CONFIGS[name][0]))
+    assert isinstance(callback, AveragingCallback)
+    assert pickle.loads(pickle.dumps(callback.rule)) == callback.rule
+
+
+def test_register_configs_is_explicit_and_complete() -> None:
+    store = register_configs(ConfigStore.instance())
+    group = store.repo["averaging"]
+    assert {f"{name}.yaml" for name in CONFIGS} | {"none.yaml"} <= set(group)
+
+
+def test_bad_value_names_path_field_and_range() -> None:
+    node = OmegaConf.structured(CONFIGS["ema"][0])
+    node.decay = 1.5
+    with pytest.raises(ConfigError, match=r"averaging: decay=1\.5 is out of range: allowed \[0, 1\)"):
+        instantiate_averaging(node)
+    swa = OmegaConf.structured(CONFIGS["swa"][0])
+    swa.every_unit = "minute"
+    with pytest.raises(ConfigError, match="every_unit='minute'"):
+        instantiate_averaging(swa, where="extra_averaging.swa")
+
+
+def test_unknown_field_is_refused_by_the_structured_config() -> None:
+    node = OmegaConf.structured(CONFIGS["ema"][0])
+    with pytest.raises(Exception, match="decy"):
+        node.decy = 0.9

@@ -1,0 +1,52 @@
+"""``python -m weightavg.train``: the Hydra app end to end, as a newcomer runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from weightavg import load_into_module
+from weightavg.train import Classifier
+
+
+def run_app(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, "-m", "weightavg.train", f"hydra.run.dir={tmp_path}", *overrides]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+
+
+def accuracy_table(stdout: str) -> dict[str, float]:
+    rows = stdout.split("test accuracy", 1)[1].splitlines()[1:]
+    return {line.rsplit(maxsplit=1)[0]: float(line.rsplit(maxsplit=1)[1]) for line in rows if line[:1].isalnum()
+            and not line.startswith("averaged weights")}
+
+
+def test_app_trains_with_several_averagers_and_writes_them(tmp_path: Path) -> None:
+    result = run_app(
+        tmp_path, "averaging=ema", "averaging.decay=0.99", "+averaging@extra_averaging.swa=swa",
+        "extra_averaging.swa.start=0.5", "trainer.max_epochs=4",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = accuracy_table(result.stdout)
+    assert set(table) == {"live", "averaging EMA(decay=0.99)", "extra_averaging.swa SWA(start=0.5)"}
+    assert all(0.5 < value <= 1.0 for value in table.values()), table
+    for name in ("averaging", "swa"):
+        model = Classifier(64, 10)
+        load_into_module(model, tmp_path / f"{name}.safetensors")
+        assert torch.isfinite(model.net[0].weight).all()
+
+
+def test_invalid_value_exits_nonzero_naming_the_field(tmp_path: Path) -> None:
+    result = run_app(tmp_path, "averaging.decay=1.5")
+    assert result.returncode != 0
+    assert "averaging: decay=1.5 is out of range: allowed [0, 1)" in result.stderr
+
+
+def test_no_averaging_option(tmp_path: Path) -> None:
+    result = run_app(tmp_path, "averaging=none", "trainer.max_epochs=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list(accuracy_table(result.stdout)) == ["live"]
