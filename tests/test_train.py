@@ -46,7 +46,12 @@ def test_invalid_value_exits_nonzero_naming_the_field(tmp_path: Path) -> None:
     assert "averaging: decay=1.5 is out of range: allowed [0, 1)" in result.stderr
 
 
-def test_no_averaging_option(tmp_path: Path) -> None:
-    result = run_app(tmp_path, "averaging=none", "trainer.max_epochs=1")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert list(accuracy_table(result.stdout)) == ["live"]
+def test_no_averaging_option_in_process(tmp_path: Path) -> None:
+    from hydra import compose, initialize
+
+    from weightavg.train import run
+
+    with initialize(version_base=None, config_path=None):
+        cfg = compose("weightavg_train", overrides=["averaging=none", "trainer.max_epochs=1", f"output_dir={tmp_path}"])
+    assert list(run(cfg)) == ["live"]
+    assert not list(tmp_path.glob("*.safetensors"))

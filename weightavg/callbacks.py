@@ -7,7 +7,8 @@ Several averagers may share a run. Two roles go to one callback each, by their o
 
 - the *validator*, the first callback with ``validate_with="average"``: validation runs on its average;
 - the *owner*, the first callback with ``apply_at_end=True``: its average goes into the checkpoint's ``state_dict``
-  and into the model at the end of fit; the live weights are saved beside it.
+  and into the model at the end of fit; the live weights are saved beside it (checkpoint key ``LIVE_KEY``) and put
+  back on resume.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from weightavg.core.averager import Averager
@@ -31,6 +32,8 @@ from weightavg.methods.ema import EMA as EMARule
 from weightavg.methods.swa import SWA as SWARule
 
 ValidateWith = Literal["average", "live"]
+#: Checkpoint key of the live weights, saved beside a ``state_dict`` that holds an average.
+LIVE_KEY = "weightavg_live_weights"
 
 
 class AveragingCallback(Callback):
@@ -79,6 +82,7 @@ class AveragingCallback(Callback):
             "buffers": buffers, "include": include, "exclude": exclude, "device": device, "dtype": dtype,
         }
         self.averager: Averager | None = None
+        self._module: pl.LightningModule | None = None
         self._pending_state: dict[str, Any] | None = None
         self._validates = False
         self._owns_model = False
@@ -113,7 +117,11 @@ class AveragingCallback(Callback):
         # beside the tensors that training will actually update.
         total = trainer.estimated_stepping_batches
         total_steps = int(total) if math.isfinite(total) else None
-        self.averager = Averager(pl_module, self.rule, total_steps=total_steps, **self._engine_kwargs)
+        if self.averager is not None and self._module is pl_module and not self._applied:
+            self.averager.total_steps = total_steps  # a further fit() of the same model continues the average
+        else:
+            self.averager = Averager(pl_module, self.rule, total_steps=total_steps, **self._engine_kwargs)
+            self._module = pl_module
         self._applied = False
         if self._pending_state is not None:
             self.averager.load_state_dict(self._pending_state)
@@ -178,10 +186,7 @@ class AveragingCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self.averager is None:
             return dict(self._pending_state or {})
-        state: dict[str, Any] = {"averaging": self.averager.state_dict()}
-        if self._owns_model and self.averager.has_average and not self._applied:
-            state["live"] = self._live_weights()
-        return state
+        return {"averaging": self.averager.state_dict()}
 
     def _live_weights(self) -> dict[str, torch.Tensor]:
         """The live weights, also while this or another averager has its average swapped in."""
@@ -209,6 +214,7 @@ class AveragingCallback(Callback):
             return
         # The model's state_dict gets the average (so load_from_checkpoint gives the averaged model); the live
         # weights travel in this callback's state. Correct whether or not the average is swapped in right now.
+        checkpoint[LIVE_KEY] = self._live_weights()
         model_state = checkpoint["state_dict"]
         live = dict(pl_module.state_dict())
         aliases = averager.aliases()
@@ -221,11 +227,17 @@ class AveragingCallback(Callback):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        state = checkpoint.get("callbacks", {}).get(self.state_key, {})
-        live = state.get("live")
-        if live is None:
+        saved = [key for key in checkpoint.get("callbacks", {}) if key.startswith("weightavg[")]
+        if saved and self.state_key not in saved:
+            rank_zero_warn(
+                f"weightavg: the checkpoint holds no state for {self.state_key} (it has {saved}); this averager "
+                "starts afresh. Give averagers a fixed name=... to resume them after changing their arguments."
+            )
+        live = checkpoint.get(LIVE_KEY)
+        if live is None or self is not next(iter(self._peers), self):
             return
-        # The Trainer has just loaded state_dict (the average) into the model; put the live weights back.
+        # The Trainer has just loaded state_dict (an average) into the model; put the live weights back. The first
+        # averager does it whatever the names, so training never continues from an average by mistake.
         targets = dict(pl_module.state_dict(keep_vars=True))
         with torch.no_grad():
             for name, tensor in live.items():

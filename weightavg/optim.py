@@ -173,15 +173,17 @@ class EMA(AveragingOptimizer):
 class SWA(AveragingOptimizer):
     """``optimizer`` plus a stochastic weight average of its parameters (``weightavg.methods.SWA``).
 
-    In a plain loop the natural unit is the step: ``SWA(opt, start=1000, start_unit="step", every=100,
-    every_unit="step")``. With ``every_unit="epoch"``, call ``opt.epoch_end()`` at the end of each epoch. Pair with
+    ``start`` is required: a fraction of ``total_steps`` (pass ``total_steps=``), or steps/epochs with
+    ``start_unit``. In a plain loop the natural unit is the step, so ``every_unit`` defaults to ``"step"`` here
+    (the Lightning callback samples per epoch by default): ``SWA(opt, start=1000, start_unit="step", every=100)``.
+    With ``every_unit="epoch"``, call ``opt.epoch_end()`` at the end of each epoch. Pair with
     ``torch.optim.swa_utils.SWALR`` on the inner optimizer for the SWA learning rate; the wrapper never changes it.
     """
 
     def __init__(
         self,
         optimizer: Optimizer,
-        start: float = 0.75,
+        start: float,
         *,
         start_unit: StartUnit = "fraction",
         every: int = 1,

@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from tests.helpers import DigitsModule, digits_loaders, trainer
 from weightavg import load_into_module
-from weightavg.callbacks import EMA, SWA, AveragingCallback
+from weightavg.callbacks import EMA, LIVE_KEY, SWA, AveragingCallback
 
 
 class Recorder(pl.Callback):
@@ -198,7 +198,7 @@ def test_checkpoint_state_dict_holds_the_average(tmp_path: Path) -> None:
     for name, value in ema._bound().averaged_tensors().items():
         torch.testing.assert_close(loaded.state_dict()[name], value)
     saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
-    live_saved = saved["callbacks"][ema.state_key]["live"]
+    live_saved = saved[LIVE_KEY]
     for name, value in live_saved.items():
         assert torch.equal(value, live.state[name])
 
@@ -263,6 +263,17 @@ def test_bad_arguments_name_the_argument() -> None:
     with pytest.raises(RuntimeError, match="state_key"):
         fit([EMA(decay=0.9), EMA(decay=0.9)], epochs=1)
     fit([EMA(decay=0.9), EMA(decay=0.9, name="twin")], epochs=1)  # distinct names coexist
+
+
+def test_resume_with_changed_arguments_continues_from_live_weights(tmp_path: Path) -> None:
+    """A renamed averager finds no state of its own, but training must still continue from the live weights."""
+    live = LiveAtEnd()
+    fit([live, EMA(decay=0.9), ModelCheckpoint(dirpath=tmp_path, save_last=True)], epochs=1, enable_checkpointing=True)
+    started = Recorder()
+    with pytest.warns(UserWarning, match=r"no state for weightavg\[EMA\(decay=0.8\)\]"):
+        fit([started, EMA(decay=0.8)], epochs=2, ckpt_path=str(tmp_path / "last.ckpt"))
+    for name, value in live.state.items():
+        assert torch.equal(started.weights[0][name].to(value.dtype), value), name
 
 
 @pytest.mark.slow

@@ -238,7 +238,7 @@ def test_swa_per_epoch() -> None:
 def test_swa_fraction_needs_total_steps() -> None:
     model = mlp()
     with pytest.raises(ValueError, match=r"pass total_steps="):
-        weightavg.optim.SWA(sgd(model))
+        weightavg.optim.SWA(sgd(model), start=0.5)
     opt = weightavg.optim.SWA(sgd(model), start=0.5, total_steps=10)
     train(model, opt, 10)
     assert opt.averager.num_updates == 6  # steps 5..10

@@ -139,3 +139,11 @@ def test_rule_pickles_compares_equal_and_has_a_compact_repr() -> None:
     assert repr(SWA()) == "SWA()"
     assert repr(SWA(start=0.5)) == "SWA(start=0.5)"
     assert eval(repr(rule), {"SWA": SWA}) == rule
+
+
+@pytest.mark.parametrize("unit", ["step", "epoch"])
+def test_whole_float_start_is_a_count(unit: str) -> None:
+    """Hydra writes ``averaging.start=2`` into a float field: 2.0 must mean step/epoch 2, not an error."""
+    rule = SWA(start=2.0, start_unit=unit)  # type: ignore[arg-type]
+    assert rule.start == 2 and isinstance(rule.start, int)
+    assert rule == SWA(start=2, start_unit=unit)  # type: ignore[arg-type]

@@ -45,6 +45,9 @@ class SWA:
         if self.start_unit == "fraction":
             check_number("start", self.start, low=0.0, high=1.0)
         else:
+            # Configs write numbers as floats: a whole 2.0 is the step/epoch 2, a 2.5 is refused.
+            if isinstance(self.start, float) and self.start.is_integer():
+                object.__setattr__(self, "start", int(self.start))
             check_number("start", self.start, low=0, integer=True)
         check_number("every", self.every, low=1, integer=True)
         check_choice("every_unit", self.every_unit, UNITS)
