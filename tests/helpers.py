@@ -54,6 +54,10 @@ class DigitsModule(pl.LightningModule):
         accuracy = (self(x).argmax(-1) == y).float().mean()
         self.log("val_acc", accuracy, prog_bar=False)
 
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("test_acc", (self(x).argmax(-1) == y).float().mean())
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
 

@@ -14,7 +14,9 @@ Several averagers may share a run. Two roles go to one callback each, by their o
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
+from itertools import islice
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -24,8 +26,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from weightavg.core.averager import Averager
-from weightavg.core.binding import BufferPolicy
-from weightavg.core.checks import check_choice
+from weightavg.core.binding import BufferPolicy, check_buffer_policy
+from weightavg.core.checks import check_choice, check_device, check_number
 from weightavg.core.rule import Rule
 from weightavg.core.schedules import StartUnit, Unit, Warmup
 from weightavg.methods.ema import EMA as EMARule
@@ -60,7 +62,7 @@ class AveragingCallback(Callback):
         *,
         validate_with: ValidateWith = "average",
         apply_at_end: bool = True,
-        export_path: str | None = None,
+        export_path: str | os.PathLike[str] | None = None,
         name: str | None = None,
         buffers: BufferPolicy = "average",
         include: str | Sequence[str] | None = None,
@@ -68,7 +70,14 @@ class AveragingCallback(Callback):
         device: torch.device | str | None = None,
         dtype: torch.dtype | str | None = None,
     ) -> None:
+        # Everything that can be checked before training is checked here, not after hours of it.
+        if not isinstance(rule, Rule):
+            raise TypeError(f"rule={rule!r} must be an averaging rule such as weightavg.methods.EMA(...)")
         check_choice("validate_with", validate_with, ("average", "live"))
+        check_buffer_policy(buffers)
+        check_device(device)
+        if export_path is not None and not isinstance(export_path, (str, os.PathLike)):
+            raise TypeError(f"export_path={export_path!r} must be a path (str or os.PathLike) or None")
         if not isinstance(apply_at_end, bool):
             raise TypeError(f"apply_at_end={apply_at_end!r} must be a bool")
         if name is not None and (not isinstance(name, str) or not name):
@@ -82,7 +91,6 @@ class AveragingCallback(Callback):
             "buffers": buffers, "include": include, "exclude": exclude, "device": device, "dtype": dtype,
         }
         self.averager: Averager | None = None
-        self._module: pl.LightningModule | None = None
         self._pending_state: dict[str, Any] | None = None
         self._validates = False
         self._owns_model = False
@@ -114,18 +122,19 @@ class AveragingCallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Bound here, after the strategy has moved and converted the model (device, bf16-true), so the averages sit
-        # beside the tensors that training will actually update.
+        # beside the tensors that training will actually update. Each fit() starts a fresh average (a new Trainer
+        # restarts its step counters); trainer.fit(ckpt_path=...) is how an average continues.
         total = trainer.estimated_stepping_batches
         total_steps = int(total) if math.isfinite(total) else None
-        if self.averager is not None and self._module is pl_module and not self._applied:
-            self.averager.total_steps = total_steps  # a further fit() of the same model continues the average
-        else:
-            self.averager = Averager(pl_module, self.rule, total_steps=total_steps, **self._engine_kwargs)
-            self._module = pl_module
+        self.averager = Averager(pl_module, self.rule, total_steps=total_steps, **self._engine_kwargs)
         self._applied = False
+        self.check_model(trainer, pl_module)
         if self._pending_state is not None:
             self.averager.load_state_dict(self._pending_state)
             self._pending_state = None
+
+    def check_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse, when fit starts, what this averager could only fail on at the end of fit."""
 
     def _bound(self) -> Averager:
         if self.averager is None:
@@ -149,20 +158,40 @@ class AveragingCallback(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._bound().epoch_end(trainer.current_epoch + 1)  # no-op when the last batch already counted
 
-    # ------------------------------------------------------------------ validation
-    @override
-    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    # ------------------------------------------------------------------ evaluation on the average
+    def _swap_in_for_evaluation(self) -> None:
         averager = self.averager
-        usable = averager is not None and averager.has_average and not averager.is_swapped
-        if self._validates and usable and not self._applied:
-            self._bound().swap()
+        if self._validates and averager is not None and averager.has_average and not averager.is_swapped:
+            averager.refresh()
+            averager.swap()
             self._swapped_for_validation = True
 
-    @override
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _swap_back_after_evaluation(self) -> None:
         if self._swapped_for_validation:
             self._bound().swap()
             self._swapped_for_validation = False
+
+    @override
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_in_for_evaluation()
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # on_validation_end, not on_validation_epoch_end: the LightningModule's own on_validation_epoch_end (which
+        # Lightning calls after the callbacks') must still see the weights that were validated.
+        self._swap_back_after_evaluation()
+
+    @override
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_in_for_evaluation()
+
+    @override
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_back_after_evaluation()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._swap_back_after_evaluation()  # never leave the average in the model after an interrupted validation
 
     # ------------------------------------------------------------------ end of fit
     @override
@@ -175,7 +204,11 @@ class AveragingCallback(Callback):
         if self.export_path is not None and trainer.is_global_zero:
             averager.save(self.export_path)
         if self._owns_model:
-            averager.copy_to_model()
+            # Swapped in for good rather than copied over: the live weights stay in the averager, so a checkpoint
+            # written after fit still carries them and resumes exactly.
+            averager.refresh()
+            if not averager.is_swapped:
+                averager.swap()
             self._applied = True
 
     def finalize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -185,16 +218,8 @@ class AveragingCallback(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         if self.averager is None:
-            return dict(self._pending_state or {})
+            return {"averaging": self._pending_state} if self._pending_state is not None else {}
         return {"averaging": self.averager.state_dict()}
-
-    def _live_weights(self) -> dict[str, torch.Tensor]:
-        """The live weights, also while this or another averager has its average swapped in."""
-        live = self.averager.live_tensors() if self.averager is not None else {}
-        for peer in self._peers:
-            if peer is not self and peer.averager is not None and peer.averager.is_swapped:
-                live.update((k, v) for k, v in peer.averager.live_tensors().items() if k in live)
-        return live
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -209,24 +234,45 @@ class AveragingCallback(Callback):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
+        if self is (self._peers[0] if self._peers else self):
+            self._save_live_weights(pl_module, checkpoint)
         averager = self.averager
-        if not self._owns_model or averager is None or not averager.has_average or self._applied:
+        if not self._owns_model or averager is None or not averager.has_average:
             return
-        # The model's state_dict gets the average (so load_from_checkpoint gives the averaged model); the live
-        # weights travel in this callback's state. Correct whether or not the average is swapped in right now.
-        checkpoint[LIVE_KEY] = self._live_weights()
+        # The model's state_dict gets this average (so load_from_checkpoint gives the averaged model), whether or
+        # not some average is swapped in right now.
         model_state = checkpoint["state_dict"]
-        live = dict(pl_module.state_dict())
+        current = pl_module.state_dict()
         aliases = averager.aliases()
         for name, tensor in averager.averaged_tensors().items():
             for key in (name, *aliases[name]):
                 if key in model_state:
-                    model_state[key] = tensor.detach().to(dtype=live[key].dtype, device=live[key].device)
+                    model_state[key] = tensor.detach().to(dtype=current[key].dtype, device=current[key].device)
+
+    def _save_live_weights(self, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Save the live model state beside a ``state_dict`` that holds (or may hold) an average.
+
+        The live state is the model's own, except where an averager has its average swapped in (for validation, or
+        for good after fit): there the averager holds the live tensors.
+        """
+        swapped = [p.averager for p in self._peers if p.averager is not None and p.averager.is_swapped]
+        owner_writes = any(p._owns_model and p.averager is not None and p.averager.has_average for p in self._peers)
+        if not swapped and not owner_writes:
+            return
+        live = dict(pl_module.state_dict())
+        for averager in swapped:
+            aliases = averager.aliases()
+            for name, tensor in averager.live_tensors().items():
+                for key in (name, *aliases[name]):
+                    live[key] = tensor
+        checkpoint[LIVE_KEY] = live
 
     @override
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
+        if trainer.state.fn != "fit":
+            return  # validate/test/predict from a checkpoint evaluate its state_dict: the average
         saved = [key for key in checkpoint.get("callbacks", {}) if key.startswith("weightavg[")]
         if saved and self.state_key not in saved:
             rank_zero_warn(
@@ -234,16 +280,10 @@ class AveragingCallback(Callback):
                 "starts afresh. Give averagers a fixed name=... to resume them after changing their arguments."
             )
         live = checkpoint.get(LIVE_KEY)
-        if live is None or self is not next(iter(self._peers), self):
-            return
-        # The Trainer has just loaded state_dict (an average) into the model; put the live weights back. The first
-        # averager does it whatever the names, so training never continues from an average by mistake.
-        targets = dict(pl_module.state_dict(keep_vars=True))
-        with torch.no_grad():
-            for name, tensor in live.items():
-                if name not in targets:
-                    raise ValueError(f"checkpoint's live weights hold {name!r}, which the model does not have")
-                targets[name].copy_(tensor)
+        if live is not None and self is (self._peers[0] if self._peers else self):
+            # The Trainer has just loaded state_dict (an average) into the model; put the live weights back. The
+            # first averager does it whatever the names, so training never continues from an average by mistake.
+            pl_module.load_state_dict(live)
 
 
 class EMA(AveragingCallback):
@@ -279,9 +319,12 @@ class SWA(AveragingCallback):
 
     Args:
         start, start_unit, every, every_unit: see ``weightavg.methods.SWA``; ``start`` defaults to 75% of the run.
-        recompute_bn: recompute BatchNorm statistics of the average at the end of fit (models with BatchNorm only).
+        recompute_bn: recompute BatchNorm statistics of the average at the end of fit (models with BatchNorm only);
+            checked when fit starts: the statistics must be in the average (not ``buffers="ignore"``/excluded).
         bn_input: maps a training batch to the model's input for that pass; default ``batch[0]`` for list/tuple
             batches and the batch itself otherwise.
+        bn_batches: batches for that pass; default one epoch of the training data (required when its length is
+            unknown, e.g. an infinite iterable dataset). Several train loaders (a list or dict) are read in turn.
     """
 
     def __init__(
@@ -293,28 +336,47 @@ class SWA(AveragingCallback):
         every_unit: Unit = "epoch",
         recompute_bn: bool = True,
         bn_input: Callable[[Any], Any] | None = None,
+        bn_batches: int | None = None,
         **options: Any,
     ) -> None:
         super().__init__(SWARule(start, start_unit, every, every_unit), **options)
+        if bn_batches is not None:
+            check_number("bn_batches", bn_batches, low=1, integer=True)
         self.recompute_bn = recompute_bn
         self.bn_input = bn_input
+        self.bn_batches = bn_batches
+
+    @override
+    def check_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.recompute_bn or not self._bound().check_update_bn(pl_module):
+            return
+        if self.bn_batches is None and not math.isfinite(trainer.num_training_batches):
+            raise ValueError(
+                "SWA(recompute_bn=True) needs bn_batches=... when the training data has no length "
+                "(or recompute_bn=False)"
+            )
 
     @override
     def finalize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.recompute_bn:
             return
+        limit = self.bn_batches or int(trainer.num_training_batches)
+
+        def batches() -> Iterator[Any]:
+            loaders: Any = trainer.train_dataloader
+            if isinstance(loaders, dict):
+                loaders = list(loaders.values())
+            for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
+                yield from loader
 
         def inputs() -> Iterator[list[Any]]:
-            loaders = trainer.train_dataloader
-            loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
-            for loader in loaders:
-                for batch in loader:
-                    batch = trainer.strategy.batch_to_device(batch)
-                    if self.bn_input is not None:
-                        batch = self.bn_input(batch)
-                    elif isinstance(batch, (list, tuple)):
-                        batch = batch[0]
-                    yield [trainer.precision_plugin.convert_input(batch)]
+            for batch in islice(batches(), limit):
+                batch = trainer.strategy.batch_to_device(batch)
+                if self.bn_input is not None:
+                    batch = self.bn_input(batch)
+                elif isinstance(batch, (list, tuple)):
+                    batch = batch[0]
+                yield [trainer.precision_plugin.convert_input(batch)]
 
         with trainer.precision_plugin.forward_context():
             self._bound().update_bn(inputs(), pl_module)

@@ -219,7 +219,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     for key, value in results.items():
         print(f"{key:<{width}}  {value:.4f}")
     for callback in averagers.values():
-        print(f"averaged weights of {callback.name}: {callback.export_path}")
+        if callback.export_path is not None and Path(callback.export_path).is_file():
+            print(f"averaged weights of {callback.name}: {callback.export_path}")
+        else:
+            print(f"{callback.name} never updated (its start was not reached): nothing written")
     return results
 
 

@@ -375,7 +375,7 @@ def test_update_bn_leaves_parameter_averages_untouched(model_dtype: torch.dtype,
 def test_update_bn_needs_the_statistics_in_the_average() -> None:
     model = mlp(0, batchnorm=True)
     averager = Averager(model, EMA(), buffers="ignore")
-    with pytest.raises(ValueError, match=r"update_bn needs the BatchNorm buffers"):
+    with pytest.raises(ValueError, match=r"recomputing BatchNorm statistics needs them in the average"):
         averager.update_bn([batch(0)[0]], model)
     plain = mlp(0)
     without_norm = Averager(plain, EMA())

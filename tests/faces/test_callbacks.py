@@ -286,3 +286,91 @@ def test_ddp_two_gloo_processes(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "DDP OK" in result.stdout
+
+
+def test_resume_from_swapped_checkpoint_without_an_owner(tmp_path: Path) -> None:
+    """No averager puts its average in the model, yet a checkpoint written mid-validation holds the swapped average:
+    the live weights saved beside it must make the resume exact."""
+    _resume_pair(tmp_path, lambda: [EMA(decay=0.95, apply_at_end=False)], saver=SaveWhileSwapped(tmp_path))
+
+
+def test_checkpoint_saved_after_fit_resumes_exactly(tmp_path: Path) -> None:
+    live_a = LiveAtEnd()
+    fit([live_a, EMA(decay=0.95)], epochs=4)
+    first, _ = fit([EMA(decay=0.95)], epochs=2)
+    first.save_checkpoint(tmp_path / "after.ckpt")  # the model holds the average now
+    live_b = LiveAtEnd()
+    fit([live_b, EMA(decay=0.95)], epochs=4, ckpt_path=str(tmp_path / "after.ckpt"))
+    for key, value in live_a.state.items():
+        assert torch.equal(value, live_b.state[key]), key
+
+
+class TestWeights(pl.Callback):
+    def __init__(self) -> None:
+        self.seen: dict[str, torch.Tensor] = {}
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.seen = {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_test_and_validate_from_a_checkpoint_use_the_average(tmp_path: Path) -> None:
+    ema = EMA(decay=0.9)
+    fit([ema, ModelCheckpoint(dirpath=tmp_path, save_last=True)], epochs=2, enable_checkpointing=True)
+    averaged = ema._bound().averaged_tensors()
+    model = DigitsModule()
+    seen = TestWeights()
+    _, val = digits_loaders()
+    trainer(callbacks=[EMA(decay=0.9), seen]).test(model, val, ckpt_path=str(tmp_path / "last.ckpt"))
+    for name, value in averaged.items():
+        torch.testing.assert_close(seen.seen[name], value)
+
+
+def test_test_after_fit_without_apply_uses_the_average() -> None:
+    ema, seen = EMA(decay=0.9, apply_at_end=False), TestWeights()
+    run, model = fit([ema, seen], epochs=1)
+    _, val = digits_loaders()
+    run.test(model, val)
+    for name, value in ema._bound().averaged_tensors().items():
+        torch.testing.assert_close(seen.seen[name], value)
+    assert not ema._bound().is_swapped
+
+
+class EpochEndProbe(DigitsModule):
+    """Records the weights its own on_validation_epoch_end sees, and can fail in validation."""
+
+    def __init__(self, fail_at_epoch: int | None = None) -> None:
+        super().__init__()
+        self.fail_at_epoch = fail_at_epoch
+        self.at_epoch_end: list[torch.Tensor] = []
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        if self.current_epoch == self.fail_at_epoch:
+            raise RuntimeError("interrupted during validation")
+        super().validation_step(batch, batch_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self.at_epoch_end.append(self.net[0].weight.detach().clone())
+
+
+def test_module_hooks_see_the_validated_weights_and_interruptions_restore_live() -> None:
+    pl.seed_everything(0, verbose=False)
+    model, ema = EpochEndProbe(), EMA(decay=0.9, apply_at_end=False)
+    seen = ValidationWeights()
+    train, val = digits_loaders()
+    trainer(max_epochs=1, callbacks=[ema, seen]).fit(model, train, val)
+    torch.testing.assert_close(model.at_epoch_end[0], seen.seen[0]["net.0.weight"])
+
+    pl.seed_everything(0, verbose=False)
+    model, ema = EpochEndProbe(fail_at_epoch=1), EMA(decay=0.9, apply_at_end=False)
+    live = Recorder()
+    with pytest.raises(RuntimeError, match="interrupted during validation"):
+        trainer(max_epochs=3, callbacks=[live, ema]).fit(model, train, val)
+    assert not ema._bound().is_swapped
+    assert torch.equal(model.net[0].weight.detach().double(), live.weights[-1]["net.0.weight"])
+
+
+def test_swa_refuses_a_batchnorm_recompute_it_cannot_do_before_training() -> None:
+    recorder = Recorder()
+    with pytest.raises(ValueError, match="recomputing BatchNorm statistics needs them in the average"):
+        fit([recorder, SWA(start=0.5, exclude="*running_var")], epochs=2)
+    assert recorder.steps == [0]  # refused at fit start, not after training

@@ -119,11 +119,25 @@ def test_every_n_steps_keeps_the_time_constant(every: int) -> None:
     assert average(unscaled) == pytest.approx(c + (p0 - c) * decay ** (last_update // every), rel=1e-12)
 
 
-def test_every_n_steps_counts_from_the_start_of_training() -> None:
+def test_every_n_steps_counts_from_the_last_update() -> None:
     rule = EMA(decay=0.5, every_n_steps=3, start_step=4)
     _, updated = run(rule, [0.0] * 13)
-    # Copy at step 4 (the start), then steps 6, 9, 12.
-    assert [step for step, done in enumerate(updated, start=1) if done] == [4, 6, 9, 12]
+    # 12 steps: copy at step 4 (the start), then every third step after it: 7, 10.
+    assert [step for step, done in enumerate(updated, start=1) if done] == [4, 7, 10]
+
+
+def test_a_jumping_step_counter_keeps_the_time_constant() -> None:
+    """Two optimizers stepping per batch advance the step counter by 2: each update then decays by decay**2."""
+    decay = 0.9
+    model = nn.Linear(1, 1, bias=False)
+    averager = Averager(model, EMA(decay=decay))
+    expected = float(model.weight)
+    for k in range(1, 11):
+        with torch.no_grad():
+            model.weight.fill_(float(k))
+        assert averager.step(2 * k)
+        expected = decay**2 * expected + (1 - decay**2) * k
+    assert float(averager.averaged_tensors()["weight"]) == pytest.approx(expected, rel=1e-6)
 
 
 def test_start_step_rule_weights() -> None:
@@ -131,7 +145,7 @@ def test_start_step_rule_weights() -> None:
     assert rule.weight("bind", Clock(0, 0), 0) is None
     assert rule.weight("step", Clock(2, 0), 0) is None
     assert rule.weight("step", Clock(3, 0), 0) == 1.0  # the first update copies
-    assert rule.weight("step", Clock(4, 0), 1) == pytest.approx(1 - 0.9)
+    assert rule.weight("step", Clock(4, 0, last_update_step=3), 1) == pytest.approx(1 - 0.9)
     assert rule.weight("epoch", Clock(4, 1), 1) is None
     immediate = EMA(decay=0.9)
     assert immediate.weight("bind", Clock(0, 0), 0) == 1.0

@@ -56,9 +56,9 @@ def test_nothing_before_the_start() -> None:
     assert average(averager) == 7.0  # the first sample copies
 
 
-def test_every_n_steps_counts_from_the_start_of_training() -> None:
+def test_every_n_steps_counts_from_the_last_sample() -> None:
     averager, sampled_at, samples = run(SWA(start=4, start_unit="step", every=3, every_unit="step"), steps=20)
-    assert sampled_at == [6, 9, 12, 15, 18]
+    assert sampled_at == [4, 7, 10, 13, 16, 19]
     assert average(averager) == pytest.approx(math.fsum(samples) / len(samples), rel=1e-12)
 
 
@@ -72,8 +72,8 @@ def test_start_and_sampling_in_epochs() -> None:
 
 def test_start_in_epochs_sampling_in_steps() -> None:
     _, sampled_at, _ = run(SWA(start=2, start_unit="epoch", every=2, every_unit="step"), steps=16, steps_per_epoch=4)
-    # Epoch 2 ends after step 8, so step sampling starts with step 10.
-    assert sampled_at == [10, 12, 14, 16]
+    # Epoch 2 ends after step 8, so step sampling starts with step 9, then every second step.
+    assert sampled_at == [9, 11, 13, 15]
 
 
 def test_start_as_fraction_of_total_steps() -> None:

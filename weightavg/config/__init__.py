@@ -59,6 +59,7 @@ class SWAConfig(AveragingConfig):
     every: int = 1
     every_unit: str = "epoch"
     recompute_bn: bool = True
+    bn_batches: int | None = None
 
 
 #: The shipped options of the ``averaging`` group: name -> (config class, one-line description).

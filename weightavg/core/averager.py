@@ -18,7 +18,7 @@ from torch import nn
 
 from weightavg.core import io, kernels
 from weightavg.core.binding import BufferPolicy, Entry, bind_module, bind_tensors
-from weightavg.core.checks import check_number
+from weightavg.core.checks import check_device, check_number
 from weightavg.core.rule import Clock, Event, Rule
 
 STATE_VERSION = 1
@@ -38,6 +38,7 @@ class _Group:
     staging: list[torch.Tensor] | None = None
     direct: bool = True
     names: list[str] = field(default_factory=list)
+    owners: list[tuple[nn.Module, str] | None] = field(default_factory=list)
 
 
 def _placement(requested: torch.device | None, live: torch.device) -> torch.device:
@@ -112,6 +113,12 @@ class Averager:
             check_number("total_steps", total_steps, low=1, integer=True)
         self.rule = rule
         self.total_steps = total_steps
+        if not isinstance(target, (nn.Module, Iterable)) or isinstance(target, torch.Tensor):
+            raise TypeError(
+                f"target={target!r} must be an nn.Module or an iterable of tensors (e.g. model.parameters())"
+            )
+        if parameters is not None and not isinstance(target, nn.Module):
+            raise ValueError("parameters= restricts a module's parameters; with a list of tensors, pass just those")
         if isinstance(target, nn.Module):
             entries = bind_module(target, buffers=buffers, include=include, exclude=exclude, parameters=parameters)
         else:
@@ -119,7 +126,7 @@ class Averager:
                 raise ValueError("include=/exclude= select tensors by name and need a module target")
             entries = bind_tensors(target)
         self.entries: list[Entry] = entries
-        self.device = None if device is None else torch.device(device)
+        self.device = check_device(device)
         self.dtype = dtype
         self._groups = self._make_groups(entries)
         # Entries in group order, for swaps and state; built once.
@@ -132,6 +139,8 @@ class Averager:
         self.epoch_count = 0
         self._last_step: int | None = None
         self._last_epoch: int | None = None
+        self._last_update_step: int | None = None
+        self._last_update_epoch: int | None = None
         rule.validate_clock(self.clock)
         self._event("bind")
 
@@ -155,6 +164,7 @@ class Averager:
                 if group.staging is not None:
                     group.staging.append(torch.empty_like(group.avg[-1]))
                 group.names.append(entry.name)
+                group.owners.append(entry.owner)
         for group in groups.values():
             if group.direct:
                 group.views = group.avg
@@ -167,7 +177,10 @@ class Averager:
 
     @property
     def clock(self) -> Clock:
-        return Clock(self.step_count, self.epoch_count, self.total_steps)
+        return self._clock_at(self.step_count, self.epoch_count)
+
+    def _clock_at(self, step: int, epoch: int) -> Clock:
+        return Clock(step, epoch, self.total_steps, self._last_update_step, self._last_update_epoch)
 
     @property
     def has_average(self) -> bool:
@@ -195,7 +208,7 @@ class Averager:
             step = self.step_count + 1
         if step == self._last_step:
             return False
-        updated = self._event("step", Clock(step, self.epoch_count, self.total_steps))
+        updated = self._event("step", self._clock_at(step, self.epoch_count))
         self.step_count = self._last_step = step
         return updated
 
@@ -205,20 +218,20 @@ class Averager:
             epoch = self.epoch_count + 1
         if epoch == self._last_epoch:
             return False
-        updated = self._event("epoch", Clock(self.step_count, epoch, self.total_steps))
+        updated = self._event("epoch", self._clock_at(self.step_count, epoch))
         self.epoch_count = self._last_epoch = epoch
         return updated
 
     def _event(self, event: Event, clock: Clock | None = None) -> bool:
         """Ask the rule about ``event`` at ``clock``; update if it gives a weight. Counters are committed by the
         caller only after the update succeeded, so a refused update (e.g. while swapped) can be retried."""
-        weight = self.rule.weight(event, clock or self.clock, self.num_updates)
+        clock = clock or self.clock
+        weight = self.rule.weight(event, clock, self.num_updates)
         if weight is None:
             return False
-        if self.num_updates == 0:
-            weight = 1.0
         self.update(weight)
         self.num_updates += 1
+        self._last_update_step, self._last_update_epoch = clock.step, clock.epoch
         return True
 
     @torch.no_grad()
@@ -239,6 +252,34 @@ class Averager:
                 kernels.lerp_(group.avg, sources, weight)
             else:
                 kernels.copy_(group.avg, sources)
+
+    def refresh(self) -> None:
+        """Look buffers up again in their modules: ``Module.to()``/``.cpu()`` replace buffer objects (parameters keep
+        theirs). Called by the faces before swaps; a no-op while swapped in.
+
+        Raises:
+            RuntimeError: if a buffer now has another device, dtype or shape than when the averager was built.
+        """
+        if self._saved is not None:
+            return
+        changed = False
+        for group in self._groups:
+            for index, owner in enumerate(group.owners):
+                if owner is None:
+                    continue
+                old, current = group.live[index], owner[0]._buffers.get(owner[1])
+                if current is old:
+                    continue
+                if current is None or (current.device, current.dtype, current.shape) != (old.device, old.dtype,
+                                                                                         old.shape):
+                    raise RuntimeError(
+                        f"buffer {group.names[index]!r} changed device, dtype or shape after the averager was built "
+                        "(e.g. model.to(...)); build the averager after moving the model"
+                    )
+                group.live[index] = current
+                changed = True
+        if changed:
+            self._live = [t for g in self._groups for t in g.live]
 
     # ------------------------------------------------------------------ swapping
     @torch.no_grad()
@@ -290,19 +331,31 @@ class Averager:
             buffers = [i for i, live in enumerate(group.live) if not isinstance(live, nn.Parameter)]
             kernels.copy_([group.avg[i] for i in buffers], [group.views[i] for i in buffers])
 
+    def check_update_bn(self, module: nn.Module) -> bool:
+        """Whether ``module`` has BatchNorm statistics to recompute; raise if they are not all in the average.
+
+        Raises:
+            ValueError: when a running mean or variance is not followed (``buffers="ignore"``, an ``exclude``, or a
+                module that is not the bound one): recomputing would overwrite the live statistics.
+        """
+        self.refresh()
+        norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        followed = {id(t) for t in self._live}
+        stats = [t for m in norms for t in (m.running_mean, m.running_var) if t is not None]
+        if any(id(t) not in followed for t in stats):
+            raise ValueError(
+                "recomputing BatchNorm statistics needs them in the average (buffers='average' or 'copy', running "
+                "mean and variance not excluded, and the module the averager is bound to; the optimizer wrapper "
+                "needs module=)"
+            )
+        return bool(stats)
+
     def update_bn(self, inputs: Iterable[Any], module: nn.Module, device: torch.device | None = None) -> None:
         """Recompute the BatchNorm statistics of the averaged weights with one pass over ``inputs`` and keep them
         in the average (``torch.optim.swa_utils.update_bn`` run with the average swapped in). A model without
         BatchNorm is left alone. ``inputs`` yields batches (``batch[0]`` is fed when a batch is a list or tuple)."""
-        norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        if not norms:
+        if not self.check_update_bn(module):
             return
-        followed = {id(t) for t in self._live}
-        if any(m.running_mean is not None and id(m.running_mean) not in followed for m in norms):
-            raise ValueError(
-                "update_bn needs the BatchNorm buffers in the average (buffers='average' or 'copy', and not "
-                "excluded); otherwise it would overwrite the live statistics"
-            )
         with self.averaged():
             torch.optim.swa_utils.update_bn(inputs, module, device)
             self.commit_swapped_buffers()
@@ -344,6 +397,8 @@ class Averager:
             "epoch_count": self.epoch_count,
             "last_step": self._last_step,
             "last_epoch": self._last_epoch,
+            "last_update_step": self._last_update_step,
+            "last_update_epoch": self._last_update_epoch,
         }
 
     @torch.no_grad()
@@ -358,6 +413,8 @@ class Averager:
         self.epoch_count = int(state["epoch_count"])
         self._last_step = state["last_step"]
         self._last_epoch = state["last_epoch"]
+        self._last_update_step = state["last_update_step"]
+        self._last_update_epoch = state["last_update_epoch"]
 
     def check_state(self, state: Any) -> None:
         """Raise unless ``state`` could be loaded now (same model, supported version, not swapped in)."""

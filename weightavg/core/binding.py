@@ -33,6 +33,9 @@ class Entry:
     names: tuple[str, ...]
     tensor: torch.Tensor
     averaged: bool
+    # For buffers: the submodule and attribute holding it. ``Module.to()`` replaces buffer objects (parameters keep
+    # theirs), so the engine looks buffers up again through this before a swap.
+    owner: tuple[nn.Module, str] | None = None
 
     @property
     def name(self) -> str:
@@ -56,20 +59,23 @@ def _patterns(value: str | Sequence[str] | None, argument: str) -> tuple[str, ..
         return None
     if isinstance(value, str):
         return (value,)
+    if not isinstance(value, Iterable):
+        raise TypeError(f"{argument}={value!r} must be a glob pattern or a sequence of glob patterns (str)")
     patterns = tuple(value)
     if not all(isinstance(pattern, str) for pattern in patterns):
         raise TypeError(f"{argument}={value!r} must be a glob pattern or a sequence of glob patterns (str)")
     return patterns
 
 
-def _persistent_buffers(module: nn.Module) -> dict[int, list[str]]:
-    """Map id(buffer) -> its names in the state_dict, persistent buffers only, in module order."""
-    found: dict[int, list[str]] = {}
+def _persistent_buffers(module: nn.Module) -> dict[int, tuple[list[str], tuple[nn.Module, str]]]:
+    """Map id(buffer) -> (its names in the state_dict, its first owner), persistent buffers only, in module order."""
+    found: dict[int, tuple[list[str], tuple[nn.Module, str]]] = {}
     for prefix, submodule in module.named_modules(remove_duplicate=False):
         for attr, buffer in submodule._buffers.items():
             if buffer is None or attr in submodule._non_persistent_buffers_set:
                 continue
-            found.setdefault(id(buffer), []).append(f"{prefix}.{attr}" if prefix else attr)
+            names, _ = found.setdefault(id(buffer), ([], (submodule, attr)))
+            names.append(f"{prefix}.{attr}" if prefix else attr)
     return found
 
 
@@ -126,10 +132,11 @@ def bind_module(
 
     if buffers != "ignore":
         buffer_objects = {id(b): b for b in module.buffers()}
-        for key, names in _persistent_buffers(module).items():
+        for key, (names, owner) in _persistent_buffers(module).items():
             tensor = buffer_objects[key]
             if _selected(names[0], include_patterns, exclude_patterns):
-                entries.append(Entry(tuple(names), tensor, averaged=buffers == "average" and _is_float(tensor)))
+                averaged = buffers == "average" and _is_float(tensor)
+                entries.append(Entry(tuple(names), tensor, averaged=averaged, owner=owner))
     _require_floating(entries, f"module {type(module).__name__}")
     return entries
 

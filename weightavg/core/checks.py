@@ -6,6 +6,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 
 def check_number(name: str, value: Any, *, low: float | None = None, high: float | None = None,
                  low_open: bool = False, high_open: bool = False, integer: bool = False) -> None:
@@ -38,3 +40,15 @@ def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
     """Raise ``ValueError`` unless ``value`` is one of ``allowed``."""
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
+
+
+def check_device(device: Any) -> torch.device | None:
+    """``None`` or a ``torch.device`` parsed from ``device``; ``ValueError`` naming it when torch cannot parse it."""
+    if device is None:
+        return None
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise ValueError(
+            f"device={device!r} is not a torch device (e.g. 'cpu', 'cuda:0', torch.device('npu', 0)): {error}"
+        ) from None

@@ -30,6 +30,9 @@ def save_safetensors(
         save_file(cpu, temporary, metadata=dict(metadata or {}))
         with open(temporary, "rb") as written:
             os.fsync(written.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(temporary, target)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -19,11 +19,16 @@ class Clock:
         step: optimizer steps done (1 after the first ``optimizer.step()``).
         epoch: epochs done (1 at the end of the first epoch).
         total_steps: optimizer steps the whole run will take, when known (needed for starts given as a fraction).
+        last_update_step, last_update_epoch: the clock at the last update (``None`` before the first). Rules space
+            updates by the time elapsed since then, so a step counter that jumps (two optimizers stepping per
+            batch) neither skips updates nor changes an EMA's time constant.
     """
 
     step: int
     epoch: int
     total_steps: int | None = None
+    last_update_step: int | None = None
+    last_update_epoch: int | None = None
 
 
 @runtime_checkable

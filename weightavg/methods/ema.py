@@ -17,11 +17,12 @@ class EMA:
     """Exponential moving average of the weights.
 
     The average becomes a copy of the live weights once ``start_step`` optimizer steps are done (at binding when
-    ``start_step`` is 0); after that, every ``every_n_steps``-th optimizer step (counted from the start of training)
+    ``start_step`` is 0); after that, once ``every_n_steps`` optimizer steps have passed since the last update, it
     applies ``avg <- lerp(avg, live, 1 - d)`` with
 
-    - ``d = decay_t ** every_n_steps`` when ``scale_decay`` (default): skipping steps keeps the time constant, so
-      ``every_n_steps=4`` averages over the same span of training as ``every_n_steps=1``;
+    - ``d = decay_t ** k`` when ``scale_decay`` (default), ``k`` the steps since the last update (``every_n_steps``,
+      or more if the step counter jumped): skipping steps keeps the time constant, so ``every_n_steps=4`` averages
+      over the same span of training as ``every_n_steps=1``;
     - ``decay_t = decay`` (``warmup="none"``), ``min(decay, 1 - (1 + t / gamma) ** -power)`` (``"power"``, timm and
       ema-pytorch), or ``min(decay, (1 + t) / (10 + t))`` (``"tf"``), where ``t`` counts steps since ``start_step``.
 
@@ -32,7 +33,7 @@ class EMA:
         gamma, power: the power warmup's constants (gamma=1, power=2/3 for long runs; 3/4 for short ones).
         every_n_steps: update after every n-th optimizer step.
         start_step: optimizer steps before averaging starts.
-        scale_decay: use ``decay ** every_n_steps`` at each update.
+        scale_decay: raise the decay to the number of steps since the last update.
 
     Raises:
         ValueError: on a decay outside [0, 1), a non-positive half-life, ``every_n_steps < 1``, a negative start, an
@@ -70,19 +71,19 @@ class EMA:
             return decay_from_half_life(self.half_life)
         return 0.999 if self.decay is None else self.decay
 
-    def decay_at(self, step: int) -> float:
-        """The decay applied by the update after optimizer step ``step`` (scaled for ``every_n_steps``)."""
-        decay = warmed_decay(self.base_decay, step - self.start_step, self.warmup, self.gamma, self.power)
-        return decay**self.every_n_steps if self.scale_decay else decay
-
     def weight(self, event: Event, clock: Clock, num_updates: int) -> float | None:
         if event == "epoch" or clock.step < self.start_step:
             return None
         if num_updates == 0:
             return 1.0
-        if event == "bind" or clock.step % self.every_n_steps:
+        elapsed = clock.step - (clock.last_update_step or 0)
+        if event == "bind" or elapsed < self.every_n_steps:
             return None
-        return 1.0 - self.decay_at(clock.step)
+        return 1.0 - self.decay_at(clock.step) ** (elapsed if self.scale_decay else 1)
+
+    def decay_at(self, step: int) -> float:
+        """The per-step decay at optimizer step ``step``, warmup included (before any ``every_n_steps`` scaling)."""
+        return warmed_decay(self.base_decay, step - self.start_step, self.warmup, self.gamma, self.power)
 
     __repr__ = compact_repr
 

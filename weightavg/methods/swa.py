@@ -17,9 +17,9 @@ from weightavg.core.schedules import START_UNITS, UNITS, StartUnit, Unit, reache
 class SWA:
     """Stochastic weight averaging: an equal-weight average of weight samples.
 
-    A sample is taken at each event of ``every_unit`` (after an optimizer step, or at an epoch's end) whose count is
-    a multiple of ``every`` (steps or epochs done, counted from the start of training), once the start point is
-    reached. The first sample copies the live weights.
+    Samples are taken at events of ``every_unit`` (after an optimizer step, or at an epoch's end): the first at the
+    first event once the start point is reached (it copies the live weights), then each time ``every`` steps or
+    epochs have passed since the last sample.
 
     Args:
         start: where sampling starts: a fraction of the run's optimizer steps in [0, 1] (``start_unit="fraction"``,
@@ -55,8 +55,13 @@ class SWA:
     def weight(self, event: Event, clock: Clock, num_updates: int) -> float | None:
         if event != self.every_unit or not reached(self.start, self.start_unit, clock):
             return None
-        count = clock.step if event == "step" else clock.epoch
-        if count % self.every:
+        if num_updates == 0:
+            return 1.0
+        if event == "step":
+            count, last = clock.step, clock.last_update_step
+        else:
+            count, last = clock.epoch, clock.last_update_epoch
+        if count - (last or 0) < self.every:
             return None
         return 1.0 / (num_updates + 1)
 
