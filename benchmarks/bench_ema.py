@@ -10,6 +10,7 @@ median over the repeats; ``docs/benchmarks.md`` explains the method and records 
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import itertools
 import logging
@@ -264,8 +265,8 @@ def hand_mixed_precision(module: nn.Module) -> Case:
     return update
 
 
-def weightavg_step(module: nn.Module) -> tuple[weightavg.Averager, Case]:
-    averager = weightavg.Averager(module, weightavg.EMA(decay=DECAY))
+def weightavg_step(module: nn.Module, contiguous: bool = False) -> tuple[weightavg.Averager, Case]:
+    averager = weightavg.Averager(module, weightavg.EMA(decay=DECAY), contiguous=contiguous)
     return averager, averager.step
 
 
@@ -289,6 +290,7 @@ class UpdateResult:
 
 FLOOR = "floor: flat `lerp_` over one buffer"
 WEIGHTAVG = "weightavg `Averager(model, EMA).step()`"
+WEIGHTAVG_FLAT = "weightavg `Averager(model, EMA, contiguous=True).step()`"
 HAND = "hand-written `torch._foreach_lerp_`"
 TORCH_MULTI = "torch `AveragedModel(multi_avg_fn=get_ema_multi_avg_fn)`"
 TORCH_AVG_FN = "torch `AveragedModel(avg_fn=get_ema_avg_fn)`"
@@ -325,12 +327,15 @@ def bench_fp32(shape: Shape, runner: Runner) -> tuple[UpdateResult, list[SwapRow
     tensors = model_tensors(module)
     numel = sum(t.numel() for t in tensors)
     averager, step = weightavg_step(module)
+    # contiguous=True re-homes the model's tensors into one buffer: give it its own copy of the model.
+    _, flat_step = weightavg_step(copy.deepcopy(module), contiguous=True)
     callback = lightning_callback(module)
     torch_multi = AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(DECAY))  # type: ignore[no-untyped-call]
     torch_single = AveragedModel(module, avg_fn=get_ema_avg_fn(DECAY))  # type: ignore[no-untyped-call]
     updates: dict[str, Case] = {
         FLOOR: flat_floor(numel, runner.device),
         WEIGHTAVG: step,
+        WEIGHTAVG_FLAT: flat_step,
         HAND: hand_foreach_lerp(module),
         TORCH_MULTI: torch_update(torch_multi, module),
         TORCH_AVG_FN: torch_update(torch_single, module),
@@ -472,6 +477,17 @@ TARGETS: list[tuple[str, str, Callable[[float], bool]]] = [
         " us",
         lambda v: v <= MAX_OVERHEAD_US_PER_TENSOR,
     ),
+    (f"(a) weightavg contiguous=True <= {MAX_X_FLOOR}x floor", "x", lambda v: v <= MAX_X_FLOOR),
+    (
+        f"(a) weightavg contiguous=True >= {MIN_X_VS_LIGHTNING:g}x faster than Lightning",
+        "x",
+        lambda v: v >= MIN_X_VS_LIGHTNING,
+    ),
+    (
+        f"(b) weightavg contiguous=True overhead beyond the floor <= {MAX_OVERHEAD_US_PER_TENSOR:g} us/tensor",
+        " us",
+        lambda v: v <= MAX_OVERHEAD_US_PER_TENSOR,
+    ),
     (
         f"swap round trip <= {MAX_SWAP_US_PER_TENSOR:g} us/tensor (worse of the two models)",
         " us",
@@ -488,6 +504,9 @@ def target_values(big: UpdateResult, small: UpdateResult, swaps: list[SwapRow], 
         seconds(big.get(WEIGHTAVG)) / seconds(big.get(FLOOR)),
         seconds(big.get(LIGHTNING)) / seconds(big.get(WEIGHTAVG)),
         (seconds(small.get(WEIGHTAVG)) - seconds(small.get(FLOOR))) / small.tensors * 1e6,
+        seconds(big.get(WEIGHTAVG_FLAT)) / seconds(big.get(FLOOR)),
+        seconds(big.get(LIGHTNING)) / seconds(big.get(WEIGHTAVG_FLAT)),
+        (seconds(small.get(WEIGHTAVG_FLAT)) - seconds(small.get(FLOOR))) / small.tensors * 1e6,
         max(seconds(row.timing) / row.tensors * 1e6 for row in swaps if row.name == WEIGHTAVG_SWAP),
     ]
 

@@ -53,7 +53,8 @@ class AveragingCallback(Callback):
         name: a unique name for this averager (its checkpoint ``state_key`` is ``weightavg[<name>]``); default: the
             rule's compact repr, e.g. ``EMA(decay=0.999)``. Two identical averagers need distinct names: Lightning
             refuses two callbacks with one ``state_key`` when the Trainer is built.
-        buffers, include, exclude, device, dtype: as for ``weightavg.Averager``.
+        buffers, include, exclude, device, dtype, contiguous: as for ``weightavg.Averager`` (``contiguous=True``:
+            one update kernel per dtype group instead of one per tensor; single-process runs only).
     """
 
     def __init__(
@@ -69,6 +70,7 @@ class AveragingCallback(Callback):
         exclude: str | Sequence[str] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | str | None = None,
+        contiguous: bool = False,
     ) -> None:
         # Everything that can be checked before training is checked here, not after hours of it.
         if not isinstance(rule, Rule):
@@ -89,6 +91,7 @@ class AveragingCallback(Callback):
         self.name = name or repr(rule)
         self._engine_kwargs: dict[str, Any] = {
             "buffers": buffers, "include": include, "exclude": exclude, "device": device, "dtype": dtype,
+            "contiguous": contiguous,
         }
         self.averager: Averager | None = None
         self._pending_state: dict[str, Any] | None = None
@@ -124,6 +127,11 @@ class AveragingCallback(Callback):
         # Bound here, after the strategy has moved and converted the model (device, bf16-true), so the averages sit
         # beside the tensors that training will actually update. Each fit() starts a fresh average (a new Trainer
         # restarts its step counters); trainer.fit(ckpt_path=...) is how an average continues.
+        if self._engine_kwargs["contiguous"] and trainer.world_size > 1:
+            raise ValueError(
+                "contiguous=True re-homes the model's tensors, which callbacks can only do after the strategy has "
+                f"wrapped the model; it is not supported with {trainer.world_size} processes: use contiguous=False"
+            )
         total = trainer.estimated_stepping_batches
         total_steps = int(total) if math.isfinite(total) else None
         self.averager = Averager(pl_module, self.rule, total_steps=total_steps, **self._engine_kwargs)

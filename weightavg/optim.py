@@ -32,7 +32,8 @@ class AveragingOptimizer(Optimizer):
         rule: the averaging rule.
         module: the model; when given, tensors are named as in its ``state_dict`` and its buffers are followed too
             (under ``buffers``). Without it only the optimizer's parameters are averaged, named by position.
-        buffers, include, exclude, device, dtype, total_steps: as for ``weightavg.Averager``.
+        buffers, include, exclude, device, dtype, total_steps, contiguous: as for ``weightavg.Averager``
+            (``contiguous=True`` makes each update one kernel per dtype group instead of one per tensor).
     """
 
     def __init__(
@@ -47,6 +48,7 @@ class AveragingOptimizer(Optimizer):
         device: torch.device | str | None = None,
         dtype: torch.dtype | str | None = None,
         total_steps: int | None = None,
+        contiguous: bool = False,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -63,6 +65,7 @@ class AveragingOptimizer(Optimizer):
             device=device,
             dtype=dtype,
             total_steps=total_steps,
+            contiguous=contiguous,
         )
         # Optimizer.__init__ sets up the hook registries; the groups and state are then the inner optimizer's own.
         super().__init__(params, optimizer.defaults)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+from pathlib import Path
 
 import pytest
 import torch
@@ -504,3 +505,48 @@ def test_loading_malformed_state_raises() -> None:
         averager.load_state_dict({"num_updates": 1})
     with pytest.raises(ValueError, match=r"version 99 is not supported"):
         averager.load_state_dict({**averager.state_dict(), "version": 99})
+
+
+# ---------------------------------------------------------------------------------------------- contiguous layout
+def test_contiguous_layout_matches_the_per_tensor_path_bit_for_bit(tmp_path: Path) -> None:
+    """contiguous=True (one flat lerp per group) against the default foreach path on the same trajectory."""
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Linear(7, 3))
+    flat_model = copy.deepcopy(reference)
+    plain = Averager(reference, EMA(decay=0.8))
+    flat = Averager(flat_model, EMA(decay=0.8), contiguous=True)
+    assert any(group.flat is not None for group in flat._groups)
+    for model in (reference, flat_model):  # the re-homed model still computes the same function
+        model.eval()
+    x = torch.randn(4, 5)
+    assert torch.equal(reference(x), flat_model(x))
+    for step in range(1, 8):
+        for model in (reference, flat_model):
+            with torch.no_grad():
+                for parameter in model.parameters():
+                    parameter.mul_(0.9).add_(0.05 * step)
+        assert plain.step() and flat.step()
+    for name, tensor in plain.averaged_tensors().items():
+        assert torch.equal(tensor, flat.averaged_tensors()[name]), name
+    with flat.averaged():
+        assert torch.equal(flat_model[0].weight, plain.averaged_tensors()["0.weight"])
+    flat.save(tmp_path / "flat.safetensors")  # averages share one buffer: the export must still work
+    plain.load(tmp_path / "flat.safetensors")
+    resumed = Averager(copy.deepcopy(flat_model), EMA(decay=0.8), contiguous=True)
+    resumed.load_state_dict(flat.state_dict())
+    for name, tensor in flat.averaged_tensors().items():
+        assert torch.equal(tensor, resumed.averaged_tensors()[name]), name
+
+
+def test_contiguous_layout_falls_back_when_the_model_is_re_homed() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    averager = Averager(model, EMA(decay=0.5), contiguous=True)
+    model.to(torch.float64).to(torch.float32)  # parameters get new storage
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)
+    expected = {k: 0.5 * v + 0.5 * model.state_dict()[k] for k, v in averager.averaged_tensors().items()}
+    with pytest.warns(UserWarning, match="falling back to per-tensor"):
+        averager.step()
+    for name, tensor in averager.averaged_tensors().items():
+        torch.testing.assert_close(tensor, expected[name])

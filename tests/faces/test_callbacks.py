@@ -305,7 +305,7 @@ def test_checkpoint_saved_after_fit_resumes_exactly(tmp_path: Path) -> None:
         assert torch.equal(value, live_b.state[key]), key
 
 
-class TestWeights(pl.Callback):
+class SeenAtTest(pl.Callback):
     def __init__(self) -> None:
         self.seen: dict[str, torch.Tensor] = {}
 
@@ -318,7 +318,7 @@ def test_test_and_validate_from_a_checkpoint_use_the_average(tmp_path: Path) -> 
     fit([ema, ModelCheckpoint(dirpath=tmp_path, save_last=True)], epochs=2, enable_checkpointing=True)
     averaged = ema._bound().averaged_tensors()
     model = DigitsModule()
-    seen = TestWeights()
+    seen = SeenAtTest()
     _, val = digits_loaders()
     trainer(callbacks=[EMA(decay=0.9), seen]).test(model, val, ckpt_path=str(tmp_path / "last.ckpt"))
     for name, value in averaged.items():
@@ -326,7 +326,7 @@ def test_test_and_validate_from_a_checkpoint_use_the_average(tmp_path: Path) -> 
 
 
 def test_test_after_fit_without_apply_uses_the_average() -> None:
-    ema, seen = EMA(decay=0.9, apply_at_end=False), TestWeights()
+    ema, seen = EMA(decay=0.9, apply_at_end=False), SeenAtTest()
     run, model = fit([ema, seen], epochs=1)
     _, val = digits_loaders()
     run.test(model, val)
@@ -374,3 +374,10 @@ def test_swa_refuses_a_batchnorm_recompute_it_cannot_do_before_training() -> Non
     with pytest.raises(ValueError, match="recomputing BatchNorm statistics needs them in the average"):
         fit([recorder, SWA(start=0.5, exclude="*running_var")], epochs=2)
     assert recorder.steps == [0]  # refused at fit start, not after training
+
+
+def test_contiguous_layout_in_a_trainer() -> None:
+    recorder, ema = Recorder(), EMA(decay=0.9, contiguous=True, apply_at_end=False)
+    fit([recorder, ema], epochs=2)
+    assert any(group.flat is not None for group in ema._bound()._groups)
+    assert_close(ema._bound().averaged_tensors(), ema_reference(recorder, 0.9), rtol=1e-5, atol=1e-6)

@@ -32,6 +32,7 @@ class AveragingConfig:
     exclude: list[str] | None = None
     device: str | None = None
     dtype: str | None = None
+    contiguous: bool = False
 
 
 @dataclass

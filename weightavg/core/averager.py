@@ -7,6 +7,7 @@ rule what to do at each event. It knows no method and imports neither Lightning 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,6 +40,46 @@ class _Group:
     direct: bool = True
     names: list[str] = field(default_factory=list)
     owners: list[tuple[nn.Module, str] | None] = field(default_factory=list)
+    # With ``contiguous=True``: (flat average, flat live storage) that every tensor of the group views, and the
+    # live tensors' data pointers when bound (the layout holds while they are unchanged).
+    flat: tuple[torch.Tensor, torch.Tensor] | None = None
+    pointers: list[int] = field(default_factory=list)
+
+
+@torch.no_grad()
+def _make_flat(group: _Group) -> None:
+    """Re-home a group's live tensors into one flat buffer (and its averages into another), so that an update is a
+    single ``lerp_`` over each: no per-tensor launch cost. Skipped unless every tensor is dense and contiguous."""
+    if len(group.live) < 2 or not all(t.is_contiguous() and t.layout == torch.strided for t in group.live):
+        return
+    sizes = [t.numel() for t in group.live]
+    first = group.live[0]
+    flat_live = torch.empty(sum(sizes), dtype=first.dtype, device=first.device)
+    flat_avg = torch.empty_like(flat_live)
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    live_views = [flat_live.narrow(0, o, n) for o, n in zip(offsets, sizes, strict=True)]
+    avg_views = [flat_avg.narrow(0, o, n) for o, n in zip(offsets, sizes, strict=True)]
+    for tensor, live_view, avg_view, average in zip(group.live, live_views, avg_views, group.avg, strict=True):
+        live_view.copy_(tensor.detach().reshape(-1))
+        avg_view.copy_(average.reshape(-1))
+        tensor.data = live_view.view_as(tensor)
+    group.avg = [view.view_as(t) for view, t in zip(avg_views, group.live, strict=True)]
+    group.flat = (flat_avg, flat_live)
+    group.pointers = [t.data_ptr() for t in group.live]
+
+
+def _flat_intact(group: _Group) -> bool:
+    """Whether the live tensors still view the flat buffer; if something re-homed them (``model.to()``,
+    ``load_state_dict(assign=True)``), fall back to per-tensor batched updates for good, with a warning."""
+    if [t.data_ptr() for t in group.live] == group.pointers:
+        return True
+    warnings.warn(
+        "weightavg: the model's tensors no longer share the contiguous buffer (moved or reassigned after binding); "
+        "falling back to per-tensor batched updates",
+        stacklevel=4,
+    )
+    group.flat = None
+    return False
 
 
 def _placement(requested: torch.device | None, live: torch.device) -> torch.device:
@@ -82,6 +123,10 @@ class Averager:
         device: where the averages live; default: each live tensor's own device.
         dtype: dtype of the averages (or its name); default fp32 for fp16/bf16 tensors and the live dtype otherwise.
         total_steps: the run's total optimizer steps, for starts given as a fraction of training.
+        contiguous: re-home the live tensors of each (device, dtype) group into one flat buffer, so an update is one
+            ``lerp_`` per group instead of one kernel per tensor (the per-tensor cost of foreach on CPU). Opt-in: it
+            changes where the model's tensors live; bind after moving the model and before wrapping it for DDP.
+            If the model's tensors are re-homed later (``model.to()``), updates fall back to per-tensor ones.
 
     Example:
         >>> model = nn.Linear(4, 2)
@@ -105,6 +150,7 @@ class Averager:
         device: torch.device | str | None = None,
         dtype: torch.dtype | str | None = None,
         total_steps: int | None = None,
+        contiguous: bool = False,
     ) -> None:
         if not isinstance(rule, Rule):
             raise TypeError(f"rule={rule!r} must be an averaging rule such as weightavg.methods.EMA(...)")
@@ -127,6 +173,9 @@ class Averager:
             entries = bind_tensors(target)
         self.entries: list[Entry] = entries
         self.device = check_device(device)
+        if not isinstance(contiguous, bool):
+            raise TypeError(f"contiguous={contiguous!r} must be a bool")
+        self.contiguous = contiguous
         self.dtype = dtype
         self._groups = self._make_groups(entries)
         # Entries in group order, for swaps and state; built once.
@@ -166,6 +215,8 @@ class Averager:
                 group.names.append(entry.name)
                 group.owners.append(entry.owner)
         for group in groups.values():
+            if self.contiguous and group.direct and group.averaged:
+                _make_flat(group)
             if group.direct:
                 group.views = group.avg
         return list(groups.values())
@@ -244,6 +295,13 @@ class Averager:
         if self._saved is not None:
             raise RuntimeError("cannot update the average while it is swapped into the model; swap back first")
         for group in self._groups:
+            if group.flat is not None and _flat_intact(group):
+                flat_avg, flat_live = group.flat
+                if weight == 1.0:
+                    flat_avg.copy_(flat_live)
+                else:
+                    flat_avg.lerp_(flat_live, weight)
+                continue
             sources = group.live
             if group.staging is not None:
                 kernels.copy_(group.staging, group.live)

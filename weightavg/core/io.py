@@ -23,7 +23,8 @@ def save_safetensors(
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    cpu = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
+    # Copies: averages may be views of one flat buffer, and safetensors refuses tensors that share storage.
+    cpu = {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in tensors.items()}
     handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(handle)
     try:
