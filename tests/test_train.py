@@ -49,8 +49,9 @@ def test_invalid_value_exits_nonzero_naming_the_field(tmp_path: Path) -> None:
 def test_no_averaging_option_in_process(tmp_path: Path) -> None:
     from hydra import compose, initialize
 
-    from weightavg.train import run
+    from weightavg.train import register_train_configs, run
 
+    register_train_configs()
     with initialize(version_base=None, config_path=None):
         cfg = compose("weightavg_train", overrides=["averaging=none", "trainer.max_epochs=1", f"output_dir={tmp_path}"])
     assert list(run(cfg)) == ["live"]

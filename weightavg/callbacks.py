@@ -314,7 +314,10 @@ class EMA(AveragingCallback):
         scale_decay: bool = True,
         **options: Any,
     ) -> None:
-        rule = EMARule(decay, half_life, warmup, gamma, power, every_n_steps, start_step, scale_decay)
+        rule = EMARule(
+            decay=decay, half_life=half_life, warmup=warmup, gamma=gamma, power=power,
+            every_n_steps=every_n_steps, start_step=start_step, scale_decay=scale_decay,
+        )
         super().__init__(rule, **options)
 
 
@@ -347,7 +350,7 @@ class SWA(AveragingCallback):
         bn_batches: int | None = None,
         **options: Any,
     ) -> None:
-        super().__init__(SWARule(start, start_unit, every, every_unit), **options)
+        super().__init__(SWARule(start=start, start_unit=start_unit, every=every, every_unit=every_unit), **options)
         if bn_batches is not None:
             check_number("bn_batches", bn_batches, low=1, integer=True)
         self.recompute_bn = recompute_bn

@@ -169,7 +169,10 @@ class EMA(AveragingOptimizer):
         scale_decay: bool = True,
         **engine: Any,
     ) -> None:
-        rule = EMARule(decay, half_life, warmup, gamma, power, every_n_steps, start_step, scale_decay)
+        rule = EMARule(
+            decay=decay, half_life=half_life, warmup=warmup, gamma=gamma, power=power,
+            every_n_steps=every_n_steps, start_step=start_step, scale_decay=scale_decay,
+        )
         super().__init__(optimizer, rule, **engine)
 
 
@@ -193,4 +196,5 @@ class SWA(AveragingOptimizer):
         every_unit: Unit = "step",
         **engine: Any,
     ) -> None:
-        super().__init__(optimizer, SWARule(start, start_unit, every, every_unit), **engine)
+        rule = SWARule(start=start, start_unit=start_unit, every=every, every_unit=every_unit)
+        super().__init__(optimizer, rule, **engine)

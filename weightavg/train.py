@@ -226,17 +226,24 @@ def run(cfg: DictConfig) -> dict[str, float]:
     return results
 
 
-register_configs()
-ConfigStore.instance().store(name="weightavg_train", node=TrainConfig)
+def register_train_configs() -> None:
+    """Register the app's config (``weightavg_train``) and the ``averaging`` group; called by ``main``."""
+    register_configs()
+    ConfigStore.instance().store(name="weightavg_train", node=TrainConfig)
 
 
-@hydra.main(version_base=None, config_name="weightavg_train")
-def main(cfg: DictConfig) -> None:
+def _run_cli(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except ConfigError as error:
         print(f"weightavg.train: invalid configuration: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+def main() -> None:
+    """``python -m weightavg.train [overrides]``: registers the configs (not at import), then runs Hydra."""
+    register_train_configs()
+    hydra.main(version_base=None, config_name="weightavg_train")(_run_cli)()
 
 
 if __name__ == "__main__":
