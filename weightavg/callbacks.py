@@ -99,6 +99,8 @@ class AveragingCallback(Callback):
         self._owns_model = False
         self._swapped_for_validation = False
         self._applied = False
+        self._fitting = False  # between on_fit_start and the end of training: the averager belongs to this fit
+        self._accept_state = True  # whether a checkpoint being restored is for fitting (else its state is ignored)
         self._peers: list[AveragingCallback] = []
 
     @property
@@ -136,6 +138,7 @@ class AveragingCallback(Callback):
         total_steps = int(total) if math.isfinite(total) else None
         self.averager = Averager(pl_module, self.rule, total_steps=total_steps, **self._engine_kwargs)
         self._applied = False
+        self._fitting = True
         self.check_model(trainer, pl_module)
         if self._pending_state is not None:
             self.averager.load_state_dict(self._pending_state)
@@ -191,7 +194,8 @@ class AveragingCallback(Callback):
 
     @override
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._swap_in_for_evaluation()
+        if not any(peer._applied for peer in self._peers):  # after fit, test what the model ends with
+            self._swap_in_for_evaluation()
 
     @override
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -204,6 +208,7 @@ class AveragingCallback(Callback):
     # ------------------------------------------------------------------ end of fit
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fitting = False
         averager = self._bound()
         if not averager.has_average:
             rank_zero_info(f"weightavg: {self.name} never updated (start not reached); the live weights stay")
@@ -231,12 +236,12 @@ class AveragingCallback(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "averaging" not in state_dict:
-            return
-        if self.averager is None:
-            self._pending_state = state_dict["averaging"]
+        if "averaging" not in state_dict or not self._accept_state:
+            return  # validate/test/predict from a checkpoint need no averaging state
+        if self._fitting and self.averager is not None:
+            self.averager.load_state_dict(state_dict["averaging"])  # strategies that restore after setup
         else:
-            self.averager.load_state_dict(state_dict["averaging"])
+            self._pending_state = state_dict["averaging"]  # applied when fit binds a fresh averager
 
     @override
     def on_save_checkpoint(
@@ -245,8 +250,8 @@ class AveragingCallback(Callback):
         if self is (self._peers[0] if self._peers else self):
             self._save_live_weights(pl_module, checkpoint)
         averager = self.averager
-        if not self._owns_model or averager is None or not averager.has_average:
-            return
+        if not self._owns_model or averager is None or not averager.has_average or self._applied:
+            return  # after fit the model itself holds this average (and whatever was done to it since)
         # The model's state_dict gets this average (so load_from_checkpoint gives the averaged model), whether or
         # not some average is swapped in right now.
         model_state = checkpoint["state_dict"]
@@ -279,7 +284,8 @@ class AveragingCallback(Callback):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        if trainer.state.fn != "fit":
+        self._accept_state = trainer.state.fn == "fit"
+        if not self._accept_state:
             return  # validate/test/predict from a checkpoint evaluate its state_dict: the average
         saved = [key for key in checkpoint.get("callbacks", {}) if key.startswith("weightavg[")]
         if saved and self.state_key not in saved:

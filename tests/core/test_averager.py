@@ -550,3 +550,50 @@ def test_contiguous_layout_falls_back_when_the_model_is_re_homed() -> None:
         averager.step()
     for name, tensor in averager.averaged_tensors().items():
         torch.testing.assert_close(tensor, expected[name])
+
+
+def test_two_contiguous_averagers_share_one_layout() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    first = Averager(model, EMA(decay=0.5), contiguous=True)
+    pointers = [p.data_ptr() for p in model.parameters()]
+    second = Averager(model, SWA(start=0, start_unit="step", every_unit="step"), contiguous=True)
+    assert [p.data_ptr() for p in model.parameters()] == pointers  # not re-homed a second time
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(2.0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neither falls back
+        first.step()
+        second.step()
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(second.averaged_tensors()[name], value)
+        torch.testing.assert_close(first.averaged_tensors()[name], 0.5 * value + 0.5 * (value - 2.0))
+
+
+def test_import_counts_as_an_update_and_steps_cannot_go_back(tmp_path: Path) -> None:
+    model = nn.Linear(2, 1, bias=False)
+    averager = Averager(model, EMA(decay=0.99))
+    averager.save(tmp_path / "a.safetensors")
+    fresh = Averager(model, EMA(decay=0.99))
+    fresh.step(1000)
+    fresh.load(tmp_path / "a.safetensors")
+    with torch.no_grad():
+        model.weight.add_(10.0)
+    before = fresh.averaged_tensors()["weight"].clone()
+    fresh.step(1001)  # one step after the import: weight 1 - 0.99, not 1 - 0.99 ** 1001
+    torch.testing.assert_close(fresh.averaged_tensors()["weight"], before + 0.01 * 10.0)
+    with pytest.raises(ValueError, match=r"step=5 is before the last update \(step 1001\)"):
+        fresh.step(5)
+
+
+def test_state_without_last_update_keys_still_loads() -> None:
+    model = nn.Linear(2, 1)
+    averager = Averager(model, EMA(decay=0.9))
+    averager.step(3)
+    state = averager.state_dict()
+    del state["last_update_step"], state["last_update_epoch"]
+    fresh = Averager(nn.Linear(2, 1), EMA(decay=0.9))
+    fresh.load_state_dict(state)
+    assert fresh.clock.last_update_step == 3

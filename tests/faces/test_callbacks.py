@@ -381,3 +381,23 @@ def test_contiguous_layout_in_a_trainer() -> None:
     fit([recorder, ema], epochs=2)
     assert any(group.flat is not None for group in ema._bound()._groups)
     assert_close(ema._bound().averaged_tensors(), ema_reference(recorder, 0.9), rtol=1e-5, atol=1e-6)
+
+
+def test_evaluating_a_checkpoint_after_fit_and_fitting_again(tmp_path: Path) -> None:
+    """After fit (the average swapped in for good), Lightning restores callbacks for validate/test too: their
+    averaging state must be ignored there, and must not leak into a later, fresh fit."""
+    ema, seen = EMA(decay=0.9), SeenAtTest()
+    run, model = fit([ema, seen, ModelCheckpoint(dirpath=tmp_path, save_last=True)], epochs=2,
+                     enable_checkpointing=True)
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
+    _, val = digits_loaders()
+    run.validate(model, val, ckpt_path=str(tmp_path / "last.ckpt"))
+    run.test(model, val, ckpt_path=str(tmp_path / "last.ckpt"))
+    for name, value in saved.items():
+        assert torch.equal(seen.seen[name], value), name
+
+    fresh_ema, recorder = EMA(decay=0.9, apply_at_end=False), Recorder()
+    trainer(callbacks=[fresh_ema]).validate(DigitsModule(), val, ckpt_path=str(tmp_path / "last.ckpt"))
+    fit([recorder, fresh_ema], epochs=1)  # a plain fit: starts from its own weights, not the checkpoint's state
+    assert fresh_ema._bound().num_updates == 1 + recorder.steps[-1]
+    assert_close(fresh_ema._bound().averaged_tensors(), ema_reference(recorder, 0.9), rtol=1e-5, atol=1e-6)

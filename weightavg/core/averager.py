@@ -53,24 +53,45 @@ def _make_flat(group: _Group) -> None:
     if len(group.live) < 2 or not all(t.is_contiguous() and t.layout == torch.strided for t in group.live):
         return
     sizes = [t.numel() for t in group.live]
-    first = group.live[0]
-    flat_live = torch.empty(sum(sizes), dtype=first.dtype, device=first.device)
-    flat_avg = torch.empty_like(flat_live)
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-    live_views = [flat_live.narrow(0, o, n) for o, n in zip(offsets, sizes, strict=True)]
-    avg_views = [flat_avg.narrow(0, o, n) for o, n in zip(offsets, sizes, strict=True)]
-    for tensor, live_view, avg_view, average in zip(group.live, live_views, avg_views, group.avg, strict=True):
-        live_view.copy_(tensor.detach().reshape(-1))
+    first = group.live[0]
+    # Already laid out back to back (another contiguous averager bound first)? Then share that layout.
+    rehome = not _viewing_one_buffer(group.live, sizes)
+    if rehome:
+        flat_live = torch.empty(sum(sizes), dtype=first.dtype, device=first.device)
+    else:
+        flat_live = first.detach().new_empty(0)
+        flat_live.set_(first.untyped_storage(), first.storage_offset(), (sum(sizes),), (1,))
+    flat_avg = torch.empty_like(flat_live)
+    averages = []
+    for tensor, average, offset, size in zip(group.live, group.avg, offsets, sizes, strict=True):
+        avg_view = flat_avg.narrow(0, offset, size)
         avg_view.copy_(average.reshape(-1))
-        tensor.data = live_view.view_as(tensor)
-    group.avg = [view.view_as(t) for view, t in zip(avg_views, group.live, strict=True)]
+        averages.append(avg_view.view_as(tensor))
+        if rehome:
+            live_view = flat_live.narrow(0, offset, size)
+            live_view.copy_(tensor.detach().reshape(-1))
+            tensor.data = live_view.view_as(tensor)
+    group.avg = averages
     group.flat = (flat_avg, flat_live)
     group.pointers = [t.data_ptr() for t in group.live]
 
 
+def _viewing_one_buffer(tensors: list[torch.Tensor], sizes: list[int]) -> bool:
+    """Whether the tensors are consecutive, back-to-back slices of one storage (an existing flat layout)."""
+    storage = tensors[0].untyped_storage().data_ptr()
+    offset = tensors[0].storage_offset()
+    for tensor, size in zip(tensors, sizes, strict=True):
+        if tensor.untyped_storage().data_ptr() != storage or tensor.storage_offset() != offset:
+            return False
+        offset += size
+    return True
+
+
 def _flat_intact(group: _Group) -> bool:
-    """Whether the live tensors still view the flat buffer; if something re-homed them (``model.to()``,
-    ``load_state_dict(assign=True)``), fall back to per-tensor batched updates for good, with a warning."""
+    """Whether the live tensors still view the flat buffer; if something re-homed their storage (``model.to()``),
+    fall back to per-tensor batched updates for good, with a warning. (New Parameter objects, as from
+    ``load_state_dict(assign=True)``, are not followed at all: bind after such a load.)"""
     if [t.data_ptr() for t in group.live] == group.pointers:
         return True
     warnings.warn(
@@ -259,6 +280,11 @@ class Averager:
             step = self.step_count + 1
         if step == self._last_step:
             return False
+        if self._last_update_step is not None and step < self._last_update_step:
+            raise ValueError(
+                f"step={step} is before the last update (step {self._last_update_step}); the step count must not "
+                "go backwards (bind a new averager for a new run, or load the state of this one)"
+            )
         updated = self._event("step", self._clock_at(step, self.epoch_count))
         self.step_count = self._last_step = step
         return updated
@@ -471,8 +497,9 @@ class Averager:
         self.epoch_count = int(state["epoch_count"])
         self._last_step = state["last_step"]
         self._last_epoch = state["last_epoch"]
-        self._last_update_step = state["last_update_step"]
-        self._last_update_epoch = state["last_update_epoch"]
+        # States written before these keys existed: the last update happened at the last step/epoch seen.
+        self._last_update_step = state.get("last_update_step", state["last_step"])
+        self._last_update_epoch = state.get("last_update_epoch", state["last_epoch"])
 
     def check_state(self, state: Any) -> None:
         """Raise unless ``state`` could be loaded now (same model, supported version, not swapped in)."""
@@ -505,3 +532,5 @@ class Averager:
         for name, tensor in zip(self._names, self._avg, strict=False):
             tensor.copy_(tensors[name])
         self.num_updates = max(self.num_updates, 1)
+        # The import counts as an update now: the next one decays it by the steps elapsed from here.
+        self._last_update_step, self._last_update_epoch = self.step_count, self.epoch_count
