@@ -49,7 +49,7 @@ class DigitsModule(pl.LightningModule):
         x, y = batch
         return nn.functional.cross_entropy(self(x), y)
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         x, y = batch
         accuracy = (self(x).argmax(-1) == y).float().mean()
         self.log("val_acc", accuracy, prog_bar=False)

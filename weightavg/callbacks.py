@@ -27,11 +27,16 @@ from typing_extensions import override
 
 from weightavg.core.averager import Averager
 from weightavg.core.binding import BufferPolicy, check_buffer_policy
+from weightavg.core.call import Forward, eval_mode
 from weightavg.core.checks import check_choice, check_device, check_number
-from weightavg.core.rule import Rule
+from weightavg.core.io import WeightSource
+from weightavg.core.rule import Rule, Snapshot
 from weightavg.core.schedules import StartUnit, Unit, Warmup
 from weightavg.methods.ema import EMA as EMARule
 from weightavg.methods.swa import SWA as SWARule
+from weightavg.methods.wiseft import ALPHAS, check_alphas, choose_alpha
+from weightavg.methods.zscl import ZSCL as ZSCLRule
+from weightavg.methods.zscl import Distillation
 
 ValidateWith = Literal["average", "live"]
 #: Checkpoint key of the live weights, saved beside a ``state_dict`` that holds an average.
@@ -102,6 +107,7 @@ class AveragingCallback(Callback):
         self._fitting = False  # between on_fit_start and the end of training: the averager belongs to this fit
         self._accept_state = True  # whether a checkpoint being restored is for fitting (else its state is ignored)
         self._peers: list[AveragingCallback] = []
+        self._suspended = False  # set while a peer evaluates its own weights (WiSEFT's sweep)
 
     @property
     @override
@@ -172,7 +178,8 @@ class AveragingCallback(Callback):
     # ------------------------------------------------------------------ evaluation on the average
     def _swap_in_for_evaluation(self) -> None:
         averager = self.averager
-        if self._validates and averager is not None and averager.has_average and not averager.is_swapped:
+        if (self._validates and not self._suspended and averager is not None and averager.has_average
+                and not averager.is_swapped):
             averager.refresh()
             averager.swap()
             self._swapped_for_validation = True
@@ -268,7 +275,8 @@ class AveragingCallback(Callback):
         The live state is the model's own, except where an averager has its average swapped in (for validation, or
         for good after fit): there the averager holds the live tensors.
         """
-        swapped = [p.averager for p in self._peers if p.averager is not None and p.averager.is_swapped]
+        # Swaps nest in callback order (the first to swap holds the true live weights), so the first one writes last.
+        swapped = [p.averager for p in reversed(self._peers) if p.averager is not None and p.averager.is_swapped]
         owner_writes = any(p._owns_model and p.averager is not None and p.averager.has_average for p in self._peers)
         if not swapped and not owner_writes:
             return
@@ -397,3 +405,390 @@ class SWA(AveragingCallback):
 
         with trainer.precision_plugin.forward_context():
             self._bound().update_bn(inputs(), pl_module)
+
+
+class WiSEFT(AveragingCallback):
+    """WiSE-FT (``weightavg.methods.wiseft``): when fit ends, evaluate ``(1 - alpha) * theta_0 + alpha * theta_1``
+    for every ``alpha`` on the validation dataloaders, pick one, and leave the model there.
+
+    theta_0 (the zero-shot anchor) is the model's weights when fit starts, or ``anchor=``; it is kept on the model's
+    device (``device="cpu"`` keeps it in host memory) and in checkpoints, so a resumed fine-tuning run interpolates
+    toward the same anchor. theta_1 is the model at the end of fit: put this callback after an averager with
+    ``apply_at_end=True`` to interpolate toward that average instead of the live weights.
+
+    Args:
+        alphas: the grid to evaluate (default 0, 0.1, ..., 1).
+        alpha: a fixed choice (evaluated with the grid); default: the best on ``select_on``.
+        select_on: the validation dataloader (index, or a name from ``dataloader_names``) whose metric picks alpha.
+        monitor: the metric the module logs in ``validation_step`` (e.g. ``"val_acc"``); the sweep runs Lightning's
+            validation loop once per alpha. Other weightavg callbacks stay out of these runs, and loggers receive
+            only this callback's ``wiseft/...`` metrics.
+        mode: ``"max"`` or ``"min"`` for the monitored value.
+        metric: instead of ``monitor``, a ``torchmetrics.Metric`` (cloned per dataloader) or a function
+            ``metric(outputs, targets) -> number`` (averaged over examples), computed by this callback's own pass over
+            the validation data: ``outputs = forward(module, batch[0])``, targets ``batch[1]``.
+        forward: ``forward(module, inputs) -> outputs`` for ``metric``; default ``module(inputs)``.
+        dataloader_names: names of the validation dataloaders, in order (default ``dataloader_0``, ...).
+        anchor: theta_0 from a module, a state dict, a safetensors file or a checkpoint (a Lightning ``.ckpt`` gives
+            its ``state_dict``) instead of the weights at fit start.
+        apply_at_end: leave the model at the chosen alpha (default); else the sweep only reports and the model ends
+            at theta_1.
+        export_path: write the chosen interpolation as safetensors (global rank 0).
+        figure_path: draw metric-vs-alpha per dataloader, with the straight line between the endpoints, as an image
+            (needs matplotlib).
+        name, buffers, include, exclude, device: as for ``AveragingCallback`` (``buffers="copy"`` takes floating
+            buffers from theta_1 like integer ones; excluded tensors stay at theta_1).
+
+    After fit, ``curves`` maps each dataloader name to ``{alpha: value}`` and ``alpha`` holds the choice.
+    """
+
+    def __init__(
+        self,
+        alphas: Sequence[float] = ALPHAS,
+        *,
+        alpha: float | None = None,
+        select_on: int | str = 0,
+        monitor: str | None = None,
+        mode: Literal["max", "min"] = "max",
+        metric: Any = None,
+        forward: Forward | None = None,
+        dataloader_names: Sequence[str] | None = None,
+        anchor: WeightSource | None = None,
+        apply_at_end: bool = True,
+        export_path: str | os.PathLike[str] | None = None,
+        figure_path: str | os.PathLike[str] | None = None,
+        name: str | None = None,
+        buffers: BufferPolicy = "average",
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__(
+            Snapshot(), validate_with="live", apply_at_end=False, export_path=export_path, name=name or "WiSEFT",
+            buffers=buffers, include=include, exclude=exclude, device=device, dtype="live",
+        )
+        grid = check_alphas(alphas)
+        if alpha is not None:
+            check_number("alpha", alpha)
+            grid = tuple(sorted({*grid, float(alpha)}))
+        self.alphas = grid
+        self.fixed_alpha = None if alpha is None else float(alpha)
+        if isinstance(select_on, bool) or not isinstance(select_on, (int, str)):
+            raise TypeError(f"select_on={select_on!r} must be a dataloader index (int) or name (str)")
+        check_choice("mode", mode, ("max", "min"))
+        if monitor is not None and metric is not None:
+            raise ValueError("give monitor= (a metric validation_step logs) or metric= (computed here), not both")
+        if monitor is not None and (not isinstance(monitor, str) or not monitor):
+            raise ValueError(f"monitor={monitor!r} must be the name of a logged validation metric")
+        if metric is not None and not callable(metric):
+            raise TypeError(f"metric={metric!r} must be a torchmetrics.Metric or a function (outputs, targets)")
+        if monitor is None and metric is None and alpha is None:
+            raise ValueError(
+                "WiSEFT needs monitor= (a metric your validation_step logs, e.g. 'val_acc') or metric= (e.g. "
+                "torchmetrics.classification.MulticlassAccuracy(num_classes=10)) to choose alpha, or a fixed alpha="
+            )
+        if dataloader_names is not None:
+            names = list(dataloader_names)
+            if not names or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+                raise ValueError(f"dataloader_names={dataloader_names!r} must be distinct non-empty strings")
+        if isinstance(select_on, str) and (dataloader_names is None or select_on not in dataloader_names):
+            raise ValueError(f"select_on={select_on!r} is not one of dataloader_names={dataloader_names!r}")
+        if figure_path is not None:
+            _require_matplotlib("figure_path")
+        self.select_on = select_on
+        self.monitor = monitor
+        self.mode = mode
+        self.metric = metric
+        self.forward = forward
+        self.dataloader_names = None if dataloader_names is None else list(dataloader_names)
+        self.anchor = anchor
+        self.leave_at_alpha = apply_at_end
+        self.figure_path = figure_path
+        self.curves: dict[str, dict[float, float]] = {}
+        self.alpha: float | None = None
+        self._logged: dict[float, dict[str, Any]] = {}
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        restoring = self._pending_state is not None
+        super().on_fit_start(trainer, pl_module)
+        if not restoring and self.anchor is not None:
+            self._bound().load_weights(self.anchor, argument="anchor")
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fitting = False
+        averager = self._bound()
+        averager.refresh()
+        if self.monitor is not None or self.metric is not None:
+            for peer in self._peers:
+                peer._suspended = True
+            try:
+                self.curves = self._sweep(trainer, pl_module)
+            finally:
+                for peer in self._peers:
+                    peer._suspended = False
+                if averager.blend_alpha is not None:
+                    averager.swap()
+        self.alpha = self._choose(trainer)
+        if self.alpha in self._logged:  # what the module logged for the chosen alpha, not for the last one swept
+            trainer.callback_metrics.update(self._logged[self.alpha])
+        self._logged = {}
+        self._log(trainer)
+        averager.blend(self.alpha)
+        if self.export_path is not None and trainer.is_global_zero:
+            averager.save_model(self.export_path)
+        if self.figure_path is not None and trainer.is_global_zero and self.curves:
+            draw_curves(self.curves, self.figure_path, chosen=self.alpha, ylabel=self.monitor or "metric")
+        if self.leave_at_alpha:
+            self._applied = True  # by pointer: the live weights stay in the averager for later checkpoints
+        else:
+            averager.swap()
+
+    # ------------------------------------------------------------------ the sweep
+    def _sweep(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, dict[float, float]]:
+        averager = self._bound()
+        loop = trainer.fit_loop.epoch_loop.val_loop
+        loop.setup_data()
+        loaders = trainer.val_dataloaders
+        loaders = list(loaders) if isinstance(loaders, (list, tuple)) else [] if loaders is None else [loaders]
+        if not loaders or loop.skip:
+            raise ValueError("WiSEFT evaluates alphas on the validation dataloaders, but this fit has none")
+        names = self.dataloader_names or [f"dataloader_{i}" for i in range(len(loaders))]
+        if len(names) != len(loaders):
+            raise ValueError(f"dataloader_names={names!r} names {len(names)} dataloaders; the fit has {len(loaders)}")
+        curves: dict[str, dict[float, float]] = {name: {} for name in names}
+        self._logged = {}
+        for alpha in self.alphas:
+            averager.blend(alpha)
+            values = (
+                self._module_metrics(trainer, alpha, len(loaders)) if self.monitor is not None
+                else self._own_metric(trainer, pl_module, loaders)
+            )
+            for name, value in zip(names, values, strict=True):
+                curves[name][alpha] = value
+        return trainer.strategy.broadcast(curves)
+
+    def _module_metrics(self, trainer: pl.Trainer, alpha: float, count: int) -> list[float]:
+        loop = trainer.fit_loop.epoch_loop.val_loop
+        loggers = trainer.loggers
+        trainer.loggers = []  # the per-alpha validation runs stay out of the logs; _log reports the curve
+        trainer.validating = True
+        try:
+            outputs = loop.run()
+        finally:
+            trainer.training = True
+            trainer.loggers = loggers
+        self._logged[alpha] = {key: value for logged in outputs for key, value in logged.items()}
+        values = []
+        for index in range(count):
+            logged = outputs[index] if index < len(outputs) else {}
+            key = next((k for k in (self.monitor, f"{self.monitor}/dataloader_idx_{index}") if k in logged), None)
+            if key is None:
+                raise ValueError(
+                    f"monitor={self.monitor!r} was not logged for validation dataloader {index}; logged: "
+                    f"{sorted(logged)}"
+                )
+            values.append(float(logged[key]))
+        return values
+
+    @torch.no_grad()
+    def _own_metric(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loaders: list[Any]) -> list[float]:
+        import torchmetrics
+
+        limits = trainer.num_val_batches
+        values = []
+        for index, loader in enumerate(loaders):
+            limit = limits[index] if index < len(limits) else float("inf")
+            stateful = isinstance(self.metric, torchmetrics.Metric)
+            metric = self.metric.clone().to(pl_module.device) if stateful else self.metric
+            total = torch.zeros((), dtype=torch.float64, device=pl_module.device)
+            count = torch.zeros((), dtype=torch.float64, device=pl_module.device)
+            with eval_mode(pl_module), trainer.precision_plugin.forward_context():
+                for batch_index, batch in enumerate(loader):
+                    if batch_index >= limit:
+                        break
+                    batch = trainer.strategy.batch_to_device(batch, dataloader_idx=index)
+                    inputs = trainer.precision_plugin.convert_input(batch[0])
+                    outputs = self.forward(pl_module, inputs) if self.forward is not None else pl_module(inputs)
+                    if stateful:
+                        metric.update(outputs, batch[1])
+                    else:
+                        size = len(batch[1])
+                        total += torch.as_tensor(metric(outputs, batch[1]), dtype=torch.float64) * size
+                        count += size
+            if stateful:
+                values.append(float(metric.compute()))
+            else:
+                total = trainer.strategy.reduce(total, reduce_op="sum")
+                count = trainer.strategy.reduce(count, reduce_op="sum")
+                values.append(float(total / count))
+        return values
+
+    def _choose(self, trainer: pl.Trainer) -> float:
+        if self.fixed_alpha is not None:
+            return self.fixed_alpha
+        names = list(self.curves)
+        if isinstance(self.select_on, int):
+            if not 0 <= self.select_on < len(names):
+                raise ValueError(
+                    f"select_on={self.select_on} is not a validation dataloader index (0..{len(names) - 1})"
+                )
+            key = names[self.select_on]
+        else:
+            key = self.select_on
+        return float(choose_alpha(self.curves[key], mode=self.mode))
+
+    def _log(self, trainer: pl.Trainer) -> None:
+        metrics: dict[str, float] = {"wiseft/alpha": float(self.alpha or 0.0)}
+        label = self.monitor or "metric"
+        for name, curve in self.curves.items():
+            for alpha, value in curve.items():
+                metrics[f"wiseft/{name}/{label}@alpha={alpha:g}"] = value
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        if self.curves:
+            table = "; ".join(
+                f"{name}: " + ", ".join(f"{a:g}={v:.4g}" for a, v in curve.items())
+                for name, curve in self.curves.items()
+            )
+            rank_zero_info(f"weightavg: WiSE-FT {label} by alpha: {table}; chose alpha={self.alpha:g}")
+
+
+def _require_matplotlib(argument: str) -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            f"{argument}= draws with matplotlib: pip install matplotlib (or pass {argument}=None)"
+        ) from None
+
+
+def draw_curves(
+    curves: dict[str, dict[float, float]], path: str | os.PathLike[str], *, chosen: float | None = None,
+    ylabel: str = "metric",
+) -> None:
+    """Metric vs alpha per dataloader, each with the dashed straight line between its endpoints (alpha 0 and 1)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(5.5, 4))
+    for name, curve in curves.items():
+        alphas = sorted(curve)
+        (line,) = axes.plot(alphas, [curve[a] for a in alphas], marker="o", label=name)
+        if 0.0 in curve and 1.0 in curve:
+            axes.plot([0, 1], [curve[0.0], curve[1.0]], linestyle="--", color=line.get_color(), alpha=0.6)
+    if chosen is not None:
+        axes.axvline(chosen, color="grey", linewidth=0.8)
+    axes.set_xlabel("alpha (0 = zero-shot, 1 = fine-tuned)")
+    axes.set_ylabel(ylabel)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+class ZSCL(AveragingCallback):
+    """ZSCL (``weightavg.methods.zscl``): a weight ensemble per task, and optional distillation from the original
+    model on reference inputs. A task is one ``fit`` call; reuse the callback object for every task of a sequence.
+
+    The ensemble copies the weights when fit starts, merges after the first optimizer step and every
+    ``every_n_steps`` after, is what validation uses, and is what the model holds when fit ends, so the next task
+    starts from it. Checkpoints resume it exactly (``trainer.fit(ckpt_path=...)``).
+
+    Distillation (with ``reference=``) adds ``distill_weight * KD`` computed by one line in ``training_step``::
+
+        loss = task_loss + weightavg.callbacks.ZSCL.distillation_loss(self)
+
+    which is zero when no ZSCL callback distills, so an ablation changes only the callback's arguments.
+
+    Args:
+        every_n_steps: merge interval I (100 in the paper's multi-domain setting).
+        reference: unlabeled reference inputs (a DataLoader; ``(inputs, labels)`` batches give their inputs; see
+            ``reference_input``), cycled; ``None`` disables distillation.
+        distill_weight: lambda (1; 5 in the paper's class-incremental setting).
+        temperature: T (2).
+        teacher: the original model's weights (module, state dict or path); default: the model when the first fit
+            with this callback starts. Kept across tasks and in checkpoints.
+        forward: ``forward(module, inputs) -> outputs`` used for teacher and student; default ``module(inputs)``.
+        reference_input: maps a reference batch to the inputs.
+        **options: ``AveragingCallback`` options (``validate_with``, ``apply_at_end``, ``export_path``, ``name``,
+            ``buffers``, ``include``, ``exclude``, ``device``, ``dtype``).
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        *,
+        reference: Any = None,
+        distill_weight: float = 1.0,
+        temperature: float = 2.0,
+        teacher: WeightSource | None = None,
+        forward: Forward | None = None,
+        reference_input: Callable[[Any], Any] | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(ZSCLRule(every_n_steps=every_n_steps), **options)
+        self.distillation = (
+            None if reference is None else Distillation(
+                reference, weight=distill_weight, temperature=temperature, forward=forward,
+                reference_input=reference_input,
+            )
+        )
+        if teacher is not None and reference is None:
+            raise ValueError("teacher= is the distillation teacher; give reference= inputs to distill on too")
+        self.teacher = teacher
+        self._pending_distillation: dict[str, Any] | None = None
+        self._trainer: pl.Trainer | None = None
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        self._trainer = trainer
+        if self.distillation is not None:
+            self.distillation.bind(pl_module, self.teacher)
+            if self._pending_distillation is not None:
+                self.distillation.load_state_dict(self._pending_distillation)
+                self._pending_distillation = None
+
+    def loss(self) -> torch.Tensor:
+        """``distill_weight * KD`` on the next reference batch (moved and converted like training batches)."""
+        if self.distillation is None or self._trainer is None:
+            raise RuntimeError(f"{self.name} does not distill (no reference=) or is not fitting")
+        trainer = self._trainer
+
+        def transfer(batch: Any) -> Any:
+            return trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))
+
+        return self.distillation.loss(transfer)
+
+    @staticmethod
+    def distillation_loss(pl_module: pl.LightningModule) -> torch.Tensor:
+        """The summed distillation losses of the ZSCL callbacks in ``pl_module``'s Trainer that distill; a zero
+        tensor when there are none. Add it to the loss in ``training_step``."""
+        callbacks = [cb for cb in pl_module.trainer.callbacks if isinstance(cb, ZSCL)]  # type: ignore[attr-defined]
+        losses = [cb.loss() for cb in callbacks if cb.distillation is not None]
+        if not losses:
+            return torch.zeros((), device=pl_module.device)
+        return torch.stack(losses).sum() if len(losses) > 1 else losses[0]
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.distillation is not None and self.distillation.teacher is not None:
+            state["distillation"] = self.distillation.state_dict()
+        elif self._pending_distillation is not None:
+            state["distillation"] = self._pending_distillation
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if "distillation" not in state_dict or not self._accept_state or self.distillation is None:
+            return
+        if self._fitting and self.distillation.teacher is not None:
+            self.distillation.load_state_dict(state_dict["distillation"])
+        else:
+            self._pending_distillation = state_dict["distillation"]

@@ -6,9 +6,11 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
@@ -17,10 +19,15 @@ from torch.optim import Optimizer
 
 from weightavg.core.averager import Averager
 from weightavg.core.binding import BufferPolicy
-from weightavg.core.rule import Rule
+from weightavg.core.call import Forward, to_device
+from weightavg.core.io import WeightSource
+from weightavg.core.rule import Rule, Snapshot
 from weightavg.core.schedules import StartUnit, Unit, Warmup
 from weightavg.methods.ema import EMA as EMARule
 from weightavg.methods.swa import SWA as SWARule
+from weightavg.methods.wiseft import ALPHAS, check_alphas
+from weightavg.methods.zscl import ZSCL as ZSCLRule
+from weightavg.methods.zscl import Distillation
 
 
 class AveragingOptimizer(Optimizer):
@@ -53,9 +60,12 @@ class AveragingOptimizer(Optimizer):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.optimizer = optimizer
+        self.module = module
         params = [p for group in optimizer.param_groups for p in group["params"]]
         target: nn.Module | Iterable[torch.Tensor] = module if module is not None else params
-        self.averager = Averager(
+        # Kept to bind afresh (ZSCL binds a new ensemble at each task's start).
+        self._bind = functools.partial(
+            Averager,
             target,
             rule,
             buffers=buffers,
@@ -67,6 +77,7 @@ class AveragingOptimizer(Optimizer):
             total_steps=total_steps,
             contiguous=contiguous,
         )
+        self.averager = self._bind()
         # Optimizer.__init__ sets up the hook registries; the groups and state are then the inner optimizer's own.
         super().__init__(params, optimizer.defaults)
         self.param_groups = optimizer.param_groups
@@ -78,6 +89,11 @@ class AveragingOptimizer(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
         """Step the inner optimizer, then update the average if the rule says so."""
+        if self.averager.is_swapped:
+            raise RuntimeError(
+                "step() while other weights are swapped into the model (inside averaged() or interpolated()): "
+                "the optimizer would train them; step outside the with-block"
+            )
         with torch.enable_grad():
             loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
         self.averager.step()
@@ -127,17 +143,27 @@ class AveragingOptimizer(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """The inner optimizer's state and the averaging state, together."""
-        return {"optimizer": self.optimizer.state_dict(), "averaging": self.averager.state_dict()}
+        return {"optimizer": self.optimizer.state_dict(), "averaging": self.averager.state_dict(),
+                **self._extra_state()}
+
+    def _extra_state(self) -> dict[str, Any]:
+        """A method's own state beyond the average (ZSCL: the teacher and the task count)."""
+        return {}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        return None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        if not isinstance(state_dict, dict) or set(state_dict) != {"optimizer", "averaging"}:
+        keys = {"optimizer", "averaging", *self._extra_state()}
+        if not isinstance(state_dict, dict) or set(state_dict) != keys:
             raise ValueError(
-                "state_dict must come from a weightavg.optim wrapper's state_dict() (keys 'optimizer' and "
-                f"'averaging'), got keys {sorted(state_dict) if isinstance(state_dict, dict) else state_dict!r}"
+                f"state_dict must come from {type(self).__name__}.state_dict() (keys {sorted(keys)}), got keys "
+                f"{sorted(state_dict) if isinstance(state_dict, dict) else state_dict!r}"
             )
         self.averager.check_state(state_dict["averaging"])  # refuse before touching the inner optimizer
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.averager.load_state_dict(state_dict["averaging"])
+        self._load_extra_state(state_dict)
         # The inner optimizer's load_state_dict replaces its param_groups and state objects: share the new ones.
         self.param_groups = self.optimizer.param_groups
         self.state = self.optimizer.state
@@ -198,3 +224,138 @@ class SWA(AveragingOptimizer):
     ) -> None:
         rule = SWARule(start=start, start_unit=start_unit, every=every, every_unit=every_unit)
         super().__init__(optimizer, rule, **engine)
+
+
+class WiSEFT(AveragingOptimizer):
+    """``optimizer`` plus the zero-shot anchor theta_0 for WiSE-FT (``weightavg.methods.wiseft``).
+
+    theta_0 is the weights when the wrapper is built (or ``anchor=``, matched by name: pass ``module=``); stepping
+    fine-tunes theta_1 as usual. Then ``with opt.interpolated(alpha): evaluate(model)`` evaluates
+    ``(1 - alpha) * theta_0 + alpha * theta_1`` (swapped in, the live weights return after), ``opt.sweep(evaluate)``
+    does it for a grid, and ``opt.apply(alpha)`` makes one permanent.
+
+    Example:
+        >>> model = nn.Linear(4, 2)
+        >>> opt = WiSEFT(torch.optim.SGD(model.parameters(), lr=0.1), module=model)
+        >>> model(torch.randn(8, 4)).pow(2).mean().backward()
+        >>> opt.step()
+        >>> with opt.interpolated(0.5):
+        ...     _ = model(torch.randn(8, 4))
+        >>> opt.apply(0.5)
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        anchor: WeightSource | None = None,
+        module: nn.Module | None = None,
+        buffers: BufferPolicy = "average",
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if anchor is not None and module is None:
+            raise ValueError("anchor= is matched to the model by state_dict names: pass module= as well")
+        super().__init__(
+            optimizer, Snapshot(), module=module, buffers=buffers, include=include, exclude=exclude, device=device,
+            dtype="live",
+        )
+        if anchor is not None:
+            self.averager.load_weights(anchor, argument="anchor")
+
+    def interpolated(self, alpha: float) -> AbstractContextManager[None]:
+        """``with opt.interpolated(alpha):`` the model holds ``(1 - alpha) * theta_0 + alpha * theta_1``."""
+        return self.averager.blended(alpha)
+
+    def sweep(self, evaluate: Callable[[], Any], alphas: Sequence[float] = ALPHAS) -> dict[float, Any]:
+        """``{alpha: evaluate()}`` with each interpolation in the model in turn; the live weights return after."""
+        results = {}
+        for alpha in check_alphas(alphas):
+            with self.interpolated(alpha):
+                results[alpha] = evaluate()
+        return results
+
+    def apply(self, alpha: float) -> None:
+        """Make the interpolation at ``alpha`` the model's weights, in place (theta_0 is kept)."""
+        self.averager.apply_blend(alpha)
+
+    def save_interpolated(self, path: str | os.PathLike[str], alpha: float) -> None:
+        """Export the interpolation at ``alpha`` as safetensors (atomic write)."""
+        with self.interpolated(alpha):
+            self.averager.save_model(path)
+
+
+class ZSCL(AveragingOptimizer):
+    """``optimizer`` plus ZSCL's weight ensemble and distillation (``weightavg.methods.zscl``), for plain loops.
+
+    The first task starts when the wrapper is built; ``start_task()`` starts the next one (the model first takes
+    the finished task's ensemble, so each task starts from the previous ensemble), and ``end_task()`` ends the last.
+    Evaluate the ensemble with ``with opt.averaged():``. With ``reference=`` (needs ``module=``), add
+    ``opt.distillation_loss()`` to the loss; it draws the next reference batch, moved to the model's device.
+
+    Args:
+        every_n_steps, reference, distill_weight, temperature, teacher, forward, reference_input: as for
+            ``weightavg.callbacks.ZSCL`` (the teacher defaults to the model when the wrapper is built).
+        **engine: ``module``, ``buffers``, ``include``, ``exclude``, ``device``, ``dtype`` (see ``Averager``).
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        every_n_steps: int = 100,
+        *,
+        reference: Any = None,
+        distill_weight: float = 1.0,
+        temperature: float = 2.0,
+        teacher: WeightSource | None = None,
+        forward: Forward | None = None,
+        reference_input: Callable[[Any], Any] | None = None,
+        **engine: Any,
+    ) -> None:
+        super().__init__(optimizer, ZSCLRule(every_n_steps=every_n_steps), **engine)
+        self.distillation: Distillation | None = None
+        if reference is not None:
+            if self.module is None:
+                raise ValueError("distillation (reference=) runs the model: pass module= as well")
+            self.distillation = Distillation(
+                reference, weight=distill_weight, temperature=temperature, forward=forward,
+                reference_input=reference_input,
+            )
+            self.distillation.bind(self.module, teacher)
+        elif teacher is not None:
+            raise ValueError("teacher= is the distillation teacher; give reference= inputs to distill on too")
+        self.task = 0
+        self._ended = False
+
+    def distillation_loss(self) -> torch.Tensor:
+        """``distill_weight * KD`` on the next reference batch; add it to the task loss before ``backward()``."""
+        if self.distillation is None:
+            raise RuntimeError("this ZSCL wrapper does not distill: build it with reference= (and module=)")
+        device = next(iter(self.averager.live_tensors().values())).device
+        return self.distillation.loss(lambda batch: to_device(batch, device))
+
+    def end_task(self) -> None:
+        """Put the task's ensemble into the model (in place): the task ends with it."""
+        self.averager.copy_to_model()
+        self._ended = True
+
+    def start_task(self) -> None:
+        """End the running task (unless ``end_task()`` did) and start the next one: a fresh ensemble of the model."""
+        if not self._ended:
+            self.end_task()
+        self.averager = self._bind()
+        self.task += 1
+        self._ended = False
+
+    def _extra_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"task": self.task, "task_ended": self._ended}
+        if self.distillation is not None:
+            state["distillation"] = self.distillation.state_dict()
+        return state
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        self.task = int(state["task"])
+        self._ended = bool(state["task_ended"])
+        if self.distillation is not None:
+            self.distillation.load_state_dict(state["distillation"])

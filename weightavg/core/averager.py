@@ -44,6 +44,8 @@ class _Group:
     # live tensors' data pointers when bound (the layout holds while they are unchanged).
     flat: tuple[torch.Tensor, torch.Tensor] | None = None
     pointers: list[int] = field(default_factory=list)
+    # Live-dtype buffers that hold a blend of the average and the live weights while it is swapped in.
+    work: list[torch.Tensor] | None = None
 
 
 @torch.no_grad()
@@ -113,21 +115,24 @@ def _placement(requested: torch.device | None, live: torch.device) -> torch.devi
     return requested
 
 
-def _average_dtype(live: torch.dtype, requested: torch.dtype | None, averaged: bool) -> torch.dtype:
-    if not averaged:
+def _average_dtype(live: torch.dtype, requested: torch.dtype | str | None, averaged: bool) -> torch.dtype:
+    if not averaged or requested == "live":
         return live
-    if requested is not None:
+    if isinstance(requested, torch.dtype):
         return requested
     return torch.float32 if live in (torch.float16, torch.bfloat16) else live
 
 
-def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """``None``, a floating ``torch.dtype``, or its name (``"float32"``, as Hydra configs write it)."""
-    if dtype is None:
-        return None
+def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str | None:
+    """``None``, ``"live"`` (each tensor's own dtype), a floating ``torch.dtype``, or its name (``"float32"``, as Hydra
+    configs write it)."""
+    if dtype is None or dtype == "live":
+        return dtype
     resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
     if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-        raise ValueError(f"dtype={dtype!r} must be a floating torch.dtype or its name (e.g. 'float32'), or None")
+        raise ValueError(
+            f"dtype={dtype!r} must be a floating torch.dtype or its name (e.g. 'float32'), 'live', or None"
+        )
     return resolved
 
 
@@ -142,7 +147,8 @@ class Averager:
         include, exclude: glob patterns on names selecting which tensors to follow.
         parameters: with a module, follow only these parameters (and the module's buffers).
         device: where the averages live; default: each live tensor's own device.
-        dtype: dtype of the averages (or its name); default fp32 for fp16/bf16 tensors and the live dtype otherwise.
+        dtype: dtype of the averages (or its name); default fp32 for fp16/bf16 tensors and the live dtype otherwise;
+            ``"live"`` keeps each tensor's own dtype (snapshots, which never accumulate, lose nothing by it).
         total_steps: the run's total optimizer steps, for starts given as a fraction of training.
         contiguous: re-home the live tensors of each (device, dtype) group into one flat buffer, so an update is one
             ``lerp_`` per group instead of one kernel per tensor (the per-tensor cost of foreach on CPU). Opt-in: it
@@ -204,6 +210,7 @@ class Averager:
         self._avg = [t for g in self._groups for t in g.avg]
         self._names = [n for g in self._groups for n in g.names]
         self._saved: list[torch.Tensor] | None = None
+        self._blend: float | None = None  # the alpha of the blend swapped in, if one is
         self.num_updates = 0
         self.step_count = 0
         self.epoch_count = 0
@@ -261,8 +268,14 @@ class Averager:
 
     @property
     def is_swapped(self) -> bool:
-        """Whether the model currently holds the averaged weights (inside ``averaged()`` or after ``swap()``)."""
+        """Whether the model currently holds other weights than the live ones: the average (inside ``averaged()`` or
+        after ``swap()``) or a blend (after ``blend()``)."""
         return self._saved is not None
+
+    @property
+    def blend_alpha(self) -> float | None:
+        """The ``alpha`` of the blend in the model, or ``None`` when no blend is swapped in."""
+        return self._blend
 
     # ------------------------------------------------------------------ updates
     def step(self, step: int | None = None) -> bool:
@@ -378,6 +391,7 @@ class Averager:
             for tensor, saved in zip(self._live, self._saved, strict=False):
                 tensor.data = saved
             self._saved = None
+            self._blend = None
             return
         views: list[torch.Tensor] = []
         for group in self._groups:
@@ -401,6 +415,72 @@ class Averager:
             yield
         finally:
             self.swap()
+
+    # ------------------------------------------------------------------ blending
+    @torch.no_grad()
+    def blend(self, alpha: float) -> None:
+        """Put ``(1 - alpha) * average + alpha * live`` into the model (WiSE-FT with the anchor as the "average").
+
+        Averaged tensors get the blend, computed in the live dtype into buffers allocated on the first call (one
+        model's worth) and swapped in by pointer; copied tensors (integer buffers, ``buffers="copy"``) keep their
+        live values. Call again for another ``alpha`` (still from the live weights); ``swap()`` puts the live weights
+        back exactly. ``alpha`` outside [0, 1] extrapolates.
+        """
+        check_number("alpha", alpha)
+        if self._saved is not None and self._blend is None:
+            self.swap()  # the plain average is in: take it out first
+        live = self._saved if self._saved is not None else [tensor.data for tensor in self._live]
+        views: list[torch.Tensor] = []
+        start = 0
+        for group in self._groups:
+            sources = live[start : start + len(group.live)]
+            start += len(group.live)
+            if not group.averaged:
+                views.extend(sources)
+                continue
+            if group.work is None:
+                group.work = [torch.empty_like(source) for source in sources]
+            kernels.copy_(group.work, group.avg)
+            kernels.lerp_(group.work, sources, float(alpha))
+            views.extend(group.work)
+        self._saved = live
+        for tensor, view in zip(self._live, views, strict=False):
+            tensor.data = view
+        self._blend = float(alpha)
+
+    @contextmanager
+    def blended(self, alpha: float) -> Iterator[None]:
+        """Run the body with ``blend(alpha)`` in the model; the live weights (or what was in before) return after."""
+        previous = self._blend
+        average_in = self._saved is not None and previous is None
+        self.blend(alpha)
+        try:
+            yield
+        finally:
+            if previous is not None:
+                self.blend(previous)
+            else:
+                self.swap()
+                if average_in:
+                    self.swap()
+
+    @torch.no_grad()
+    def apply_blend(self, alpha: float) -> None:
+        """Make ``(1 - alpha) * average + alpha * live`` the model's live weights, in place (the tensors keep their
+        storage, so optimizers and contiguous layouts stay valid)."""
+        check_number("alpha", alpha)
+        if self._saved is not None:
+            self.swap()
+        for group in self._groups:
+            if not group.averaged:
+                continue
+            anchor = group.avg
+            if not group.direct:
+                if group.work is None:
+                    group.work = [torch.empty_like(live) for live in group.live]
+                kernels.copy_(group.work, group.avg)
+                anchor = group.work
+            kernels.lerp_(group.live, anchor, 1.0 - float(alpha))
 
     @torch.no_grad()
     def commit_swapped_buffers(self) -> None:
@@ -524,11 +604,48 @@ class Averager:
         }
         return io.save_safetensors(tensors, path, metadata=io.aliases_metadata(self.aliases()))
 
+    def save_model(self, path: str | os.PathLike[str], *, dtype: torch.dtype | None = None) -> Path:
+        """Export what the model holds now (the live weights, or the average or blend swapped in) as safetensors,
+        atomically, under the followed tensors' names."""
+        tensors = {
+            name: t.detach().to(dtype) if dtype is not None and t.is_floating_point() else t.detach()
+            for name, t in zip(self._names, self._live, strict=False)
+        }
+        return io.save_safetensors(tensors, path, metadata=io.aliases_metadata(self.aliases()))
+
     @torch.no_grad()
     def load(self, path: str | os.PathLike[str]) -> None:
         """Import averaged weights written by ``save`` (names and shapes must match exactly)."""
         tensors = io.load_safetensors(path)
         self._check_tensors(tensors, source=f"path={str(path)!r}")
+        self._import(tensors)
+
+    @torch.no_grad()
+    def load_weights(self, source: io.WeightSource, *, argument: str = "weights") -> None:
+        """Make the average a copy of ``source``: a module, a state dict, or a safetensors / torch checkpoint path
+        (a Lightning ``.ckpt`` gives its ``state_dict``). Every followed tensor must be there (under its name or a
+        tied alias) with its shape; entries the averager does not follow are ignored.
+
+        Raises:
+            ValueError: naming the missing and mis-shaped entries, and ``argument`` as the source.
+        """
+        found = io.read_weights(source, argument=argument)
+        aliases = self.aliases()
+        tensors = {}
+        for name in self._names:
+            key = next((key for key in (name, *aliases[name]) if key in found), None)
+            if key is not None:
+                tensors[name] = found[key]
+        label = (
+            f"{argument}={str(source)!r}" if isinstance(source, (str, os.PathLike))
+            else f"{argument} (a {type(source).__name__})"
+        )
+        self._check_tensors(tensors, source=label)
+        self._import(tensors)
+
+    def _import(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self._saved is not None:
+            raise RuntimeError("cannot import weights while the average is swapped in; swap back first")
         for name, tensor in zip(self._names, self._avg, strict=False):
             tensor.copy_(tensors[name])
         self.num_updates = max(self.num_updates, 1)

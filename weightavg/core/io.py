@@ -42,7 +42,8 @@ def save_safetensors(
 
 
 def check_keys(
-    expected: Mapping[str, torch.Size], found: Mapping[str, torch.Size], *, source: str
+    expected: Mapping[str, torch.Size], found: Mapping[str, torch.Size], *, source: str,
+    against: str = "the averaged model",
 ) -> None:
     """Raise ``ValueError`` naming missing, unexpected and mis-shaped keys of ``found`` against ``expected``."""
     missing = [name for name in expected if name not in found]
@@ -60,7 +61,7 @@ def check_keys(
     if misshaped:
         problems.append(f"mis-shaped keys [{'; '.join(misshaped)}]")
     if problems:
-        raise ValueError(f"{source} does not match the averaged model: " + ", ".join(problems))
+        raise ValueError(f"{source} does not match {against}: " + ", ".join(problems))
 
 
 def load_safetensors(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
@@ -76,6 +77,56 @@ def aliases_metadata(aliases: Mapping[str, tuple[str, ...]]) -> dict[str, str]:
     return {ALIASES_KEY: json.dumps(extra)} if extra else {}
 
 
+#: What ``read_weights`` accepts: a module, a name -> tensor mapping, or a path to a safetensors file or a torch
+#: checkpoint (a Lightning ``.ckpt``'s ``state_dict`` is used).
+WeightSource = torch.nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike[str]
+
+
+def read_weights(source: WeightSource, *, argument: str) -> dict[str, torch.Tensor]:
+    """Name -> tensor from ``source`` (see ``WeightSource``); tied aliases recorded by ``Averager.save`` are filled.
+
+    Modules and mappings give their own tensors (detached, not copied); files are read on the CPU. ``argument``
+    names the user's argument in errors.
+    """
+    if isinstance(source, torch.nn.Module):
+        return {name: tensor.detach() for name, tensor in source.state_dict(keep_vars=True).items()}
+    if isinstance(source, Mapping):
+        bad = [name for name, value in source.items() if not isinstance(name, str) or not torch.is_tensor(value)]
+        if bad:
+            raise TypeError(f"{argument}= must map names (str) to tensors; offending entries: {bad[:5]}")
+        return {name: value.detach() for name, value in source.items()}
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(
+            f"{argument}={source!r} must be an nn.Module, a state dict, or a path to a .safetensors file or a torch "
+            "checkpoint"
+        )
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"{argument}={str(source)!r}: no such file")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        tensors = load_safetensors(path)
+        for name, extra in json.loads(metadata.get(ALIASES_KEY, "{}")).items():
+            for alias in extra:
+                tensors.setdefault(alias, tensors[name])
+        return tensors
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle errors come in many types; say which file and why
+        raise ValueError(
+            f"{argument}={str(source)!r} is neither safetensors nor a torch file loadable with weights_only=True "
+            f"(load it yourself and pass its state dict): {error}"
+        ) from None
+    if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
+        loaded = loaded["state_dict"]  # a Lightning checkpoint
+    if not isinstance(loaded, Mapping):
+        raise ValueError(f"{argument}={str(source)!r} holds a {type(loaded).__name__}, not a state dict")
+    return read_weights(loaded, argument=argument)
+
+
 def load_into_module(module: torch.nn.Module, path: str | os.PathLike[str], *, strict: bool = True) -> None:
     """Load weights exported by ``Averager.save`` into a module (tied aliases filled in).
 
@@ -83,14 +134,9 @@ def load_into_module(module: torch.nn.Module, path: str | os.PathLike[str], *, s
     the module, raises ``ValueError`` naming it (buffers left out by the buffer policy count as missing: use
     ``strict=False`` to load such partial exports over an existing model).
     """
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    tensors = load_safetensors(path)
-    for name, extra in json.loads(metadata.get(ALIASES_KEY, "{}")).items():
-        for alias in extra:
-            tensors.setdefault(alias, tensors[name])
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"path={str(path)!r}: no such safetensors file")
+    tensors = read_weights(path, argument="path")
     own = module.state_dict()
     expected = {name: value.shape for name, value in own.items()}
     found = {name: value.shape for name, value in tensors.items()}

@@ -57,3 +57,18 @@ def compact_repr(rule: object) -> str:
         if f.default is dataclasses.MISSING or getattr(rule, f.name) != f.default
     ]
     return f"{type(rule).__name__}({', '.join(parts)})"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The rule of a frozen copy: take the live weights when bound, never update.
+
+    WiSE-FT's zero-shot anchor and ZSCL's teacher are snapshots; the engine swaps, blends, saves and restores them
+    like any average.
+    """
+
+    def weight(self, event: Event, clock: Clock, num_updates: int) -> float | None:
+        return 1.0 if event == "bind" else None
+
+    def validate_clock(self, clock: Clock) -> None:
+        return None

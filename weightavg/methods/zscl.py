@@ -1,0 +1,228 @@
+"""ZSCL (Zheng et al. 2023, "Preventing Zero-Shot Transfer Degradation in Continual Learning of Vision-Language
+Models"): keep what a pretrained model knows while learning a sequence of tasks.
+
+Weight ensemble (parameter space), per task: at the task's start the ensemble copies the weights; after the
+optimizer step of iteration i (counted from 0 in the task), when ``i % I == 0``:
+
+    n <- n + 1;   ensemble <- (n * ensemble + live) / (n + 1)
+
+so the first merge follows the first step and the starting weights count as one member. The live weights train
+undisturbed; the ensemble is what is evaluated, what the task ends with, and where the next task starts.
+
+Distillation (feature space): a frozen teacher, the *original* pretrained model (not the previous task's), and a
+stream of unlabeled reference inputs; the loss adds ``lambda * KD`` with
+
+    KD = T^2 * mean over rows of CE(softmax(teacher / T), log_softmax(student / T)),   T = 2.
+
+Metrics over a task sequence come from the accuracy matrix ``A[stage][task]`` (``continual_metrics``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from weightavg.core import io
+from weightavg.core.averager import Averager
+from weightavg.core.call import Forward, call_with, eval_mode
+from weightavg.core.checks import check_number
+from weightavg.core.rule import Clock, Event, Snapshot, compact_repr
+
+
+@dataclass(frozen=True, repr=False)
+class ZSCL:
+    """The ZSCL weight-ensemble rule: copy at the task's start (bind), merge after the task's first optimizer step
+    and then every ``every_n_steps`` steps with weight ``1 / (n + 1)``.
+
+    Args:
+        every_n_steps: the merge interval I (the paper: 100 on the multi-domain benchmark, 10 class-incremental).
+            Steps are counted from the last merge, so a step counter that jumps keeps the interval.
+    """
+
+    every_n_steps: int = 100
+
+    def __post_init__(self) -> None:
+        check_number("every_n_steps", self.every_n_steps, low=1, integer=True)
+
+    def weight(self, event: Event, clock: Clock, num_updates: int) -> float | None:
+        if event == "bind":
+            return 1.0
+        if event != "step":
+            return None
+        if num_updates == 0:
+            return 1.0
+        if num_updates > 1 and clock.step - (clock.last_update_step or 0) < self.every_n_steps:
+            return None
+        return 1.0 / (num_updates + 1)
+
+    __repr__ = compact_repr
+
+    def validate_clock(self, clock: Clock) -> None:
+        return None
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
+    """``T^2 * mean_rows CE(softmax(teacher / T), log_softmax(student / T))`` over the last dimension, in fp32.
+
+    Rows are every index of the leading dimensions (a batch, or batch x tokens). ``teacher`` carries no gradient.
+    """
+    check_number("temperature", temperature, low=0.0, low_open=True)
+    if student.shape != teacher.shape:
+        raise ValueError(f"student outputs {tuple(student.shape)} and teacher outputs {tuple(teacher.shape)} differ")
+    target = F.softmax(teacher.detach().float() / temperature, dim=-1)
+    log_probs = F.log_softmax(student.float() / temperature, dim=-1)
+    return -(target * log_probs).sum(-1).mean() * temperature**2
+
+
+def _first(batch: Any) -> Any:
+    return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
+class Distillation:
+    """ZSCL's feature-space distillation: a frozen teacher and a cycling stream of reference inputs.
+
+    Args:
+        reference: unlabeled reference inputs: any re-iterable (a ``DataLoader``); it is cycled. Batches that are
+            lists or tuples give their first element (``(inputs, labels)`` loaders work as they are).
+        weight: lambda, the loss weight (1 in the paper's multi-domain setting, 5 class-incremental).
+        temperature: T (2 in the paper).
+        forward: ``forward(module, inputs) -> outputs`` for both teacher and student (e.g. CLIP image features
+            against fixed text features); default ``module(inputs)``.
+        reference_input: maps a reference batch to the model's inputs; default: as described for ``reference``.
+
+    The teacher is the bound module's weights at ``bind`` (or ``teacher=``), kept in the live dtype beside them and
+    evaluated through ``torch.func.functional_call`` in eval mode, so it needs no second model object. The student
+    runs in the module's current mode. ``state_dict`` holds the teacher and how many reference batches were drawn, so
+    a resumed run draws the same next batch when the reference order is deterministic.
+    """
+
+    def __init__(
+        self,
+        reference: Iterable[Any],
+        *,
+        weight: float = 1.0,
+        temperature: float = 2.0,
+        forward: Forward | None = None,
+        reference_input: Callable[[Any], Any] | None = None,
+    ) -> None:
+        if isinstance(reference, (torch.Tensor, str, bytes)) or not isinstance(reference, Iterable):
+            raise TypeError(
+                f"reference={type(reference).__name__} must be a re-iterable of input batches, e.g. a DataLoader"
+            )
+        if isinstance(reference, Iterator):
+            raise TypeError("reference= is an iterator (read once); pass something re-iterable, e.g. a DataLoader")
+        check_number("weight", weight, low=0.0)
+        check_number("temperature", temperature, low=0.0, low_open=True)
+        self.reference = reference
+        self.weight = float(weight)
+        self.temperature = float(temperature)
+        self.forward = forward
+        self.reference_input = reference_input or _first
+        self.teacher: Averager | None = None
+        self._module: nn.Module | None = None
+        self.consumed = 0
+        self._iterator: Iterator[Any] | None = None
+
+    def bind(self, module: nn.Module, source: io.WeightSource | None = None) -> None:
+        """Take the teacher: ``module``'s current weights, or ``source`` (module, state dict or path) if given.
+
+        Binding again (a new task, or a new module object holding the same model) keeps the teacher already taken.
+        """
+        previous = self.teacher
+        self.teacher = Averager(module, Snapshot(), buffers="copy", dtype="live")
+        self._module = module
+        if previous is not None:
+            self.teacher.load_state_dict(previous.state_dict())
+        elif source is not None:
+            self.teacher.load_weights(source, argument="teacher")
+
+    def next_inputs(self, transfer: Callable[[Any], Any] | None = None) -> Any:
+        """The next reference inputs (after ``transfer``, e.g. a move to the model's device)."""
+        if self._iterator is None:
+            self._iterator = iter(self.reference)
+            skip = self.consumed
+            if isinstance(self.reference, Sized) and len(self.reference) > 0:
+                skip %= len(self.reference)
+            self._iterator = islice(self._iterator, skip, None)
+        try:
+            batch = next(self._iterator)
+        except StopIteration:
+            self._iterator = iter(self.reference)
+            try:
+                batch = next(self._iterator)
+            except StopIteration:
+                raise ValueError("reference= yielded no batches") from None
+        self.consumed += 1
+        if transfer is not None:
+            batch = transfer(batch)
+        return self.reference_input(batch)
+
+    def teacher_outputs(self, inputs: Any) -> Any:
+        """The teacher's outputs on ``inputs`` (no gradient, eval mode)."""
+        teacher, module = self._teacher()
+        with torch.no_grad(), eval_mode(module):
+            return call_with(module, teacher.averaged_tensors(), inputs, self.forward)
+
+    def loss(self, transfer: Callable[[Any], Any] | None = None) -> torch.Tensor:
+        """``weight * kd_loss(student, teacher, temperature)`` on the next reference batch."""
+        inputs = self.next_inputs(transfer)
+        teacher = self.teacher_outputs(inputs)
+        _, module = self._teacher()
+        student = self.forward(module, inputs) if self.forward is not None else module(inputs)
+        return self.weight * kd_loss(student, teacher, self.temperature)
+
+    def _teacher(self) -> tuple[Averager, nn.Module]:
+        if self.teacher is None or self._module is None:
+            raise RuntimeError("the distillation teacher is not bound yet (bind(module) first)")
+        return self.teacher, self._module
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"teacher": self._teacher()[0].state_dict(), "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or set(state) != {"teacher", "consumed"}:
+            raise ValueError("state must come from Distillation.state_dict() (keys 'teacher' and 'consumed')")
+        self._teacher()[0].load_state_dict(state["teacher"])
+        self.consumed = int(state["consumed"])
+        self._iterator = None  # the next draw skips what was consumed
+
+
+@dataclass(frozen=True)
+class ContinualMetrics:
+    """ZSCL's summary of a task sequence (accuracies in the matrix's units).
+
+    Attributes:
+        transfer: for each task after the first, its mean accuracy over the stages before it was learned; averaged
+            over those tasks (zero-shot transfer kept; NaN with one task).
+        avg: the mean of every entry (each task over every stage).
+        last: the mean of the final row (every task after the whole sequence).
+    """
+
+    transfer: float
+    avg: float
+    last: float
+
+
+def continual_metrics(matrix: Sequence[Sequence[float]] | torch.Tensor) -> ContinualMetrics:
+    """Transfer / Avg / Last from ``matrix[stage][task]``: the accuracy on ``task`` after learning tasks ``0..stage``.
+
+    Raises:
+        ValueError: unless the matrix is square (one row per learned task, one column per task), non-empty, finite.
+    """
+    table = torch.as_tensor(matrix, dtype=torch.float64)
+    if table.ndim != 2 or table.shape[0] != table.shape[1] or table.numel() == 0:
+        raise ValueError(
+            f"matrix of shape {tuple(table.shape)} must be square and non-empty: matrix[stage][task] for T tasks"
+        )
+    if not torch.isfinite(table).all():
+        raise ValueError("matrix holds NaN or infinite entries")
+    tasks = table.shape[0]
+    before = [table[:task, task].mean() for task in range(1, tasks)]
+    transfer = torch.stack(before).mean().item() if before else float("nan")
+    return ContinualMetrics(transfer=transfer, avg=table.mean().item(), last=table[-1].mean().item())
