@@ -13,10 +13,16 @@ from omegaconf import OmegaConf
 from weightavg.callbacks import AveragingCallback
 from weightavg.config import CONFIGS, ConfigError, instantiate_averaging, register_configs
 
+#: Constructor arguments that are Python callables: no config can hold them.
+CALLABLES = {"bn_input", "forward", "reference_input"}
+
 
 def constructor_parameters(cls: type) -> dict[str, inspect.Parameter]:
-    """Keyword parameters of a callback, its own and the ones it forwards to AveragingCallback."""
-    own = {k: v for k, v in inspect.signature(cls).parameters.items() if v.kind is not v.VAR_KEYWORD}
+    """Keyword parameters of a callback: its own, plus those it forwards to AveragingCallback via ``**options``."""
+    signature = inspect.signature(cls).parameters
+    own = {k: v for k, v in signature.items() if v.kind is not v.VAR_KEYWORD}
+    if not any(v.kind is v.VAR_KEYWORD for v in signature.values()):
+        return own
     shared = {k: v for k, v in inspect.signature(AveragingCallback).parameters.items() if k != "rule"}
     return {**shared, **own}
 
@@ -29,11 +35,15 @@ def test_config_mirrors_the_constructor(name: str) -> None:
     module, _, attr = target.rpartition(".")
     cls = getattr(__import__(module, fromlist=[attr]), attr)
     params = constructor_parameters(cls)
-    configurable = {k for k, v in params.items() if k != "bn_input"}  # a callable cannot live in a config
+    configurable = {k for k in params if k not in CALLABLES}
     assert set(fields) == configurable
+    built = OmegaConf.structured(node)
     for key in fields:
         default = params[key].default
-        assert fields[key].default == default, f"{name}.{key}: config {fields[key].default!r} != {default!r}"
+        value = OmegaConf.to_object(built[key]) if OmegaConf.is_config(built[key]) else built[key]
+        if isinstance(default, tuple):
+            value = tuple(value)
+        assert value == default, f"{name}.{key}: config {value!r} != {default!r}"
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

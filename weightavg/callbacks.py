@@ -418,7 +418,8 @@ class WiSEFT(AveragingCallback):
 
     Args:
         alphas: the grid to evaluate (default 0, 0.1, ..., 1).
-        alpha: a fixed choice (evaluated with the grid); default: the best on ``select_on``.
+        alpha: a fixed choice (evaluated with the grid when a metric is given); default: the best on ``select_on``,
+            or 0.5 (the paper's choice without tuning) when there is no ``monitor``/``metric`` to sweep with.
         select_on: the validation dataloader (index, or a name from ``dataloader_names``) whose metric picks alpha.
         monitor: the metric the module logs in ``validation_step`` (e.g. ``"val_acc"``); the sweep runs Lightning's
             validation loop once per alpha. Other weightavg callbacks stay out of these runs, and loggers receive
@@ -468,6 +469,8 @@ class WiSEFT(AveragingCallback):
             buffers=buffers, include=include, exclude=exclude, device=device, dtype="live",
         )
         grid = check_alphas(alphas)
+        if monitor is None and metric is None and alpha is None:
+            alpha = 0.5  # nothing to measure alphas with: the paper's choice without tuning
         if alpha is not None:
             check_number("alpha", alpha)
             grid = tuple(sorted({*grid, float(alpha)}))
@@ -482,11 +485,6 @@ class WiSEFT(AveragingCallback):
             raise ValueError(f"monitor={monitor!r} must be the name of a logged validation metric")
         if metric is not None and not callable(metric):
             raise TypeError(f"metric={metric!r} must be a torchmetrics.Metric or a function (outputs, targets)")
-        if monitor is None and metric is None and alpha is None:
-            raise ValueError(
-                "WiSEFT needs monitor= (a metric your validation_step logs, e.g. 'val_acc') or metric= (e.g. "
-                "torchmetrics.classification.MulticlassAccuracy(num_classes=10)) to choose alpha, or a fixed alpha="
-            )
         if dataloader_names is not None:
             names = list(dataloader_names)
             if not names or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):

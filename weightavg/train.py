@@ -7,6 +7,9 @@ Examples::
     python -m weightavg.train averaging=swa averaging.start=0.5
     python -m weightavg.train averaging=ema +averaging@extra_averaging.swa=swa   # several averagers at once
     python -m weightavg.train data.name=fashion_mnist           # needs Debian's dataset-fashion-mnist
+    python -m weightavg.train averaging=none                    # pretrain; the final model is model.safetensors
+    python -m weightavg.train averaging=wiseft data.shift=invert model.init_from=PATH   # WiSE-FT from PATH
+    python -m weightavg.train averaging=zscl data.shift=invert model.init_from=PATH     # ZSCL, distilling PATH
 
 It prints the test accuracy of the live weights and of each average, and writes each average as safetensors.
 """
@@ -27,8 +30,9 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from weightavg.callbacks import AveragingCallback
+from weightavg.callbacks import ZSCL, AveragingCallback, WiSEFT
 from weightavg.config import ConfigError, instantiate_averaging, register_configs
+from weightavg.core.io import read_weights, save_safetensors
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -38,6 +42,8 @@ class DataConfig:
     name: str = "digits"  # digits (scikit-learn, embedded) or fashion_mnist (Debian's dataset-fashion-mnist)
     batch_size: int = 32
     train_size: int | None = None  # cap on training examples (None: all)
+    shift: str = "none"  # none, or invert (1 - x): a second domain; validation then also reports the original one
+    reference_size: int = 256  # unlabeled inputs ZSCL distills on (from the original domain's training inputs)
 
 
 @dataclass
@@ -45,6 +51,7 @@ class ModelConfig:
     hidden: int = 128
     lr: float = 0.3  # a constant, fairly high rate: the regime where averaging the noisy iterates pays
     momentum: float = 0.9
+    init_from: str | None = None  # start from these weights (safetensors or checkpoint), e.g. an earlier export
 
 
 @dataclass
@@ -128,9 +135,9 @@ class Classifier(pl.LightningModule):
         x, y = batch
         loss = nn.functional.cross_entropy(self(x), y)
         self.log("train_loss", loss)
-        return loss
+        return loss + ZSCL.distillation_loss(self)  # zero unless a ZSCL callback distills
 
-    def validation_step(self, batch: Split, batch_idx: int) -> None:
+    def validation_step(self, batch: Split, batch_idx: int, dataloader_idx: int = 0) -> None:
         x, y = batch
         self.log("val_acc", (self(x).argmax(-1) == y).float().mean(), prog_bar=True)
 
@@ -164,12 +171,28 @@ class _LiveSnapshot(pl.Callback):
         self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
 
 
-def build_averagers(cfg: DictConfig, output_dir: Path) -> dict[str, AveragingCallback]:
-    """Instantiate ``averaging`` and every ``extra_averaging`` entry, defaulting each export path into the run dir."""
+def build_averagers(
+    cfg: DictConfig, output_dir: Path, reference: DataLoader[Any] | None = None, val_names: list[str] | None = None
+) -> dict[str, AveragingCallback]:
+    """Instantiate ``averaging`` and every ``extra_averaging`` entry, defaulting each export path into the run dir.
+
+    WiSE-FT sweeps on the app's ``val_acc`` unless told otherwise; ZSCL distills on ``reference`` when given.
+    """
     nodes = {"averaging": cfg.averaging, **{f"extra_averaging.{k}": v for k, v in cfg.extra_averaging.items()}}
     callbacks: dict[str, AveragingCallback] = {}
     for where, node in nodes.items():
-        callback = instantiate_averaging(node, where=where)
+        overrides: dict[str, Any] = {}
+        target = node.get("_target_", "") if node is not None else ""
+        if target.endswith(".WiSEFT"):
+            if node.get("monitor") is None and node.get("metric") is None and node.get("alpha") is None:
+                overrides["monitor"] = "val_acc"
+            if node.get("dataloader_names") is None:
+                overrides["dataloader_names"] = val_names
+            if node.get("figure_path") is None:
+                overrides["figure_path"] = str(output_dir / f"{where.replace('extra_averaging.', '')}.png")
+        if target.endswith(".ZSCL") and node.get("reference") is None and reference is not None:
+            overrides["reference"] = reference
+        callback = instantiate_averaging(node, where=where, **overrides)
         if callback is None:
             continue
         if callback.export_path is None:
@@ -184,17 +207,39 @@ def run(cfg: DictConfig) -> dict[str, float]:
     """Train as configured; return test accuracy of the live weights and of each average."""
     pl.seed_everything(cfg.seed, verbose=False)
     output_dir = Path(cfg.output_dir)
-    averagers = build_averagers(cfg, output_dir)
     try:
         train, val, test = load_dataset(cfg.data.name)
     except (ValueError, FileNotFoundError) as error:
         raise ConfigError(str(error)) from error
+    if cfg.data.shift not in ("none", "invert"):
+        raise ConfigError(f"data.shift={cfg.data.shift!r} is not a shift; choose 'none' or 'invert'")
+    # Unlabeled reference inputs for ZSCL: the original domain's training inputs (only with pretrained weights:
+    # distilling toward a random initialisation would only hold training back).
+    reference_x = train[0][-cfg.data.reference_size :] if cfg.data.reference_size > 0 else None
+    original_val = val
+    if cfg.data.shift == "invert":
+        train, val, test = ((1.0 - x, y) for x, y in (train, val, test))
     if cfg.data.train_size is not None:
         train = (train[0][: cfg.data.train_size], train[1][: cfg.data.train_size])
     loader_gen = torch.Generator().manual_seed(cfg.seed)
     train_loader = DataLoader(TensorDataset(*train), batch_size=cfg.data.batch_size, shuffle=True, generator=loader_gen)
-    val_loader = DataLoader(TensorDataset(*val), batch_size=1024)
-    model = Classifier(train[0].shape[1], 10, **OmegaConf.to_container(cfg.model))  # type: ignore[arg-type]
+    val_loaders = [DataLoader(TensorDataset(*val), batch_size=1024)]
+    val_names = ["val"]
+    if cfg.data.shift != "none":
+        val_loaders.append(DataLoader(TensorDataset(*original_val), batch_size=1024))
+        val_names.append("val_original")
+    reference = None
+    if reference_x is not None and cfg.model.init_from is not None:
+        reference = DataLoader(TensorDataset(reference_x), batch_size=cfg.data.batch_size)
+    averagers = build_averagers(cfg, output_dir, reference, val_names)
+    model_options: dict[str, Any] = OmegaConf.to_container(cfg.model)  # type: ignore[assignment]
+    init_from = model_options.pop("init_from")
+    model = Classifier(train[0].shape[1], 10, **model_options)
+    if init_from is not None:
+        try:
+            model.load_state_dict(read_weights(init_from, argument="model.init_from"))
+        except (FileNotFoundError, ValueError, RuntimeError) as error:
+            raise ConfigError(str(error)) from error
     snapshot = _LiveSnapshot()
     trainer = pl.Trainer(
         **OmegaConf.to_container(cfg.trainer),  # type: ignore[arg-type]
@@ -205,13 +250,20 @@ def run(cfg: DictConfig) -> dict[str, float]:
         enable_model_summary=False,
         default_root_dir=str(output_dir),
     )
-    trainer.fit(model, train_loader, val_loader)
+    trainer.fit(model, train_loader, val_loaders)
 
     results: dict[str, float] = {}
     for where, callback in averagers.items():
-        if callback.averager is not None and callback.averager.has_average:
+        if isinstance(callback, WiSEFT) and callback.averager is not None and callback.alpha is not None:
+            with callback.averager.blended(callback.alpha):
+                results[f"{where} WiSEFT(alpha={callback.alpha:g})"] = accuracy(model, test)
+            with callback.averager.blended(0.0):
+                results[f"{where} WiSE-FT anchor (alpha=0)"] = accuracy(model, test)
+        elif callback.averager is not None and callback.averager.has_average:
             with callback.averager.averaged():
                 results[f"{where} {callback.rule!r}"] = accuracy(model, test)
+    final = output_dir / "model.safetensors"
+    save_safetensors(model.state_dict(), final)  # what the model ends with (an average, when one applies at end)
     model.load_state_dict(snapshot.state)
     results = {"live": accuracy(model, test), **results}
     width = max(len(k) for k in results)
@@ -223,6 +275,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             print(f"averaged weights of {callback.name}: {callback.export_path}")
         else:
             print(f"{callback.name} never updated (its start was not reached): nothing written")
+    print(f"final model (model.init_from= for a next run): {final}")
     return results
 
 

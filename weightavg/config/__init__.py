@@ -7,10 +7,12 @@ so a bad value fails with a message that names the field and its allowed range.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+
+from weightavg.methods.wiseft import ALPHAS
 
 GROUP = "averaging"
 
@@ -63,10 +65,49 @@ class SWAConfig(AveragingConfig):
     bn_batches: int | None = None
 
 
+@dataclass
+class WiSEFTConfig:
+    """``averaging=wiseft``: ``weightavg.callbacks.WiSEFT`` (``metric`` may be a ``_target_`` node, e.g. a
+    torchmetrics metric)."""
+
+    _target_: str = "weightavg.callbacks.WiSEFT"
+    alphas: list[float] = field(default_factory=lambda: list(ALPHAS))
+    alpha: float | None = None
+    select_on: Any = 0
+    monitor: str | None = None
+    mode: str = "max"
+    metric: Any = None
+    dataloader_names: list[str] | None = None
+    anchor: str | None = None
+    apply_at_end: bool = True
+    export_path: str | None = None
+    figure_path: str | None = None
+    name: str | None = None
+    buffers: str = "average"
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    device: str | None = None
+
+
+@dataclass
+class ZSCLConfig(AveragingConfig):
+    """``averaging=zscl``: ``weightavg.callbacks.ZSCL`` (``reference`` may be a ``_target_`` node building a
+    DataLoader; an app can also pass it when instantiating)."""
+
+    _target_: str = "weightavg.callbacks.ZSCL"
+    every_n_steps: int = 100
+    reference: Any = None
+    distill_weight: float = 1.0
+    temperature: float = 2.0
+    teacher: str | None = None
+
+
 #: The shipped options of the ``averaging`` group: name -> (config class, one-line description).
 CONFIGS: dict[str, tuple[type, str]] = {
     "ema": (EMAConfig, "exponential moving average of the weights"),
     "swa": (SWAConfig, "stochastic weight averaging (equal-weight average after a start point)"),
+    "wiseft": (WiSEFTConfig, "WiSE-FT: interpolate the weights at fit start and the fine-tuned ones, pick alpha"),
+    "zscl": (ZSCLConfig, "ZSCL: weight ensemble per task (+ distillation from the original model)"),
 }
 
 
@@ -82,8 +123,9 @@ def register_configs(store: ConfigStore | None = None) -> ConfigStore:
     return store
 
 
-def instantiate_averaging(config: Any, *, where: str = GROUP) -> Any:
-    """Build the callback an ``averaging`` config describes; ``None`` for the ``none`` option.
+def instantiate_averaging(config: Any, *, where: str = GROUP, **overrides: Any) -> Any:
+    """Build the callback an ``averaging`` config describes; ``None`` for the ``none`` option. ``overrides`` are
+    passed to the constructor (objects a config cannot hold, e.g. ZSCL's ``reference`` DataLoader).
 
     Raises:
         ConfigError: naming ``where`` (the config path) and the offending field, for any invalid value.
@@ -94,11 +136,11 @@ def instantiate_averaging(config: Any, *, where: str = GROUP) -> Any:
     if config is None or "_target_" not in config:
         return None
     try:
-        return instantiate(config)
+        return instantiate(config, **overrides)
     except InstantiationException as error:
         cause = error.__cause__ or error
         raise ConfigError(f"{where}: {cause}") from cause
 
 
-__all__ = ["CONFIGS", "ConfigError", "GROUP", "AveragingConfig", "EMAConfig", "SWAConfig", "instantiate_averaging",
-           "register_configs"]
+__all__ = ["CONFIGS", "ConfigError", "GROUP", "AveragingConfig", "EMAConfig", "SWAConfig", "WiSEFTConfig",
+           "ZSCLConfig", "instantiate_averaging", "register_configs"]
