@@ -1,11 +1,11 @@
-"""weightavg: weight averaging (EMA, SWA, ...) as a one-line, near-free addition to a PyTorch training run.
+"""weightavg: weight averaging (EMA, SWA, WiSE-FT, ZSCL, ...) as a one-line, near-free addition to a PyTorch training run.
 
 Faces: ``weightavg.callbacks`` (Lightning), ``weightavg.optim`` (plain loops), ``weightavg.config`` (Hydra).
 """
 
-from weightavg.core import Averager, Clock, Rule, load_into_module
-from weightavg.methods import EMA, SWA
+from weightavg.core import Averager, Clock, Rule, Snapshot, load_into_module
+from weightavg.methods import EMA, SWA, ZSCL
 
 __version__ = "0.1.0"
 
-__all__ = ["EMA", "SWA", "Averager", "Clock", "Rule", "__version__", "load_into_module"]
+__all__ = ["EMA", "SWA", "ZSCL", "Averager", "Clock", "Rule", "Snapshot", "__version__", "load_into_module"]

@@ -185,7 +185,7 @@ def run_seed(seed: int, args: argparse.Namespace, digits: Split, mnist: Split) -
             loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             schedule.step()
-            total, count = total + float(loss) * len(batch), count + len(batch)
+            total, count = total + float(loss.detach()) * len(batch), count + len(batch)
         losses.append(total / count)
     train_s = time.perf_counter() - start
     theta_1 = {name: t.detach().clone() for name, t in model.state_dict().items()}
@@ -233,22 +233,47 @@ def linear_gap(curve: Sequence[float]) -> list[float]:
     return [acc - ((1 - a) * curve[0] + a * curve[-1]) for a, acc in zip(ALPHAS, curve, strict=True)]
 
 
+def frontier_gap(id_curve: Sequence[float], shift_curve: Sequence[float]) -> list[float]:
+    """Shifted accuracy minus the chord from (ID(0), shift(0)) to (ID(1), shift(1)) in the ID-vs-shifted plane, at each
+    alpha's ID accuracy (the paper's picture; the chord is extended when ID(alpha) passes ID(1))."""
+    id0, id1, s0, s1 = id_curve[0], id_curve[-1], shift_curve[0], shift_curve[-1]
+    slope = (s1 - s0) / (id1 - id0) if id1 != id0 else math.nan
+    return [s - (s0 + slope * (i - id0)) for i, s in zip(id_curve, shift_curve, strict=True)]
+
+
+def stats(per_seed: Sequence[Sequence[float]]) -> dict[str, list[Any]]:
+    """Per alpha: mean and sample std over seeds, and how many seeds are above zero."""
+    columns = list(zip(*per_seed, strict=True))
+    return {"mean_std": [mean_std(c) for c in columns], "positive_seeds": [sum(v > 0 for v in c) for c in columns]}
+
+
 def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     names = (*SETS, "shift_mean")
-    summary: dict[str, Any] = {"accuracy": {}, "gap_vs_linear": {}, "gap_positive_seeds": {}}
+    curves = {name: [run["curves"][name] for run in runs] for name in names}
+    summary: dict[str, Any] = {
+        "accuracy": {name: stats(curves[name])["mean_std"] for name in names},
+        "gap_vs_linear": {name: stats([linear_gap(c) for c in curves[name]]) for name in names},
+        "frontier_gap": {
+            name: stats([frontier_gap(i, s) for i, s in zip(curves[ID], curves[name], strict=True)])
+            for name in (*SHIFTS, "shift_mean")
+        },
+    }
+    # alpha = 0.5 (no tuning) and alpha picked on held-out ID data (the paper's recipe), against alpha = 1, per seed.
+    picks: dict[str, Any] = {"alphas_chosen_on_val": [run["alpha_chosen_on_val"] for run in runs]}
+    half = ALPHAS.index(0.5)
     for name in names:
-        per_seed = [run["curves"][name] for run in runs]
-        gaps = [linear_gap(curve) for curve in per_seed]
-        summary["accuracy"][name] = [mean_std([c[i] for c in per_seed]) for i in range(len(ALPHAS))]
-        summary["gap_vs_linear"][name] = [mean_std([g[i] for g in gaps]) for i in range(len(ALPHAS))]
-        summary["gap_positive_seeds"][name] = [sum(g[i] > 0 for g in gaps) for i in range(len(ALPHAS))]
-    # Picking alpha on held-out ID data (the paper's recipe), against the fine-tuned endpoint (alpha = 1), per seed.
-    chosen: dict[str, Any] = {"alphas": [run["alpha_chosen_on_val"] for run in runs]}
-    for name in names:
-        at_chosen = [run["curves"][name][ALPHAS.index(run["alpha_chosen_on_val"])] for run in runs]
-        diff = [a - run["curves"][name][-1] for a, run in zip(at_chosen, runs, strict=True)]
-        chosen[name] = {"accuracy": mean_std(at_chosen), "minus_fine_tuned": mean_std(diff)}
-    summary["alpha_chosen_on_val"] = chosen
+        at_val = [c[ALPHAS.index(run["alpha_chosen_on_val"])] for c, run in zip(curves[name], runs, strict=True)]
+        minus_half = [[c[half] - c[-1]] for c in curves[name]]
+        minus_val = [[a - c[-1]] for a, c in zip(at_val, curves[name], strict=True)]
+        picks[name] = {
+            "zero_shot": mean_std([c[0] for c in curves[name]]),
+            "fine_tuned": mean_std([c[-1] for c in curves[name]]),
+            "alpha_0.5": mean_std([c[half] for c in curves[name]]),
+            "alpha_val": mean_std(at_val),
+            "alpha_0.5_minus_fine_tuned": {k: v[0] for k, v in stats(minus_half).items()},
+            "alpha_val_minus_fine_tuned": {k: v[0] for k, v in stats(minus_val).items()},
+        }
+    summary["picks"] = picks
     return summary
 
 
@@ -258,61 +283,93 @@ def pct(pair: Sequence[float], signed: bool = False) -> str:
 
 
 def table(summary: Mapping[str, Any], n_seeds: int) -> str:
+    """Markdown: accuracy per alpha; the two gaps to the straight line; alpha = 0.5 / val-chosen vs fine-tuned."""
     names = (*SETS, "shift_mean")
-    head = "| alpha | " + " | ".join(LABELS[n] for n in names) + " |"
-    lines = [head, "|" + "---|" * (len(names) + 1)]
-    acc, gap = summary["accuracy"], summary["gap_vs_linear"]
+
+    def header(columns: Sequence[str]) -> list[str]:
+        return ["| alpha | " + " | ".join(LABELS[n] for n in columns) + " |", "|" + "---|" * (len(columns) + 1)]
+
+    def signed(entry: Mapping[str, Any], i: int) -> str:
+        return f"{pct(entry['mean_std'][i], signed=True)} ({entry['positive_seeds'][i]}/{n_seeds})"
+
+    lines = [f"Accuracy (%), mean ± sample std over {n_seeds} seeds:", "", *header(names)]
     for i, alpha in enumerate(ALPHAS):
-        lines.append(f"| {alpha:.1f} | " + " | ".join(pct(acc[n][i]) for n in names) + " |")
-    lines += ["", "Gap to the straight line between the endpoints (points; seeds with a positive gap in brackets):", ""]
-    lines += [head, lines[1]]
+        lines.append(f"| {alpha:.1f} | " + " | ".join(pct(summary["accuracy"][n][i]) for n in names) + " |")
+    lines += ["", "Accuracy minus the straight line (1 - alpha) acc(0) + alpha acc(1), in points "
+              "(seeds above zero in brackets):", "", *header(names)]
     for i, alpha in enumerate(ALPHAS[1:-1], start=1):
-        cells = [f"{pct(gap[n][i], signed=True)} ({summary['gap_positive_seeds'][n][i]}/{n_seeds})" for n in names]
-        lines.append(f"| {alpha:.1f} | " + " | ".join(cells) + " |")
-    chosen = summary["alpha_chosen_on_val"]
-    lines += ["", f"alpha chosen on the ID validation split, per seed: {chosen['alphas']}", ""]
-    lines += ["| test set | accuracy at the chosen alpha | minus fine-tuned (alpha = 1) |", "|---|---|---|"]
+        lines.append(f"| {alpha:.1f} | " + " | ".join(signed(summary["gap_vs_linear"][n], i) for n in names) + " |")
+    shifted = (*SHIFTS, "shift_mean")
+    lines += ["", "Shifted accuracy minus the chord between the endpoints in the ID-vs-shifted plane, at the same ID "
+              "accuracy, in points (seeds above zero in brackets):", "", *header(shifted)]
+    for i, alpha in enumerate(ALPHAS[1:-1], start=1):
+        lines.append(f"| {alpha:.1f} | " + " | ".join(signed(summary["frontier_gap"][n], i) for n in shifted) + " |")
+    picks = summary["picks"]
+    lines += ["", f"alpha chosen on the 147-image ID validation split (ties to the smaller alpha), per seed: "
+              f"{picks['alphas_chosen_on_val']}", ""]
+    lines += ["| test set | zero-shot (alpha 0) | fine-tuned (alpha 1) | alpha 0.5 | alpha 0.5 - fine-tuned "
+              "| val-chosen alpha | val-chosen - fine-tuned |", "|---|---|---|---|---|---|---|"]
     for n in names:
-        lines.append(f"| {LABELS[n]} | {pct(chosen[n]['accuracy'])} | {pct(chosen[n]['minus_fine_tuned'], True)} |")
+        p = picks[n]
+        d_half, d_val = p["alpha_0.5_minus_fine_tuned"], p["alpha_val_minus_fine_tuned"]
+        lines.append(
+            f"| {LABELS[n]} | {pct(p['zero_shot'])} | {pct(p['fine_tuned'])} | {pct(p['alpha_0.5'])} "
+            f"| {pct(d_half['mean_std'], True)} ({d_half['positive_seeds']}/{n_seeds}) | {pct(p['alpha_val'])} "
+            f"| {pct(d_val['mean_std'], True)} ({d_val['positive_seeds']}/{n_seeds}) |"
+        )
     return "\n".join(lines)
 
 
 def plot(summary: Mapping[str, Any], n_seeds: int, path: Path) -> None:
+    """2x2: accuracy vs alpha (digits sets; MNIST on its own scale), gap to the straight line, ID-vs-shift frontier."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
-    colors = dict(zip(SETS, ("tab:blue", "tab:orange", "tab:green", "tab:red"), strict=True))
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9.5))
+    colors = dict(zip((*SETS, "shift_mean"), ("tab:blue", "tab:orange", "tab:green", "tab:red", "black"), strict=True))
     alphas = np.array(ALPHAS)
-    for name in SETS:
-        mean = np.array([m for m, _ in summary["accuracy"][name]]) * 100
-        std = np.array([s for _, s in summary["accuracy"][name]]) * 100
-        left.plot(alphas, mean, "o-", color=colors[name], label=LABELS[name], markersize=4)
-        left.fill_between(alphas, mean - std, mean + std, color=colors[name], alpha=0.2)
-        left.plot([0, 1], [mean[0], mean[-1]], "--", color=colors[name], linewidth=1)
-    left.set_xlabel("alpha  (0 = pretrained theta_0, 1 = fine-tuned theta_1)")
-    left.set_ylabel("accuracy (%)")
-    left.set_title(f"WiSE-FT accuracy vs alpha (mean ± std, {n_seeds} seeds; dashed: endpoints joined)")
-    left.legend(loc="lower center", fontsize=8)
-    left.grid(alpha=0.3)
 
+    def band(ax: Any, name: str, pairs: Sequence[Sequence[float]], endpoints: bool) -> None:
+        mean = np.array([m for m, _ in pairs]) * 100
+        std = np.array([s for _, s in pairs]) * 100
+        ax.plot(alphas, mean, "o-", color=colors[name], label=LABELS[name], markersize=4)
+        ax.fill_between(alphas, mean - std, mean + std, color=colors[name], alpha=0.15)
+        if endpoints:
+            ax.plot([0, 1], [mean[0], mean[-1]], "--", color=colors[name], linewidth=1)
+
+    xlabel = "alpha  (0 = pretrained theta_0, 1 = fine-tuned theta_1)"
+    ax = axes[0, 0]
+    for name in (ID, "rot30", "noise"):
+        band(ax, name, summary["accuracy"][name], endpoints=True)
+    ax.set(xlabel=xlabel, ylabel="accuracy (%)", title=f"Digits test sets (mean ± std over {n_seeds} seeds)")
+    ax = axes[0, 1]
+    band(ax, "mnist5k", summary["accuracy"]["mnist5k"], endpoints=True)
+    ax.set(xlabel=xlabel, ylabel="accuracy (%)", title="MNIST 5k: theta_0's own domain (forgetting)")
+    ax = axes[1, 0]
+    for name in (*SETS, "shift_mean"):
+        band(ax, name, summary["gap_vs_linear"][name]["mean_std"], endpoints=False)
+    ax.axhline(0, color="grey", linewidth=1)
+    ax.set(xlabel=xlabel, ylabel="accuracy - straight line (points)",
+           title="Gain over the straight line between the endpoints (per-seed, then mean ± std)")
+    ax = axes[1, 1]
     id_mean = np.array([m for m, _ in summary["accuracy"][ID]]) * 100
-    for name in SHIFTS:
+    for name in ("rot30", "noise", "shift_mean"):
         mean = np.array([m for m, _ in summary["accuracy"][name]]) * 100
-        right.plot(id_mean, mean, "o-", color=colors[name], label=LABELS[name], markersize=4)
-        right.plot([id_mean[0], id_mean[-1]], [mean[0], mean[-1]], "--", color=colors[name], linewidth=1)
+        ax.plot(id_mean, mean, "o-", color=colors[name], label=LABELS[name], markersize=4)
+        ax.plot([id_mean[0], id_mean[-1]], [mean[0], mean[-1]], "--", color=colors[name], linewidth=1)
         for i in (0, 5, 10):
-            right.annotate(f"{ALPHAS[i]:g}", (id_mean[i], mean[i]), textcoords="offset points", xytext=(4, 4),
-                           fontsize=7, color=colors[name])
-    right.set_xlabel("ID accuracy (%), digits test")
-    right.set_ylabel("shifted accuracy (%)")
-    right.set_title("ID vs shifted accuracy along alpha (labels: alpha)")
-    right.legend(loc="lower left", fontsize=8)
-    right.grid(alpha=0.3)
+            ax.annotate(f"{ALPHAS[i]:g}", (id_mean[i], mean[i]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7, color=colors[name])
+    ax.set(xlabel="ID accuracy (%), digits test", ylabel="shifted accuracy (%)",
+           title="ID vs shifted accuracy along alpha (point labels: alpha)")
+    for ax in axes.flat:
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle("WiSE-FT: ccexam MNISTNet (theta_0) fine-tuned on sklearn digits (theta_1); dashed: endpoints joined")
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 

@@ -393,7 +393,7 @@ def test_read_weights_errors(tmp_path: Path) -> None:
 
 
 def test_save_model_writes_the_blend_in_the_model(tmp_path: Path) -> None:
-    model, averager, anchor, live = anchored()
+    _, averager, anchor, live = anchored()
     averager.blend(0.3)
     path = averager.save_model(tmp_path / "blend.safetensors")
     averager.swap()

@@ -5,12 +5,12 @@ alpha-grid helpers."""
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
@@ -303,7 +303,7 @@ def test_diagonal_fisher_argument_errors() -> None:
 # ---------------------------------------------------------------------------------------------- alpha grid
 def test_alphas_grid_is_the_papers() -> None:
     assert len(ALPHAS) == 11 and ALPHAS[0] == 0.0 and ALPHAS[-1] == 1.0
-    assert all(math.isclose(b - a, 0.1, abs_tol=1e-12) for a, b in zip(ALPHAS, ALPHAS[1:], strict=False))
+    assert all(math.isclose(b - a, 0.1, abs_tol=1e-12) for a, b in itertools.pairwise(ALPHAS))
     assert ALPHAS[5] == 0.5
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import io
+import itertools
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from weightavg import Averager
 from weightavg.core.rule import Clock
@@ -126,7 +127,7 @@ def test_jumping_step_counter_keeps_the_interval_in_elapsed_steps(interval: int,
                 for name in theta
             }
     assert_average(averager, theta_hat)
-    gaps = {b - a for a, b in zip(merges, merges[1:], strict=False)}
+    gaps = {b - a for a, b in itertools.pairwise(merges)}
     assert gaps == {stride * math.ceil(interval / stride)}
 
 
@@ -291,16 +292,41 @@ class Reiterable:
         return iter(self.batches)
 
 
-@pytest.mark.parametrize("kind", ["list", "loader", "unsized"])
+class Stream(IterableDataset):
+    """A streaming dataset (no ``len``), the usual source of a DataLoader over unlabeled data."""
+
+    def __init__(self, batches: list[torch.Tensor]) -> None:
+        self.rows = torch.cat(batches)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(self.rows)
+
+
+def reference_of(kind: str, batches: list[torch.Tensor]) -> object:
+    """The same batches of 5 as a list, a map-style loader, a re-iterable without len, or a streaming loader."""
+    if kind == "list":
+        return batches
+    if kind == "loader":
+        return DataLoader(TensorDataset(torch.cat(batches)), batch_size=5)
+    if kind == "unsized":
+        return Reiterable(batches)
+    return DataLoader(Stream(batches), batch_size=5)
+
+
+@pytest.mark.parametrize("kind", ["list", "loader", "unsized", "stream"])
+def test_reference_sources_are_cycled(kind: str) -> None:
+    batches = inputs(3, seed=5)
+    distillation = Distillation(reference_of(kind, batches))  # type: ignore[arg-type]
+    distillation.bind(plain_net(0))
+    for call in range(7):
+        assert torch.equal(distillation.next_inputs(), batches[call % 3]), call
+
+
+@pytest.mark.parametrize("kind", ["list", "loader", "unsized", "stream"])
 @pytest.mark.parametrize("consumed", [2, 4, 7])
 def test_state_round_trip_resumes_at_the_same_next_batch(kind: str, consumed: int) -> None:
     batches = inputs(3, seed=5)
-    if kind == "list":
-        reference: object = batches
-    elif kind == "loader":
-        reference = DataLoader(TensorDataset(torch.cat(batches)), batch_size=5)
-    else:
-        reference = Reiterable(batches)
+    reference = reference_of(kind, batches)
     model = plain_net(0)
     original = Distillation(reference, weight=2.0)  # type: ignore[arg-type]
     original.bind(model)

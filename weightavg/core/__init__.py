@@ -3,6 +3,6 @@
 from weightavg.core.averager import Averager
 from weightavg.core.binding import BufferPolicy, Entry
 from weightavg.core.io import load_into_module
-from weightavg.core.rule import Clock, Rule
+from weightavg.core.rule import Clock, Rule, Snapshot
 
-__all__ = ["Averager", "BufferPolicy", "Clock", "Entry", "Rule", "load_into_module"]
+__all__ = ["Averager", "BufferPolicy", "Clock", "Entry", "Rule", "Snapshot", "load_into_module"]

@@ -2,5 +2,6 @@
 
 from weightavg.methods.ema import EMA
 from weightavg.methods.swa import SWA
+from weightavg.methods.zscl import ZSCL
 
-__all__ = ["EMA", "SWA"]
+__all__ = ["EMA", "SWA", "ZSCL"]
