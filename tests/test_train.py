@@ -22,7 +22,7 @@ def run_app(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess[str]
 def accuracy_table(stdout: str) -> dict[str, float]:
     rows = stdout.split("test accuracy", 1)[1].splitlines()[1:]
     return {line.rsplit(maxsplit=1)[0]: float(line.rsplit(maxsplit=1)[1]) for line in rows if line[:1].isalnum()
-            and not line.startswith("averaged weights")}
+            and not line.startswith(("averaged weights", "final model"))}
 
 
 def test_app_trains_with_several_averagers_and_writes_them(tmp_path: Path) -> None:
@@ -55,4 +55,35 @@ def test_no_averaging_option_in_process(tmp_path: Path) -> None:
     with initialize(version_base=None, config_path=None):
         cfg = compose("weightavg_train", overrides=["averaging=none", "trainer.max_epochs=1", f"output_dir={tmp_path}"])
     assert list(run(cfg)) == ["live"]
-    assert not list(tmp_path.glob("*.safetensors"))
+    assert [p.name for p in tmp_path.glob("*.safetensors")] == ["model.safetensors"]  # only the final model
+
+
+def test_wiseft_and_zscl_from_a_pretrained_run_on_a_shifted_domain(tmp_path: Path) -> None:
+    from hydra import compose, initialize
+
+    from weightavg.train import register_train_configs, run
+
+    register_train_configs()
+    with initialize(version_base=None, config_path=None):
+        cfg = compose("weightavg_train", overrides=["averaging=none", "trainer.max_epochs=2",
+                                                    f"output_dir={tmp_path / 'pretrain'}"])
+    run(cfg)
+    pretrained = tmp_path / "pretrain" / "model.safetensors"
+
+    wiseft = run_app(tmp_path / "wiseft", "averaging=wiseft", "data.shift=invert", f"model.init_from={pretrained}",
+                     "trainer.max_epochs=1")
+    assert wiseft.returncode == 0, wiseft.stderr[-3000:]
+    table = accuracy_table(wiseft.stdout)
+    chosen = next(key for key in table if key.startswith("averaging WiSEFT(alpha="))
+    assert "averaging WiSE-FT anchor (alpha=0)" in table and chosen
+    assert (tmp_path / "wiseft" / "averaging.png").is_file()
+    assert "val_original" in wiseft.stderr + wiseft.stdout  # the sweep reports both validation sets
+
+    zscl = run_app(tmp_path / "zscl", "averaging=zscl", "averaging.every_n_steps=5", "data.shift=invert",
+                   f"model.init_from={pretrained}", "trainer.max_epochs=1")
+    assert zscl.returncode == 0, zscl.stderr[-3000:]
+    assert set(accuracy_table(zscl.stdout)) == {"live", "averaging ZSCL(every_n_steps=5)"}
+    model = Classifier(64, 10)
+    load_into_module(model, tmp_path / "zscl" / "averaging.safetensors")
+    bad = run_app(tmp_path / "bad", "averaging=wiseft", "model.init_from=/nonexistent.safetensors")
+    assert bad.returncode == 2 and "model.init_from='/nonexistent.safetensors'" in bad.stderr

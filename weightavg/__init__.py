@@ -1,4 +1,4 @@
-"""weightavg: weight averaging (EMA, SWA, WiSE-FT, ZSCL, ...) as a one-line, near-free addition to a PyTorch training run.
+"""weightavg: weight averaging (EMA, SWA, WiSE-FT, ZSCL, ...) as a one-line, near-free addition to training.
 
 Faces: ``weightavg.callbacks`` (Lightning), ``weightavg.optim`` (plain loops), ``weightavg.config`` (Hydra).
 """

@@ -13,7 +13,7 @@ own training and test images and the same 10-way head:
 
     0. ``digits``:   scikit-learn's 8x8 handwritten digits (a different writer population and scanner), upscaled to
                      MNIST's 20x20 box and padded to 28x28;
-    1. ``rotated``:  MNIST digits rotated by a fixed random angle in +-[45, 90] degrees per image;
+    1. ``rotated``:  MNIST digits rotated counterclockwise by a fixed random angle in [45, 90] degrees per image;
     2. ``inverted``: MNIST digits with inverted intensities (white background);
     3. ``noisy``:    MNIST digits plus fixed Gaussian pixel noise (sigma 0.6), clipped to [0, 1].
 
@@ -168,9 +168,7 @@ def build_tasks(names: list[str]) -> tuple[list[Task], Split]:
 
     def shifted(name: str, images: torch.Tensor) -> torch.Tensor:
         if name == "rotated":
-            magnitude = 45 + 45 * torch.rand(len(images), generator=gen)
-            sign = torch.randint(0, 2, (len(images),), generator=gen) * 2 - 1
-            return rotate(images, magnitude * sign)
+            return rotate(images, 45 + 45 * torch.rand(len(images), generator=gen))
         if name == "inverted":
             return 1.0 - images
         if name == "noisy":
@@ -258,6 +256,8 @@ def run_variant(
                 loss = loss + zscl.distillation_loss()
             opt.zero_grad()
             loss.backward()
+            if args.clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), args.clip)
             opt.step()
             losses.append(loss.item())
         final_losses.append(statistics.fmean(losses[-20:]))
@@ -417,6 +417,7 @@ def main() -> None:
     parser.add_argument("--ref-images", type=int, default=5000, help="Fashion-MNIST reference images")
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--clip", type=float, default=5.0, help="gradient-norm clip, all variants (0: none)")
     parser.add_argument("--every", type=int, default=10, help="I: merge into the ensemble every I steps")
     parser.add_argument("--distill-weight", type=float, default=1.0, help="lambda")
     parser.add_argument("--threads", type=int, default=1)

@@ -19,10 +19,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from tests.faces.test_callbacks import LiveAtEnd, Recorder, assert_close
 from tests.helpers import DigitsModule, digits_loaders, digits_tensors, small_net, trainer
 from weightavg import load_into_module
-from weightavg.callbacks import EMA, LIVE_KEY, WiSEFT, ZSCL
+from weightavg.callbacks import EMA, LIVE_KEY, ZSCL, WiSEFT
 from weightavg.methods.zscl import kd_loss
-from weightavg.optim import WiSEFT as WiSEFTOptimizer
 from weightavg.optim import ZSCL as ZSCLOptimizer
+from weightavg.optim import WiSEFT as WiSEFTOptimizer
 
 
 def shifted_loader() -> DataLoader:
@@ -87,7 +87,8 @@ def test_wiseft_sweeps_every_alpha_on_every_loader_and_keeps_the_best(tmp_path: 
         assert torch.equal(value, exported.state_dict()[key]), key
     assert (tmp_path / "curve.png").stat().st_size > 0
     if measure == "monitor":  # what the trainer reports afterwards is the chosen alpha's validation
-        assert float(run.callback_metrics["val_acc/dataloader_idx_0"]) == pytest.approx(wiseft.curves["id"][wiseft.alpha])
+        reported = float(run.callback_metrics["val_acc/dataloader_idx_0"])
+        assert reported == pytest.approx(wiseft.curves["id"][wiseft.alpha])
 
 
 def test_wiseft_fixed_alpha_without_metric_and_without_apply() -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
-from itertools import islice
 from typing import Any
 
 import torch
@@ -145,11 +144,7 @@ class Distillation:
     def next_inputs(self, transfer: Callable[[Any], Any] | None = None) -> Any:
         """The next reference inputs (after ``transfer``, e.g. a move to the model's device)."""
         if self._iterator is None:
-            self._iterator = iter(self.reference)
-            skip = self.consumed
-            if isinstance(self.reference, Sized) and len(self.reference) > 0:
-                skip %= len(self.reference)
-            self._iterator = islice(self._iterator, skip, None)
+            self._iterator = self._resume_iterator()
         try:
             batch = next(self._iterator)
         except StopIteration:
@@ -162,6 +157,30 @@ class Distillation:
         if transfer is not None:
             batch = transfer(batch)
         return self.reference_input(batch)
+
+    def _resume_iterator(self) -> Iterator[Any]:
+        """A fresh pass positioned after the ``consumed`` batches drawn so far (counted over whole cycles)."""
+        iterator = iter(self.reference)
+        skip = self.consumed
+        try:  # a DataLoader over an IterableDataset has __len__ but raises
+            length = len(self.reference) if isinstance(self.reference, Sized) else 0
+        except TypeError:
+            length = 0
+        if length > 0:
+            skip %= length
+        seen = 0
+        while skip:
+            try:
+                next(iterator)
+            except StopIteration:
+                if seen == 0:
+                    raise ValueError("reference= yielded no batches") from None
+                skip %= seen  # one whole pass is ``seen`` batches long
+                iterator, seen = iter(self.reference), 0
+                continue
+            skip -= 1
+            seen += 1
+        return iterator
 
     def teacher_outputs(self, inputs: Any) -> Any:
         """The teacher's outputs on ``inputs`` (no gradient, eval mode)."""
