@@ -1,4 +1,6 @@
-"""Run by test_callbacks.py: EMA under DDP with two gloo processes on CPU (Lightning relaunches this script)."""
+"""Run by the face tests under DDP with two gloo processes on CPU (Lightning relaunches this script).
+
+``ddp_script.py DIR`` checks EMA; ``ddp_script.py DIR anchored`` checks ZSCL (with distillation) then WiSE-FT."""
 
 from __future__ import annotations
 
@@ -11,9 +13,51 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parents[2]))
 
+from torch.utils.data import DataLoader, TensorDataset
+
 from tests.faces.test_callbacks import Recorder, ema_reference
-from tests.helpers import DigitsModule, digits_loaders
-from weightavg.callbacks import EMA
+from tests.helpers import DigitsModule, digits_loaders, digits_tensors
+from weightavg.callbacks import EMA, ZSCL, WiSEFT
+
+
+def same_on_every_rank(tensors: dict[str, torch.Tensor], what: str) -> None:
+    flat = torch.cat([v.double().flatten() for k, v in tensors.items() if "running" not in k])
+    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, flat)
+    assert all(torch.equal(gathered[0], g) for g in gathered), f"ranks disagree on {what}"
+
+
+class Distilling(DigitsModule):
+    def training_step(self, batch: object, batch_idx: int) -> torch.Tensor:
+        return super().training_step(batch, batch_idx) + ZSCL.distillation_loss(self)
+
+
+def anchored() -> None:
+    """ZSCL with distillation for one task, then WiSE-FT on a second fit: no deadlock, every rank agrees."""
+    torch.set_num_threads(1)
+    pl.seed_everything(0, verbose=False)
+    model = Distilling()
+    train, val = digits_loaders()
+    x, y = digits_tensors()
+    reference = DataLoader(TensorDataset(x[1500:1700]), batch_size=40)
+    shifted = DataLoader(TensorDataset(1.0 - x[1200:1456], y[1200:1456]), batch_size=128)
+    options = dict(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0)
+    zscl = ZSCL(every_n_steps=3, reference=reference)
+    trainer = pl.Trainer(callbacks=[zscl], **options)  # type: ignore[arg-type]
+    trainer.fit(model, train, val)
+    same_on_every_rank(zscl._bound().averaged_tensors(), "the ZSCL ensemble")
+    same_on_every_rank(dict(model.state_dict()), "the model after the task")
+    wiseft = WiSEFT(monitor="val_acc", alphas=(0.0, 0.5, 1.0), dataloader_names=["id", "shift"])
+    trainer = pl.Trainer(callbacks=[wiseft], **options)  # type: ignore[arg-type]
+    trainer.fit(model, train, [val, shifted])
+    chosen = torch.tensor([wiseft.alpha], dtype=torch.float64)
+    gathered = [torch.empty_like(chosen) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, chosen)
+    assert all(torch.equal(gathered[0], g) for g in gathered), "ranks chose different alphas"
+    same_on_every_rank(dict(model.state_dict()), "the WiSE-FT model")
+    if trainer.is_global_zero:
+        print("DDP ANCHORED OK", wiseft.alpha, sorted(wiseft.curves))
 
 
 def main() -> None:
@@ -48,4 +92,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    anchored() if sys.argv[2:] == ["anchored"] else main()

@@ -5,6 +5,9 @@ uninterrupted runs for resume."""
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -391,3 +394,14 @@ def test_zscl_optimizer_resumes_mid_task_with_distillation() -> None:
         ZSCLOptimizer(torch.optim.SGD(model_a.parameters(), lr=0.1), reference=reference_loader())
     with pytest.raises(RuntimeError, match="reference="):
         ZSCLOptimizer(torch.optim.SGD(model_a.parameters(), lr=0.1), module=model_a).distillation_loss()
+
+
+def test_ddp_two_gloo_processes_zscl_then_wiseft(tmp_path: Path) -> None:
+    script = Path(__file__).with_name("ddp_script.py")
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), "anchored"], capture_output=True, text=True, timeout=600,
+        cwd=Path(__file__).parents[2], env=env,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "DDP ANCHORED OK" in result.stdout

@@ -67,15 +67,17 @@ class ZSCL:
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
-    """``T^2 * mean_rows CE(softmax(teacher / T), log_softmax(student / T))`` over the last dimension, in fp32.
+    """``T^2 * mean_rows CE(softmax(teacher / T), log_softmax(student / T))`` over the last dimension, in at least
+    fp32 (bf16/fp16 outputs are widened; float64 stays float64).
 
     Rows are every index of the leading dimensions (a batch, or batch x tokens). ``teacher`` carries no gradient.
     """
     check_number("temperature", temperature, low=0.0, low_open=True)
     if student.shape != teacher.shape:
         raise ValueError(f"student outputs {tuple(student.shape)} and teacher outputs {tuple(teacher.shape)} differ")
-    target = F.softmax(teacher.detach().float() / temperature, dim=-1)
-    log_probs = F.log_softmax(student.float() / temperature, dim=-1)
+    dtype = torch.promote_types(student.dtype, torch.float32)
+    target = F.softmax(teacher.detach().to(dtype) / temperature, dim=-1)
+    log_probs = F.log_softmax(student.to(dtype) / temperature, dim=-1)
     return -(target * log_probs).sum(-1).mean() * temperature**2
 
 
