@@ -335,9 +335,11 @@ class ZSCL(AveragingOptimizer):
         device = next(iter(self.averager.live_tensors().values())).device
         return self.distillation.loss(lambda batch: to_device(batch, device))
 
-    def end_task(self) -> None:
-        """Put the task's ensemble into the model (in place): the task ends with it."""
-        self.averager.copy_to_model()
+    def end_task(self, apply: bool = True) -> None:
+        """End the task: put its ensemble into the model (in place), or with ``apply=False`` keep the live weights
+        (e.g. a distillation-only ablation)."""
+        if apply:
+            self.averager.copy_to_model()
         self._ended = True
 
     def start_task(self) -> None:

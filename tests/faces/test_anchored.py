@@ -363,6 +363,10 @@ def test_zscl_optimizer_tasks_match_the_paper() -> None:
     seen_2 = loop(opt, model, 7, 10)
     opt.end_task()
     assert_close(model.state_dict(), zscl_reference([start_2, *seen_2], 4), rtol=1e-5, atol=1e-6)
+    opt.start_task()
+    seen_3 = loop(opt, model, 3, 17)
+    opt.end_task(apply=False)  # an ablation that carries the live weights on
+    assert_close(model.state_dict(), seen_3[-1], rtol=0, atol=0)
 
 
 def test_zscl_optimizer_resumes_mid_task_with_distillation() -> None:
