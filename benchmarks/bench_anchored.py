@@ -56,7 +56,8 @@ def blend_rows(shape: Shape, runner: Runner) -> tuple[int, int, dict[str, Timing
     def floor() -> None:
         torch.lerp(flat[0], flat[1], ALPHA, out=flat[2])
 
-    timings = runner.time({"floor": floor, "weightavg blend + swap back": ours, "state-dict comprehension": state_dict_way})
+    cases = {"floor": floor, "weightavg blend + swap back": ours, "state-dict comprehension": state_dict_way}
+    timings = runner.time(cases)
     return numel, len(list(module.parameters())), timings
 
 

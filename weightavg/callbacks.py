@@ -21,8 +21,11 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from weightavg.core.averager import Averager
@@ -124,10 +127,20 @@ class AveragingCallback(Callback):
             cb._peers = ours
             cb._validates = cb is validator
             cb._owns_model = cb is owner
+        interpolators = [cb for cb in ours if isinstance(cb, WiSEFT) and cb.leave_at_alpha]
+        if owner is not None and interpolators and ours.index(interpolators[0]) < ours.index(owner):
+            raise ValueError(
+                f"{interpolators[0].name} comes before {owner.name} (apply_at_end=True) in Trainer(callbacks=...): "
+                f"{owner.name} would replace the interpolated model when fit ends. Put {interpolators[0].name} after "
+                "it to interpolate toward its average, or set apply_at_end=False on one of them"
+            )
         if len(ours) > 1 and self is ours[0]:
+            ends = owner.name if owner else "the live weights"
+            if interpolators:
+                ends = f"{interpolators[-1].name}'s interpolation toward {ends}"
             rank_zero_info(
                 f"weightavg: validation uses {validator.name if validator else 'the live weights'}; "
-                f"the model ends with {owner.name if owner else 'the live weights'}"
+                f"the model ends with {ends}"
             )
 
     @override
@@ -191,7 +204,8 @@ class AveragingCallback(Callback):
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._swap_in_for_evaluation()
+        if not any(peer._applied for peer in self._peers):  # after fit, validate what the model ends with
+            self._swap_in_for_evaluation()
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -485,14 +499,22 @@ class WiSEFT(AveragingCallback):
             raise ValueError(f"monitor={monitor!r} must be the name of a logged validation metric")
         if metric is not None and not callable(metric):
             raise TypeError(f"metric={metric!r} must be a torchmetrics.Metric or a function (outputs, targets)")
+        if isinstance(select_on, int) and select_on < 0:
+            raise ValueError(f"select_on={select_on} must be a dataloader index >= 0 or a name")
         if dataloader_names is not None:
+            if isinstance(dataloader_names, str) or not isinstance(dataloader_names, Sequence):
+                raise TypeError(f"dataloader_names={dataloader_names!r} must be a list of names, one per dataloader")
             names = list(dataloader_names)
             if not names or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
                 raise ValueError(f"dataloader_names={dataloader_names!r} must be distinct non-empty strings")
         if isinstance(select_on, str) and (dataloader_names is None or select_on not in dataloader_names):
             raise ValueError(f"select_on={select_on!r} is not one of dataloader_names={dataloader_names!r}")
         if figure_path is not None:
+            if monitor is None and metric is None:
+                raise ValueError("figure_path= draws the sweep, which needs monitor= or metric=")
             _require_matplotlib("figure_path")
+        if isinstance(anchor, (str, os.PathLike)) and not os.path.isfile(anchor):
+            raise FileNotFoundError(f"anchor={str(anchor)!r}: no such file")
         self.select_on = select_on
         self.monitor = monitor
         self.mode = mode
@@ -505,6 +527,7 @@ class WiSEFT(AveragingCallback):
         self.curves: dict[str, dict[float, float]] = {}
         self.alpha: float | None = None
         self._logged: dict[float, dict[str, Any]] = {}
+        self._monitor_seen = False
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -512,6 +535,50 @@ class WiSEFT(AveragingCallback):
         super().on_fit_start(trainer, pl_module)
         if not restoring and self.anchor is not None:
             self._bound().load_weights(self.anchor, argument="anchor")
+
+    @override
+    def check_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse at fit start a sweep that could only fail after training: no validation data, names or
+        ``select_on`` that do not fit the dataloaders."""
+        self._monitor_seen = False
+        if self.monitor is None and self.metric is None:
+            return
+        loop = trainer.fit_loop.epoch_loop.val_loop
+        try:
+            loop.setup_data()
+            count = len(self._loaders(trainer))
+        except MisconfigurationException:  # Lightning's "val_dataloader must be implemented"
+            count = 0
+        if count == 0 or loop.skip:
+            raise ValueError(
+                f"{self.name} evaluates alphas on the validation dataloaders, but this fit has none (pass "
+                "val_dataloaders, keep limit_val_batches > 0), or use a fixed alpha= without monitor/metric"
+            )
+        if self.dataloader_names is not None and len(self.dataloader_names) != count:
+            raise ValueError(
+                f"dataloader_names={self.dataloader_names!r} names {len(self.dataloader_names)} dataloaders; this "
+                f"fit validates on {count}"
+            )
+        if isinstance(self.select_on, int) and self.select_on >= count:
+            raise ValueError(f"select_on={self.select_on} is not a validation dataloader index (0..{count - 1})")
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        # The first validation shows whether the module logs ``monitor``: say so now rather than after training.
+        if self.monitor is None or self._monitor_seen or not self._fitting or trainer.sanity_checking:
+            return
+        logged = set(trainer.callback_metrics)
+        if self.monitor not in logged and not any(k.startswith(f"{self.monitor}/dataloader_idx_") for k in logged):
+            raise ValueError(
+                f"monitor={self.monitor!r} is not logged by validation_step; logged: {sorted(logged)}"
+            )
+        self._monitor_seen = True
+
+    @staticmethod
+    def _loaders(trainer: pl.Trainer) -> list[Any]:
+        loaders = trainer.val_dataloaders
+        return list(loaders) if isinstance(loaders, (list, tuple)) else [] if loaders is None else [loaders]
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -548,8 +615,7 @@ class WiSEFT(AveragingCallback):
         averager = self._bound()
         loop = trainer.fit_loop.epoch_loop.val_loop
         loop.setup_data()
-        loaders = trainer.val_dataloaders
-        loaders = list(loaders) if isinstance(loaders, (list, tuple)) else [] if loaders is None else [loaders]
+        loaders = self._loaders(trainer)
         if not loaders or loop.skip:
             raise ValueError("WiSEFT evaluates alphas on the validation dataloaders, but this fit has none")
         names = self.dataloader_names or [f"dataloader_{i}" for i in range(len(loaders))]
@@ -569,12 +635,15 @@ class WiSEFT(AveragingCallback):
 
     def _module_metrics(self, trainer: pl.Trainer, alpha: float, count: int) -> list[float]:
         loop = trainer.fit_loop.epoch_loop.val_loop
-        loggers = trainer.loggers
+        loggers, fn = trainer.loggers, trainer.state.fn
         trainer.loggers = []  # the per-alpha validation runs stay out of the logs; _log reports the curve
+        # Each alpha is validated as trainer.validate() would: checkpointing and early stopping ignore non-fit runs.
+        trainer.state.fn = TrainerFn.VALIDATING
         trainer.validating = True
         try:
             outputs = loop.run()
         finally:
+            trainer.state.fn = fn
             trainer.training = True
             trainer.loggers = loggers
         self._logged[alpha] = {key: value for logged in outputs for key, value in logged.items()}
@@ -667,12 +736,12 @@ def draw_curves(
     ylabel: str = "metric",
 ) -> None:
     """Metric vs alpha per dataloader, each with the dashed straight line between its endpoints (alpha 0 and 1)."""
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(5.5, 4))
+    figure = Figure(figsize=(5.5, 4))  # no pyplot: the process-wide backend and figure registry stay untouched
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
     for name, curve in curves.items():
         alphas = sorted(curve)
         (line,) = axes.plot(alphas, [curve[a] for a in alphas], marker="o", label=name)
@@ -685,7 +754,6 @@ def draw_curves(
     axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 class ZSCL(AveragingCallback):
@@ -753,20 +821,28 @@ class ZSCL(AveragingCallback):
 
     def loss(self) -> torch.Tensor:
         """``distill_weight * KD`` on the next reference batch (moved and converted like training batches)."""
-        if self.distillation is None or self._trainer is None:
-            raise RuntimeError(f"{self.name} does not distill (no reference=) or is not fitting")
+        if self.distillation is None:
+            raise RuntimeError(f"{self.name} does not distill: give it reference= inputs")
+        if self._trainer is None:
+            raise RuntimeError(f"{self.name} distills only during fit (its teacher is taken when fit starts)")
         trainer = self._trainer
+        device = trainer.strategy.root_device
 
         def transfer(batch: Any) -> Any:
-            return trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))
+            # Moved without the module's batch-transfer hooks: those are written for training batches.
+            return trainer.precision_plugin.convert_input(move_data_to_device(batch, device))
 
         return self.distillation.loss(transfer)
 
     @staticmethod
     def distillation_loss(pl_module: pl.LightningModule) -> torch.Tensor:
         """The summed distillation losses of the ZSCL callbacks in ``pl_module``'s Trainer that distill; a zero
-        tensor when there are none. Add it to the loss in ``training_step``."""
-        callbacks = [cb for cb in pl_module.trainer.callbacks if isinstance(cb, ZSCL)]  # type: ignore[attr-defined]
+        tensor when there are none, outside training (a step shared with validation), or without a Trainer. Add it
+        to the loss in ``training_step``."""
+        trainer = pl_module._trainer
+        callbacks = [] if trainer is None or not trainer.training else [
+            cb for cb in trainer.callbacks if isinstance(cb, ZSCL)  # type: ignore[attr-defined]
+        ]
         losses = [cb.loss() for cb in callbacks if cb.distillation is not None]
         if not losses:
             return torch.zeros((), device=pl_module.device)

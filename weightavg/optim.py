@@ -89,6 +89,7 @@ class AveragingOptimizer(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
         """Step the inner optimizer, then update the average if the rule says so."""
+        self._check_can_step()
         if self.averager.is_swapped:
             raise RuntimeError(
                 "step() while other weights are swapped into the model (inside averaged() or interpolated()): "
@@ -145,6 +146,9 @@ class AveragingOptimizer(Optimizer):
         """The inner optimizer's state and the averaging state, together."""
         return {"optimizer": self.optimizer.state_dict(), "averaging": self.averager.state_dict(),
                 **self._extra_state()}
+
+    def _check_can_step(self) -> None:
+        """Raise if the method's state forbids a step now (ZSCL between tasks)."""
 
     def _extra_state(self) -> dict[str, Any]:
         """A method's own state beyond the average (ZSCL: the teacher and the task count)."""
@@ -229,7 +233,7 @@ class SWA(AveragingOptimizer):
 class WiSEFT(AveragingOptimizer):
     """``optimizer`` plus the zero-shot anchor theta_0 for WiSE-FT (``weightavg.methods.wiseft``).
 
-    theta_0 is the weights when the wrapper is built (or ``anchor=``, matched by name: pass ``module=``); stepping
+    theta_0 is the model's state (``module=``, buffers included) when the wrapper is built, or ``anchor=``; stepping
     fine-tunes theta_1 as usual. Then ``with opt.interpolated(alpha): evaluate(model)`` evaluates
     ``(1 - alpha) * theta_0 + alpha * theta_1`` (swapped in, the live weights return after), ``opt.sweep(evaluate)``
     does it for a grid, and ``opt.apply(alpha)`` makes one permanent.
@@ -248,15 +252,18 @@ class WiSEFT(AveragingOptimizer):
         self,
         optimizer: Optimizer,
         *,
+        module: nn.Module,
         anchor: WeightSource | None = None,
-        module: nn.Module | None = None,
         buffers: BufferPolicy = "average",
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        if anchor is not None and module is None:
-            raise ValueError("anchor= is matched to the model by state_dict names: pass module= as well")
+        if not isinstance(module, nn.Module):
+            raise TypeError(
+                f"module={module!r} must be the model (an nn.Module): WiSE-FT interpolates every floating entry of "
+                "its state, buffers included, matched by name"
+            )
         super().__init__(
             optimizer, Snapshot(), module=module, buffers=buffers, include=include, exclude=exclude, device=device,
             dtype="live",
@@ -334,6 +341,10 @@ class ZSCL(AveragingOptimizer):
             raise RuntimeError("this ZSCL wrapper does not distill: build it with reference= (and module=)")
         device = next(iter(self.averager.live_tensors().values())).device
         return self.distillation.loss(lambda batch: to_device(batch, device))
+
+    def _check_can_step(self) -> None:
+        if self._ended:
+            raise RuntimeError("the task has ended (end_task()); call start_task() before stepping again")
 
     def end_task(self, apply: bool = True) -> None:
         """End the task: put its ensemble into the model (in place), or with ``apply=False`` keep the live weights

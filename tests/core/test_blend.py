@@ -495,3 +495,22 @@ def test_to_device_walks_nested_containers() -> None:
     assert moved["ordered"]["a"].device.type == "meta" and moved["ordered"]["a"].shape == (2, 2)
     assert moved["plain"] == 1.5
     assert batch["x"].device.type == "cpu"
+
+
+def test_read_weights_detects_safetensors_by_content_and_loads_checkpoints_with_python_objects(tmp_path: Path) -> None:
+    import argparse
+
+    model = nn.Linear(3, 2)
+    averager = Averager(model, EMA(decay=0.9))
+    averager.save(tmp_path / "average.bin")  # any suffix
+    loaded = nn.Linear(3, 2)
+    load_into_module(loaded, tmp_path / "average.bin")
+    assert torch.equal(loaded.weight, model.weight)
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": argparse.Namespace(lr=0.1)},
+               tmp_path / "hparams.ckpt")
+    with pytest.warns(UserWarning, match="weights_only=False"):
+        weights = read_weights(tmp_path / "hparams.ckpt", argument="anchor")
+    assert torch.equal(weights["weight"], model.weight)
+    (tmp_path / "notes.txt").write_text("not weights")
+    with pytest.raises(ValueError, match=r"anchor=.*notes\.txt"):
+        read_weights(tmp_path / "notes.txt", argument="anchor")

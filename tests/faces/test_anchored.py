@@ -23,7 +23,6 @@ from tests.faces.test_callbacks import LiveAtEnd, Recorder, assert_close
 from tests.helpers import DigitsModule, digits_loaders, digits_tensors, small_net, trainer
 from weightavg import load_into_module
 from weightavg.callbacks import EMA, LIVE_KEY, ZSCL, WiSEFT
-from weightavg.methods.zscl import kd_loss
 from weightavg.optim import ZSCL as ZSCLOptimizer
 from weightavg.optim import WiSEFT as WiSEFTOptimizer
 
@@ -244,21 +243,37 @@ def test_zscl_distillation_teacher_is_the_original_model_across_tasks() -> None:
     assert zscl.distillation.consumed == 2 * 8  # one reference batch per training step
 
 
-def test_zscl_distillation_changes_the_gradient_by_the_kd_term() -> None:
+class CheckingKD(DigitsModule):
+    """Records, inside training_step, the distillation loss next to the rule written plainly: weight * T^2 * mean CE
+    between the ORIGINAL model (a copy taken before fit, eval mode) and the current one on the next reference batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pairs: list[tuple[float, float]] = []
+        self.original: list[nn.Module] = []  # in a list: not a submodule
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        kd = ZSCL.distillation_loss(self)
+        references = [b[0] for b in reference_loader()]
+        inputs = references[batch_idx % len(references)]
+        teacher = self.original[0].eval()
+        with torch.no_grad():
+            target = torch.softmax(teacher(inputs) / 2.0, dim=-1)
+        plain = -(target * torch.log_softmax(self(inputs) / 2.0, dim=-1)).sum(-1).mean() * 4.0
+        self.pairs.append((float(kd), 3.0 * float(plain)))
+        return super().training_step(batch, batch_idx) + kd
+
+
+def test_zscl_distillation_loss_in_training_step_is_the_plain_rule() -> None:
     pl.seed_everything(0, verbose=False)
-    model = Distilling()
+    model = CheckingKD()
+    model.original.append(copy.deepcopy(model))
     zscl = ZSCL(every_n_steps=5, reference=reference_loader(), distill_weight=3.0)
-    run = trainer(max_steps=1, callbacks=[zscl])
-    train, val = task_loaders(0)
-    run.fit(model, train, val)  # binds the teacher
-    assert zscl.distillation is not None
-    zscl.distillation.consumed = 0
-    zscl.distillation._iterator = None
-    # distillation_loss() is weight * KD(student, teacher) on the next reference batch
-    reference = next(iter(reference_loader()))[0]
-    expected = 3.0 * kd_loss(model(reference), zscl.distillation.teacher_outputs(reference))
-    zscl._trainer = run
-    torch.testing.assert_close(ZSCL.distillation_loss(model), expected)
+    trainer(max_steps=5, callbacks=[zscl]).fit(model, *task_loaders(0))
+    assert len(model.pairs) == 5
+    for got, expected in model.pairs:
+        assert got == pytest.approx(expected, rel=1e-5)
+    assert model.pairs[0][0] > 0
 
 
 def test_distillation_loss_is_zero_without_a_distilling_zscl() -> None:
@@ -328,8 +343,10 @@ def test_wiseft_optimizer_interpolates_sweeps_applies_and_exports(tmp_path: Path
     opt.apply(0.6)
     assert model[0].weight is weight
     assert_close(model.state_dict(), blend_reference(theta_0, theta_1, 0.6), rtol=1e-6, atol=1e-7)
-    with pytest.raises(ValueError, match="module="):
-        WiSEFTOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), anchor={"0.weight": torch.zeros(1)})
+    with pytest.raises(TypeError, match="module"):
+        WiSEFTOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), module=None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"anchor \(a dict\) does not match .*missing keys"):
+        WiSEFTOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), module=model, anchor={"0.weight": torch.zeros(1)})
 
 
 def loop(opt: torch.optim.Optimizer, model: nn.Module, steps: int, start: int, distill: Any = None
@@ -409,3 +426,124 @@ def test_ddp_two_gloo_processes_zscl_then_wiseft(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "DDP ANCHORED OK" in result.stdout
+
+
+# ------------------------------------------------------------------------------------ review findings, kept fixed
+class WaitCount(pl.Callback):
+    """Records EarlyStopping's state when training ends, before WiSEFT's sweep (put it before WiSEFT)."""
+
+    def __init__(self, early: pl.Callback) -> None:
+        self.early = early
+        self.state: dict[str, Any] = {}
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.state = dict(self.early.state_dict())
+
+
+def test_the_sweep_neither_checkpoints_nor_moves_early_stopping(tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    early = EarlyStopping(monitor="val_acc/dataloader_idx_0", mode="max", patience=10)
+    seen = WaitCount(early)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, monitor="val_acc/dataloader_idx_0", mode="max", save_top_k=5)
+    wiseft = WiSEFT(monitor="val_acc", alphas=(0.0, 0.5, 1.0))
+    fit_wiseft([early, seen, wiseft, checkpoint], epochs=3, enable_checkpointing=True, check_val_every_n_epoch=2)
+    saved = sorted(p.name for p in tmp_path.glob("*.ckpt"))
+    assert saved == ["epoch=1-step=16.ckpt"], saved  # the only real validation; none from the sweep
+    assert early.state_dict() == seen.state
+
+
+def test_wiseft_before_an_applying_average_is_refused_and_evaluation_after_fit_sees_the_final_model() -> None:
+    with pytest.raises(ValueError, match=r"WiSEFT comes before EMA\(decay=0.9\)"):
+        fit_wiseft([WiSEFT(alpha=0.5), EMA(decay=0.9)], epochs=1)
+
+    from tests.faces.test_callbacks import ValidationWeights
+
+    seen = ValidationWeights()
+    run, model = fit_wiseft([EMA(decay=0.9, apply_at_end=False), WiSEFT(alpha=0.5), seen], epochs=1)
+    final = {k: v.clone() for k, v in model.state_dict().items()}
+    _, val = digits_loaders()
+    run.validate(model, val)
+    for key, value in seen.seen[-1].items():
+        assert torch.equal(value, final[key]), key  # not the EMA average: the model as fit left it
+
+
+def test_wiseft_configuration_errors_surface_before_training() -> None:
+    pl.seed_everything(0, verbose=False)
+    train, val = digits_loaders()
+    cases: list[tuple[WiSEFT, Any, str]] = [
+        (WiSEFT(monitor="val_acc"), None, "has none"),
+        (WiSEFT(monitor="val_acc", dataloader_names=["a", "b"]), val, "names 2 dataloaders"),
+        (WiSEFT(monitor="val_acc", select_on=3), val, "select_on=3"),
+    ]
+    for callback, loaders, message in cases:
+        run = trainer(max_epochs=3, callbacks=[callback])
+        with pytest.raises(ValueError, match=message):
+            run.fit(DigitsModule(), train, loaders)
+        assert run.global_step == 0, message
+    run = trainer(max_epochs=3, callbacks=[WiSEFT(monitor="val_accuracy")])
+    with pytest.raises(ValueError, match="monitor='val_accuracy' is not logged"):
+        run.fit(DigitsModule(), train, val)
+    assert run.global_step == 8  # after the first epoch's validation, not after the whole run
+
+    with pytest.raises(TypeError, match="dataloader_names='id'"):
+        WiSEFT(monitor="val_acc", dataloader_names="id")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="select_on=-1"):
+        WiSEFT(monitor="val_acc", select_on=-1)
+    with pytest.raises(FileNotFoundError, match=r"anchor='missing\.safetensors'"):
+        WiSEFT(alpha=0.5, anchor="missing.safetensors")
+    with pytest.raises(ValueError, match="figure_path"):
+        WiSEFT(alpha=0.5, figure_path="curve.png")
+
+
+class HookedDistilling(Distilling):
+    """A batch-transfer hook written for labelled training batches, as users write them."""
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        x, y = batch
+        return x * 1.0, y
+
+
+def test_zscl_reference_batches_skip_the_modules_transfer_hooks() -> None:
+    model = HookedDistilling()
+    zscl = ZSCL(every_n_steps=2, reference=reference_loader())
+    trainer(max_steps=3, callbacks=[zscl]).fit(model, *task_loaders(0))
+    assert zscl.distillation is not None and zscl.distillation.consumed == 3
+
+
+def test_distillation_loss_is_zero_outside_training() -> None:
+    class SharedStep(Distilling):
+        def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+            self.log("val_kd", ZSCL.distillation_loss(self))
+
+    model = SharedStep()
+    zscl = ZSCL(every_n_steps=2, reference=reference_loader())
+    trainer(max_epochs=1, callbacks=[zscl], num_sanity_val_steps=2).fit(model, *task_loaders(0))
+    assert zscl.distillation is not None and zscl.distillation.consumed == 8  # training steps only
+    assert float(ZSCL.distillation_loss(Distilling())) == 0.0  # no Trainer at all
+
+
+def test_optimizer_contexts_survive_a_permanent_change_inside_them() -> None:
+    torch.manual_seed(0)
+    model = small_net()
+    theta_0 = {k: v.detach().double().clone() for k, v in model.state_dict().items()}
+    opt = WiSEFTOptimizer(torch.optim.SGD(model.parameters(), lr=0.5), module=model)
+    x, y = digits_tensors()
+    nn.functional.cross_entropy(model(x[:64]), y[:64]).backward()
+    opt.step()
+    theta_1 = {k: v.detach().double().clone() for k, v in model.state_dict().items()}
+    with opt.interpolated(0.4):
+        opt.apply(0.4)
+    assert not opt.averager.is_swapped
+    assert_close(model.state_dict(), blend_reference(theta_0, theta_1, 0.4), rtol=1e-6, atol=1e-7)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x[:64]), y[:64]).backward()
+    opt.step()  # training goes on from the applied weights
+
+    zscl = ZSCLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), module=model)
+    with zscl.averaged():
+        zscl.copy_to_model()
+    assert not zscl.averager.is_swapped
+    zscl.end_task()
+    with pytest.raises(RuntimeError, match="start_task"):
+        zscl.step()

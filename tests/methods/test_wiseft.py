@@ -336,3 +336,31 @@ def test_check_alphas() -> None:
     for bad in ("0.5", 0.5, None, [0.1, "0.2"], [True]):
         with pytest.raises(TypeError, match="alphas"):
             check_alphas(bad)  # type: ignore[arg-type]
+
+
+def test_fisher_weighting_refuses_extrapolation() -> None:
+    zero, fine = nn.Linear(3, 2), nn.Linear(3, 2)
+    fisher = {name: torch.ones_like(p) for name, p in fine.named_parameters()}
+    with pytest.raises(ValueError, match=r"alpha=1.2 is out of range: allowed \[0, 1\]"):
+        interpolate(zero, fine, 1.2, fisher=(fisher, fisher))
+    interpolate(zero, fine, 1.2)  # plain interpolation extrapolates
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(5, 4)
+        self.head = nn.Linear(4, 5, bias=False)
+        self.head.weight = self.embed.weight
+
+
+def test_interpolate_fills_tied_names_missing_from_a_file(tmp_path: Path) -> None:
+    from safetensors.torch import save_model
+
+    torch.manual_seed(0)
+    zero, fine = Tied(), Tied()
+    save_model(zero, str(tmp_path / "zero.safetensors"))  # names the tied tensor once
+    merged = interpolate(tmp_path / "zero.safetensors", fine, 0.25)
+    expected = 0.75 * zero.embed.weight.detach().double() + 0.25 * fine.embed.weight.detach().double()
+    for name in ("embed.weight", "head.weight"):
+        torch.testing.assert_close(merged[name].double(), expected, rtol=1e-6, atol=1e-7)

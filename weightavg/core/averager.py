@@ -414,7 +414,8 @@ class Averager:
         try:
             yield
         finally:
-            self.swap()
+            if self._saved is not None:  # unless the body already put the live weights back (copy_to_model)
+                self.swap()
 
     # ------------------------------------------------------------------ blending
     @torch.no_grad()
@@ -460,7 +461,8 @@ class Averager:
             if previous is not None:
                 self.blend(previous)
             else:
-                self.swap()
+                if self._saved is not None:  # unless the body already put the live weights back (apply_blend)
+                    self.swap()
                 if average_in:
                     self.swap()
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -103,7 +105,7 @@ def read_weights(source: WeightSource, *, argument: str) -> dict[str, torch.Tens
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"{argument}={str(source)!r}: no such file")
-    if path.suffix == ".safetensors":
+    if _is_safetensors(path):
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as handle:
@@ -115,16 +117,36 @@ def read_weights(source: WeightSource, *, argument: str) -> dict[str, torch.Tens
         return tensors
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle errors come in many types; say which file and why
+    except pickle.UnpicklingError:
+        # A Lightning checkpoint whose hyperparameters hold Python objects (an OmegaConf config, a Namespace) is
+        # refused by the weights-only unpickler. The user named this file as their model's weights, as they would
+        # for Lightning's own load_from_checkpoint, which unpickles it fully too.
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as error:
+            raise ValueError(f"{argument}={str(source)!r} is not a loadable torch checkpoint: {error}") from None
+        warnings.warn(
+            f"{argument}={str(source)!r} holds Python objects besides tensors; it was loaded with weights_only=False "
+            "(only pass checkpoints you trust)",
+            stacklevel=3,
+        )
+    except Exception as error:  # not a torch file at all
         raise ValueError(
-            f"{argument}={str(source)!r} is neither safetensors nor a torch file loadable with weights_only=True "
-            f"(load it yourself and pass its state dict): {error}"
+            f"{argument}={str(source)!r} is neither a safetensors file nor a torch checkpoint: {error}"
         ) from None
     if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
         loaded = loaded["state_dict"]  # a Lightning checkpoint
     if not isinstance(loaded, Mapping):
         raise ValueError(f"{argument}={str(source)!r} holds a {type(loaded).__name__}, not a state dict")
     return read_weights(loaded, argument=argument)
+
+
+def _is_safetensors(path: Path) -> bool:
+    """Whether ``path`` starts like a safetensors file (an 8-byte little-endian header length, then a JSON object),
+    whatever its suffix."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= path.stat().st_size
 
 
 def load_into_module(module: torch.nn.Module, path: str | os.PathLike[str], *, strict: bool = True) -> None:

@@ -58,7 +58,7 @@ def interpolate(
         zero_shot, fine_tuned: modules, state dicts, or paths to safetensors files / torch checkpoints (a Lightning
             ``.ckpt`` gives its ``state_dict``). Both must have the same keys and shapes.
         alpha: the weight of the fine-tuned model (0 gives ``zero_shot``, 1 gives ``fine_tuned``; outside [0, 1]
-            extrapolates).
+            extrapolates, except with ``fisher``).
         fisher: optional diagonal Fisher information ``(F_0, F_1)`` of the two models (``diagonal_fisher``), keyed
             like the state dicts; entries present in both are Fisher-weighted, the others interpolated plainly.
         fisher_floor: lower bound applied to each Fisher value (the official code's ``1e-8``).
@@ -72,8 +72,20 @@ def interpolate(
     """
     check_number("alpha", alpha)
     check_number("fisher_floor", fisher_floor, low=0.0, low_open=True)
+    if fisher is not None:
+        check_number("alpha", alpha, low=0.0, high=1.0)  # outside [0, 1] a Fisher-weighted mean has no meaning
     theta_0 = io.read_weights(zero_shot, argument="zero_shot")
     theta_1 = io.read_weights(fine_tuned, argument="fine_tuned")
+    # Files written without tied duplicates (safetensors' save_model) name a tied tensor once: fill the other names
+    # from whichever argument is a module.
+    for module in (zero_shot, fine_tuned):
+        if isinstance(module, nn.Module):
+            for names in _tied_names(module):
+                for weights in (theta_0, theta_1):
+                    present = next((name for name in names if name in weights), None)
+                    if present is not None:
+                        for name in names:
+                            weights.setdefault(name, weights[present])
     io.check_keys(
         {name: t.shape for name, t in theta_1.items()}, {name: t.shape for name, t in theta_0.items()},
         source="zero_shot", against="fine_tuned",
@@ -96,6 +108,14 @@ def interpolate(
                 merged = torch.lerp(t0, t1_wide, float(alpha))
             out[name] = merged.to(t1.dtype)
     return out
+
+
+def _tied_names(module: nn.Module) -> list[list[str]]:
+    """Groups of state_dict names that refer to one tensor (tied weights)."""
+    groups: dict[int, list[str]] = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        groups.setdefault(id(tensor), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
 
 
 def _check_fisher(
