@@ -23,8 +23,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.callbacks import Callback, Checkpoint, EarlyStopping
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
@@ -635,17 +634,18 @@ class WiSEFT(AveragingCallback):
 
     def _module_metrics(self, trainer: pl.Trainer, alpha: float, count: int) -> list[float]:
         loop = trainer.fit_loop.epoch_loop.val_loop
-        loggers, fn = trainer.loggers, trainer.state.fn
+        loggers, callbacks = trainer.loggers, trainer.callbacks  # type: ignore[attr-defined]
         trainer.loggers = []  # the per-alpha validation runs stay out of the logs; _log reports the curve
-        # Each alpha is validated as trainer.validate() would: checkpointing and early stopping ignore non-fit runs.
-        trainer.state.fn = TrainerFn.VALIDATING
+        # Checkpointing and early stopping act on fit's validations; these runs are not theirs to see.
+        kept = [cb for cb in callbacks if not isinstance(cb, (Checkpoint, EarlyStopping))]
+        trainer.callbacks = kept  # type: ignore[attr-defined]
         trainer.validating = True
         try:
             outputs = loop.run()
         finally:
-            trainer.state.fn = fn
             trainer.training = True
             trainer.loggers = loggers
+            trainer.callbacks = callbacks  # type: ignore[attr-defined]
         self._logged[alpha] = {key: value for logged in outputs for key, value in logged.items()}
         values = []
         for index in range(count):
@@ -768,7 +768,9 @@ class ZSCL(AveragingCallback):
 
         loss = task_loss + weightavg.callbacks.ZSCL.distillation_loss(self)
 
-    which is zero when no ZSCL callback distills, so an ablation changes only the callback's arguments.
+    which is zero when no ZSCL callback distills (and outside training, e.g. in a step shared with validation), so an
+    ablation changes only the callback's arguments. Reference batches are moved to the model's device without the
+    module's batch-transfer hooks (those are written for training batches).
 
     Args:
         every_n_steps: merge interval I (100 in the paper's multi-domain setting).

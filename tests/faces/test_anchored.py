@@ -447,7 +447,8 @@ def test_the_sweep_neither_checkpoints_nor_moves_early_stopping(tmp_path: Path) 
     seen = WaitCount(early)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, monitor="val_acc/dataloader_idx_0", mode="max", save_top_k=5)
     wiseft = WiSEFT(monitor="val_acc", alphas=(0.0, 0.5, 1.0))
-    fit_wiseft([early, seen, wiseft, checkpoint], epochs=3, enable_checkpointing=True, check_val_every_n_epoch=2)
+    fit_wiseft([early, seen, wiseft, checkpoint], epochs=3, enable_checkpointing=True, check_val_every_n_epoch=2,
+               enable_progress_bar=True)  # the progress bar follows the sweep's runs too
     saved = sorted(p.name for p in tmp_path.glob("*.ckpt"))
     assert saved == ["epoch=1-step=16.ckpt"], saved  # the only real validation; none from the sweep
     assert early.state_dict() == seen.state
