@@ -514,3 +514,32 @@ def test_read_weights_detects_safetensors_by_content_and_loads_checkpoints_with_
     (tmp_path / "notes.txt").write_text("not weights")
     with pytest.raises(ValueError, match=r"anchor=.*notes\.txt"):
         read_weights(tmp_path / "notes.txt", argument="anchor")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("anchor_device", [None, "cpu"])
+def test_gpu_blends_stay_on_the_models_device_without_host_sync(anchor_device: str | None) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)).cuda().to(torch.bfloat16)
+    theta_0 = {k: v.detach().double().cpu() for k, v in model.state_dict().items()}
+    anchor = Averager(model, Snapshot(), dtype="live", device=anchor_device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.25)
+    theta_1 = {k: v.detach().double().cpu() for k, v in model.state_dict().items()}
+    assert all(t.dtype == torch.bfloat16 for t in anchor.averaged_tensors().values() if t.is_floating_point())
+    if anchor_device is None:  # a host anchor copies to the device: that is a transfer, not a sync to check
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        anchor.blend(0.3)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for name, tensor in model.state_dict().items():
+        assert tensor.device.type == "cuda", name
+        if tensor.is_floating_point():
+            expected = 0.7 * theta_0[name] + 0.3 * theta_1[name]
+            torch.testing.assert_close(tensor.double().cpu(), expected, rtol=2e-2, atol=2e-2)
+    anchor.swap()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor.double().cpu(), theta_1[name]), name
