@@ -43,6 +43,22 @@ def save_safetensors(
     return target
 
 
+def write_text_atomically(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same folder, fsync and rename."""
+    target = Path(path)
+    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return target
+
+
 def check_keys(
     expected: Mapping[str, torch.Size], found: Mapping[str, torch.Size], *, source: str,
     against: str = "the averaged model",
