@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from itertools import islice
 from typing import Any, Literal
 
@@ -34,7 +34,10 @@ from weightavg.core.checks import check_choice, check_device, check_number
 from weightavg.core.io import WeightSource
 from weightavg.core.rule import Rule, Snapshot
 from weightavg.core.schedules import StartUnit, Unit, Warmup
+from weightavg.core.snapshots import SnapshotStore
 from weightavg.methods.ema import EMA as EMARule
+from weightavg.methods.lcsc import METHODS as COMBINATIONS
+from weightavg.methods.lcsc import Combiner, Method, SearchResult, SearchSettings, combine_dtype
 from weightavg.methods.swa import SWA as SWARule
 from weightavg.methods.wiseft import ALPHAS, check_alphas, choose_alpha
 from weightavg.methods.zscl import ZSCL as ZSCLRule
@@ -126,7 +129,7 @@ class AveragingCallback(Callback):
             cb._peers = ours
             cb._validates = cb is validator
             cb._owns_model = cb is owner
-        interpolators = [cb for cb in ours if isinstance(cb, WiSEFT) and cb.leave_at_alpha]
+        interpolators = [cb for cb in ours if cb._finishes_model()]
         if owner is not None and interpolators and ours.index(interpolators[0]) < ours.index(owner):
             raise ValueError(
                 f"{interpolators[0].name} comes before {owner.name} (apply_at_end=True) in Trainer(callbacks=...): "
@@ -136,7 +139,7 @@ class AveragingCallback(Callback):
         if len(ours) > 1 and self is ours[0]:
             ends = owner.name if owner else "the live weights"
             if interpolators:
-                ends = f"{interpolators[-1].name}'s interpolation toward {ends}"
+                ends = f"{interpolators[-1].name}'s result (from {ends})"
             rank_zero_info(
                 f"weightavg: validation uses {validator.name if validator else 'the live weights'}; "
                 f"the model ends with {ends}"
@@ -164,6 +167,11 @@ class AveragingCallback(Callback):
 
     def check_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Refuse, when fit starts, what this averager could only fail on at the end of fit."""
+
+    def _finishes_model(self) -> bool:
+        """Whether this callback puts its own result into the model at the end of fit, from what the model holds
+        then (WiSE-FT, LCSC); such callbacks must come after the owner that applies an average."""
+        return False
 
     def _bound(self) -> Averager:
         if self.averager is None:
@@ -536,6 +544,10 @@ class WiSEFT(AveragingCallback):
             self._bound().load_weights(self.anchor, argument="anchor")
 
     @override
+    def _finishes_model(self) -> bool:
+        return self.leave_at_alpha
+
+    @override
     def check_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Refuse at fit start a sweep that could only fail after training: no validation data, names or
         ``select_on`` that do not fit the dataloaders."""
@@ -624,73 +636,13 @@ class WiSEFT(AveragingCallback):
         self._logged = {}
         for alpha in self.alphas:
             averager.blend(alpha)
-            values = (
-                self._module_metrics(trainer, alpha, len(loaders)) if self.monitor is not None
-                else self._own_metric(trainer, pl_module, loaders)
-            )
+            if self.monitor is not None:
+                values, self._logged[alpha] = logged_validation(trainer, self.monitor, len(loaders))
+            else:
+                values = metric_on_loaders(trainer, pl_module, loaders, self.metric, self.forward)
             for name, value in zip(names, values, strict=True):
                 curves[name][alpha] = value
         return trainer.strategy.broadcast(curves)
-
-    def _module_metrics(self, trainer: pl.Trainer, alpha: float, count: int) -> list[float]:
-        loop = trainer.fit_loop.epoch_loop.val_loop
-        loggers, callbacks = trainer.loggers, trainer.callbacks  # type: ignore[attr-defined]
-        trainer.loggers = []  # the per-alpha validation runs stay out of the logs; _log reports the curve
-        # Checkpointing and early stopping act on fit's validations; these runs are not theirs to see.
-        kept = [cb for cb in callbacks if not isinstance(cb, (Checkpoint, EarlyStopping))]
-        trainer.callbacks = kept  # type: ignore[attr-defined]
-        trainer.validating = True
-        try:
-            outputs = loop.run()
-        finally:
-            trainer.training = True
-            trainer.loggers = loggers
-            trainer.callbacks = callbacks  # type: ignore[attr-defined]
-        self._logged[alpha] = {key: value for logged in outputs for key, value in logged.items()}
-        values = []
-        for index in range(count):
-            logged = outputs[index] if index < len(outputs) else {}
-            key = next((k for k in (self.monitor, f"{self.monitor}/dataloader_idx_{index}") if k in logged), None)
-            if key is None:
-                raise ValueError(
-                    f"monitor={self.monitor!r} was not logged for validation dataloader {index}; logged: "
-                    f"{sorted(logged)}"
-                )
-            values.append(float(logged[key]))
-        return values
-
-    @torch.no_grad()
-    def _own_metric(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loaders: list[Any]) -> list[float]:
-        import torchmetrics
-
-        limits = trainer.num_val_batches
-        values = []
-        for index, loader in enumerate(loaders):
-            limit = limits[index] if index < len(limits) else float("inf")
-            stateful = isinstance(self.metric, torchmetrics.Metric)
-            metric = self.metric.clone().to(pl_module.device) if stateful else self.metric
-            total = torch.zeros((), dtype=torch.float64, device=pl_module.device)
-            count = torch.zeros((), dtype=torch.float64, device=pl_module.device)
-            with eval_mode(pl_module), trainer.precision_plugin.forward_context():
-                for batch_index, batch in enumerate(loader):
-                    if batch_index >= limit:
-                        break
-                    batch = trainer.strategy.batch_to_device(batch, dataloader_idx=index)
-                    inputs = trainer.precision_plugin.convert_input(batch[0])
-                    outputs = self.forward(pl_module, inputs) if self.forward is not None else pl_module(inputs)
-                    if stateful:
-                        metric.update(outputs, batch[1])
-                    else:
-                        size = len(batch[1])
-                        total += torch.as_tensor(metric(outputs, batch[1]), dtype=torch.float64) * size
-                        count += size
-            if stateful:
-                values.append(float(metric.compute()))
-            else:
-                total = trainer.strategy.reduce(total, reduce_op="sum")
-                count = trainer.strategy.reduce(count, reduce_op="sum")
-                values.append(float(total / count))
-        return values
 
     def _choose(self, trainer: pl.Trainer) -> float:
         if self.fixed_alpha is not None:
@@ -721,6 +673,75 @@ class WiSEFT(AveragingCallback):
             )
             rank_zero_info(f"weightavg: WiSE-FT {label} by alpha: {table}; chose alpha={self.alpha:g}")
 
+
+
+def logged_validation(trainer: pl.Trainer, monitor: str, count: int) -> tuple[list[float], dict[str, Any]]:
+    """Run fit's validation loop once on the model as it is; return ``monitor`` per dataloader and everything logged.
+
+    Loggers, checkpoint callbacks and early stopping are set aside for the run (they belong to fit's own validations),
+    so it can be repeated for candidate weights at the end of fit.
+    """
+    loop = trainer.fit_loop.epoch_loop.val_loop
+    loggers, callbacks = trainer.loggers, trainer.callbacks  # type: ignore[attr-defined]
+    trainer.loggers = []
+    kept = [cb for cb in callbacks if not isinstance(cb, (Checkpoint, EarlyStopping))]
+    trainer.callbacks = kept  # type: ignore[attr-defined]
+    trainer.validating = True
+    try:
+        outputs = loop.run()
+    finally:
+        trainer.training = True
+        trainer.loggers = loggers
+        trainer.callbacks = callbacks  # type: ignore[attr-defined]
+    logged = {key: value for output in outputs for key, value in output.items()}
+    values = []
+    for index in range(count):
+        output = outputs[index] if index < len(outputs) else {}
+        key = next((k for k in (monitor, f"{monitor}/dataloader_idx_{index}") if k in output), None)
+        if key is None:
+            raise ValueError(
+                f"monitor={monitor!r} was not logged for validation dataloader {index}; logged: {sorted(output)}"
+            )
+        values.append(float(output[key]))
+    return values, logged
+
+
+@torch.no_grad()
+def metric_on_loaders(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, loaders: list[Any], metric: Any, forward: Forward | None
+) -> list[float]:
+    """``metric`` (a torchmetrics ``Metric``, cloned per loader, or ``metric(outputs, targets)`` averaged over
+    examples) of the model as it is, over each validation loader (Lightning's batch limits; reduced across ranks)."""
+    import torchmetrics
+
+    limits = trainer.num_val_batches
+    values = []
+    for index, loader in enumerate(loaders):
+        limit = limits[index] if index < len(limits) else float("inf")
+        stateful = isinstance(metric, torchmetrics.Metric)
+        measure = metric.clone().to(pl_module.device) if stateful else metric
+        total = torch.zeros((), dtype=torch.float64, device=pl_module.device)
+        count = torch.zeros((), dtype=torch.float64, device=pl_module.device)
+        with eval_mode(pl_module), trainer.precision_plugin.forward_context():
+            for batch_index, batch in enumerate(loader):
+                if batch_index >= limit:
+                    break
+                batch = trainer.strategy.batch_to_device(batch, dataloader_idx=index)
+                inputs = trainer.precision_plugin.convert_input(batch[0])
+                outputs = forward(pl_module, inputs) if forward is not None else pl_module(inputs)
+                if stateful:
+                    measure.update(outputs, batch[1])
+                else:
+                    size = len(batch[1])
+                    total += torch.as_tensor(measure(outputs, batch[1]), dtype=torch.float64) * size
+                    count += size
+        if stateful:
+            values.append(float(measure.compute()))
+        else:
+            total = trainer.strategy.reduce(total, reduce_op="sum")
+            count = trainer.strategy.reduce(count, reduce_op="sum")
+            values.append(float(total / count))
+    return values
 
 def _require_matplotlib(argument: str) -> None:
     try:
@@ -868,3 +889,240 @@ class ZSCL(AveragingCallback):
             self.distillation.load_state_dict(state_dict["distillation"])
         else:
             self._pending_distillation = state_dict["distillation"]
+
+
+class LCSC(AveragingCallback):
+    """Snapshots during fit, combined at its end (``weightavg.methods.lcsc``): LCSC's evolutionary search, or a
+    uniform/greedy soup, EMA-equivalent or metric-weighted coefficients, or the last snapshot.
+
+    During fit the live weights are snapshotted every ``every_n_steps`` optimizer steps (or ``every_n_epochs``) into a
+    ``SnapshotStore`` (``directory``: safetensors files, found again when a run resumes; ``None``: host memory), keeping
+    the newest ``keep``. When fit ends the chosen coefficients' combination is streamed into a buffer beside the model
+    and swapped in: candidates are scored on validation dataloader ``search_on`` with the module's logged
+    ``monitor`` or a ``metric``; the best goes into the model (``apply_at_end``) and ``result_path`` gets the
+    coefficients and the search history.
+
+    Args:
+        every_n_steps, every_n_epochs: when to snapshot (at most one of them; neither: every epoch).
+        keep: how many of the newest snapshots to keep (``None``: all).
+        directory: where snapshot files go (global rank 0 writes; every rank reads them at the end, so it must be
+            shared); ``None`` keeps them in host memory (lost on a crash; not found again on resume).
+        background: write snapshot files from a background thread.
+        method: ``"lcsc"`` (search), ``"greedy"``, ``"uniform"``, ``"ema"``, ``"metric"`` or ``"last"``.
+        monitor, metric, forward, mode: the fitness, as for ``WiSEFT`` (needed by ``lcsc`` and ``greedy``; the other
+            methods are scored with it when given).
+        search_on: the validation dataloader the fitness reads.
+        settings: ``SearchSettings`` of the LCSC search (population, generations, seed, ...).
+        decay: for ``method="ema"``. penalty, by, metric_key: for ``method="metric"`` (``metric_key`` is read from
+            what the module logs when a snapshot is taken, e.g. ``train_loss``). rule: for ``method="greedy"``.
+        apply_at_end: leave the chosen combination in the model (else only ``result`` and the files are produced).
+        export_path: write the chosen combination as safetensors. result_path: write ``result`` as JSON.
+        dtype: accumulation dtype of combinations (``torch.float32`` or ``torch.float64``).
+        progress: show a progress bar over the search's evaluations.
+        name, buffers, include, exclude: as for every averager.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        *,
+        every_n_epochs: int | None = None,
+        keep: int | None = 12,
+        directory: str | os.PathLike[str] | None = None,
+        background: bool = False,
+        method: Method = "lcsc",
+        monitor: str | None = None,
+        metric: Any = None,
+        forward: Forward | None = None,
+        mode: Literal["max", "min"] = "max",
+        search_on: int = 0,
+        settings: SearchSettings | Mapping[str, Any] | None = None,
+        decay: float = 0.9,
+        penalty: float = 1.0,
+        by: Literal["loss", "step"] = "loss",
+        metric_key: str = "train_loss",
+        rule: Literal["strict", "not_worse"] = "strict",
+        apply_at_end: bool = True,
+        export_path: str | os.PathLike[str] | None = None,
+        result_path: str | os.PathLike[str] | None = None,
+        dtype: str | torch.dtype = "float32",
+        progress: bool = False,
+        name: str | None = None,
+        buffers: BufferPolicy = "average",
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+    ) -> None:
+        super().__init__(
+            Snapshot(), validate_with="live", apply_at_end=False, export_path=export_path, name=name or "LCSC",
+            buffers=buffers, include=include, exclude=exclude, dtype="live",
+        )
+        if every_n_steps is not None and every_n_epochs is not None:
+            raise ValueError(
+                f"give every_n_steps={every_n_steps!r} or every_n_epochs={every_n_epochs!r}, not both (when to "
+                "snapshot; neither: every epoch)"
+            )
+        if every_n_steps is None and every_n_epochs is None:
+            every_n_epochs = 1
+        if every_n_steps is not None:
+            check_number("every_n_steps", every_n_steps, low=1, integer=True)
+        if every_n_epochs is not None:
+            check_number("every_n_epochs", every_n_epochs, low=1, integer=True)
+        if keep is not None:
+            check_number("keep", keep, low=1, integer=True)
+        check_choice("method", method, COMBINATIONS)
+        check_choice("mode", mode, ("max", "min"))
+        if monitor is not None and metric is not None:
+            raise ValueError("give monitor= (a metric validation_step logs) or metric= (computed here), not both")
+        check_number("search_on", search_on, low=0, integer=True)
+        if isinstance(settings, Mapping):  # a config node
+            settings = SearchSettings(**dict(settings))
+        if settings is not None and not isinstance(settings, SearchSettings):
+            raise TypeError(f"settings={settings!r} must be a weightavg.methods.lcsc.SearchSettings")
+        self.every_n_steps, self.every_n_epochs, self.keep = every_n_steps, every_n_epochs, keep
+        self.directory, self.background = directory, background
+        self.method: Method = method
+        self.monitor, self.metric, self.forward, self.mode = monitor, metric, forward, mode
+        self.search_on, self.settings = search_on, settings
+        self.decay, self.penalty, self.by, self.metric_key, self.greedy_rule = decay, penalty, by, metric_key, rule
+        self.leave_result, self.result_path = apply_at_end, result_path
+        self.combine_dtype, self.progress = combine_dtype(dtype), progress
+        self.combiner: Combiner | None = None
+        self.result: SearchResult | None = None
+        self._last_snapshot_step = -1
+
+    @override
+    def _finishes_model(self) -> bool:
+        return self.leave_result
+
+    @override
+    def check_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.method in ("lcsc", "greedy") and self.monitor is None and self.metric is None:
+            raise ValueError(
+                f"{self.name}: method={self.method!r} scores candidates: give monitor= (a metric validation_step "
+                "logs) or metric="
+            )
+        if self.monitor is not None or self.metric is not None:
+            loop = trainer.fit_loop.epoch_loop.val_loop
+            try:
+                loop.setup_data()
+                count = len(WiSEFT._loaders(trainer))
+            except MisconfigurationException:
+                count = 0
+            if self.search_on >= count or loop.skip:
+                raise ValueError(
+                    f"{self.name} scores candidates on validation dataloader search_on={self.search_on}, but this fit "
+                    f"has {count} validation dataloaders"
+                )
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        writes = self.directory is None or trainer.is_global_zero
+        store = SnapshotStore(self.directory, keep=self.keep, background=self.background and writes
+                              and self.directory is not None)
+        self.combiner = Combiner(pl_module, store, dtype=self.combine_dtype, averager=self._bound())
+        self.result = None
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After a checkpoint restored the step count: drop snapshots an interrupted run took past it.
+        combiner = self._combiner()
+        if trainer.is_global_zero or self.directory is None:
+            combiner.store.discard_after(trainer.global_step)
+        self._last_snapshot_step = trainer.global_step
+
+    def _combiner(self) -> Combiner:
+        if self.combiner is None:
+            raise RuntimeError(f"{self.name} is not bound to a model yet (it binds when fit starts)")
+        return self.combiner
+
+    def _take(self, trainer: pl.Trainer) -> None:
+        if self.directory is not None and not trainer.is_global_zero:
+            return
+        logged = {key: float(value) for key, value in trainer.callback_metrics.items()
+                  if isinstance(value, (int, float)) or (torch.is_tensor(value) and value.numel() == 1)}
+        self._combiner().take(step=trainer.global_step, epoch=trainer.current_epoch, metrics=logged)
+        self._last_snapshot_step = trainer.global_step
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if self.every_n_steps is not None and step != self._last_snapshot_step and step % self.every_n_steps == 0:
+            self._take(trainer)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        due = self.every_n_epochs is not None and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        if due and trainer.global_step != self._last_snapshot_step:
+            self._take(trainer)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fitting = False
+        combiner = self._combiner()
+        combiner.store.flush()
+        if self.directory is not None:
+            trainer.strategy.barrier("weightavg-lcsc-snapshots")
+            if not trainer.is_global_zero:  # read what rank 0 wrote
+                combiner.store = SnapshotStore(self.directory)
+        if not combiner.store.snapshots:
+            rank_zero_info(f"weightavg: {self.name} took no snapshot; the live weights stay")
+            return
+        evaluate = self._evaluator(trainer, pl_module)
+        for peer in self._peers:
+            peer._suspended = True
+        try:
+            self.result = combiner.choose(
+                self.method, evaluate, mode=self.mode, settings=self.settings, decay=self.decay,
+                penalty=self.penalty, by=self.by, metric_key=self.metric_key, rule=self.greedy_rule,
+                progress=self.progress,
+            )
+        finally:
+            for peer in self._peers:
+                peer._suspended = False
+        combiner.load(self.result.weights)
+        averager = combiner.averager
+        if self.export_path is not None and trainer.is_global_zero:
+            averager.save(self.export_path)
+        if self.result_path is not None and trainer.is_global_zero:
+            self.result.save(self.result_path)
+        rank_zero_info(
+            f"weightavg: {self.name} ({self.method}) over {len(combiner.store.snapshots)} snapshots: fitness "
+            f"{self.result.fitness:.5g} after {self.result.evaluations} evaluations"
+        )
+        if self.leave_result:
+            averager.refresh()
+            averager.swap()  # by pointer: the live weights stay in the averager for later checkpoints
+            self._applied = True
+
+    def _evaluator(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Callable[[], float] | None:
+        if self.monitor is None and self.metric is None:
+            return None
+        loop = trainer.fit_loop.epoch_loop.val_loop
+        loop.setup_data()
+        loaders = WiSEFT._loaders(trainer)
+        if self.search_on >= len(loaders):
+            raise ValueError(
+                f"search_on={self.search_on} is not a validation dataloader index (there are {len(loaders)})"
+            )
+        monitor = self.monitor
+
+        def evaluate() -> float:
+            if monitor is not None:
+                values, _ = logged_validation(trainer, monitor, len(loaders))
+            else:
+                values = metric_on_loaders(trainer, pl_module, [loaders[self.search_on]], self.metric, self.forward)
+                return values[0]
+            return values[self.search_on]
+
+        return evaluate
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # the snapshots are the state: files in ``directory`` are found again on resume
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        return None

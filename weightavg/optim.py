@@ -20,10 +20,13 @@ from torch.optim import Optimizer
 from weightavg.core.averager import Averager
 from weightavg.core.binding import BufferPolicy
 from weightavg.core.call import Forward, to_device
+from weightavg.core.checks import check_number
 from weightavg.core.io import WeightSource
 from weightavg.core.rule import Rule, Snapshot
 from weightavg.core.schedules import StartUnit, Unit, Warmup
+from weightavg.core.snapshots import SnapshotStore
 from weightavg.methods.ema import EMA as EMARule
+from weightavg.methods.lcsc import Combiner, Method, SearchResult, combine_dtype
 from weightavg.methods.swa import SWA as SWARule
 from weightavg.methods.wiseft import ALPHAS, check_alphas
 from weightavg.methods.zscl import ZSCL as ZSCLRule
@@ -372,3 +375,102 @@ class ZSCL(AveragingOptimizer):
         self._ended = bool(state["task_ended"])
         if self.distillation is not None:
             self.distillation.load_state_dict(state["distillation"])
+
+
+class LCSC(AveragingOptimizer):
+    """``optimizer`` plus snapshots of the model every ``every_n_steps`` steps, combined afterwards
+    (``weightavg.methods.lcsc``): ``opt.search(evaluate)`` runs LCSC's evolutionary search (or a soup / EMA /
+    metric-weighted recipe), ``with opt.combined(weights):`` evaluates any combination, ``opt.apply(weights)``
+    keeps one.
+
+    Args:
+        optimizer: the inner optimizer.
+        module: the model (snapshots hold its parameters and buffers by ``state_dict`` name).
+        every_n_steps: snapshot interval in optimizer steps.
+        keep: keep the newest ``keep`` snapshots (``None``: all).
+        directory: where snapshot files go (found again on resume; ``load_state_dict`` drops those past the restored
+            step); ``None`` keeps them in host memory.
+        background: write files from a background thread.
+        dtype: accumulation dtype of combinations (``"float32"`` or ``"float64"``).
+        buffers, include, exclude: which tensors the snapshots hold (as for ``weightavg.Averager``).
+
+    Example:
+        >>> model = nn.Linear(4, 2)
+        >>> opt = LCSC(torch.optim.SGD(model.parameters(), lr=0.1), module=model, every_n_steps=2)
+        >>> for _ in range(6):
+        ...     model(torch.randn(8, 4)).pow(2).mean().backward()
+        ...     opt.step()
+        ...     opt.zero_grad()
+        >>> result = opt.search(lambda: -model(torch.ones(1, 4)).pow(2).sum().item(), method="uniform")
+        >>> opt.apply(result.weights)
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        module: nn.Module,
+        every_n_steps: int,
+        keep: int | None = 12,
+        directory: str | os.PathLike[str] | None = None,
+        background: bool = False,
+        dtype: str | torch.dtype = "float32",
+        buffers: BufferPolicy = "average",
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+    ) -> None:
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module={module!r} must be the model (an nn.Module): snapshots are taken by name")
+        check_number("every_n_steps", every_n_steps, low=1, integer=True)
+        super().__init__(
+            optimizer, Snapshot(), module=module, buffers=buffers, include=include, exclude=exclude, dtype="live"
+        )
+        self.every_n_steps = every_n_steps
+        self.store = SnapshotStore(directory, keep=keep, background=background)
+        self.combiner = Combiner(module, self.store, dtype=combine_dtype(dtype), averager=self.averager)
+        self.steps = 0
+        self._metrics: dict[str, float] = {}
+
+    def record(self, **metrics: float) -> None:
+        """Numbers to save with the next snapshot (e.g. ``opt.record(train_loss=loss.item())`` for metric-weighted
+        averaging by loss)."""
+        self._metrics.update({name: float(value) for name, value in metrics.items()})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
+        loss = super().step(closure)
+        self.steps += 1
+        if self.steps % self.every_n_steps == 0:
+            self.combiner.take(step=self.steps, metrics=self._metrics)
+        return loss
+
+    def search(
+        self, evaluate: Callable[[], float] | None = None, *, method: Method = "lcsc", **options: Any
+    ) -> SearchResult:
+        """Coefficients over the snapshots taken so far by ``method`` (see ``Combiner.choose``: ``mode``,
+        ``settings``, ``decay``, ``penalty``, ``by``, ``metric_key``, ``rule``, ``progress``); ``evaluate()`` scores
+        the model as it is (a held-out metric) and is called with each candidate swapped in."""
+        self.store.flush()
+        return self.combiner.choose(method, evaluate, **options)
+
+    def combined(self, weights: Sequence[float] | torch.Tensor) -> AbstractContextManager[None]:
+        """``with opt.combined(weights):`` the model holds ``sum_i w_i theta_i``; the live weights return after."""
+        self.store.flush()
+        return self.combiner.combined(weights)
+
+    def apply(self, weights: Sequence[float] | torch.Tensor) -> None:
+        """Write the combination into the model's own tensors (in place)."""
+        self.store.flush()
+        self.combiner.apply(weights)
+
+    @contextmanager
+    def averaged(self) -> Iterator[None]:
+        raise NotImplementedError("LCSC keeps snapshots, not one average: use combined(weights) or search()")
+        yield  # pragma: no cover
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"lcsc": {"steps": self.steps}}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        self.steps = int(state["lcsc"]["steps"])
+        self.store.discard_after(self.steps)  # an interrupted run's snapshots past the restored step

@@ -10,6 +10,7 @@ Examples::
     python -m weightavg.train averaging=none                    # pretrain; the final model is model.safetensors
     python -m weightavg.train averaging=wiseft data.shift=invert model.init_from=PATH   # WiSE-FT from PATH
     python -m weightavg.train averaging=zscl data.shift=invert model.init_from=PATH     # ZSCL, distilling PATH
+    python -m weightavg.train averaging=lcsc averaging.every_n_steps=50                 # LCSC over snapshots
 
 It prints the test accuracy of the live weights and of each average, and writes each average as safetensors.
 """
@@ -30,7 +31,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from weightavg.callbacks import ZSCL, AveragingCallback, WiSEFT
+from weightavg.callbacks import LCSC, ZSCL, AveragingCallback, WiSEFT
 from weightavg.config import ConfigError, instantiate_averaging, register_configs
 from weightavg.core.io import read_weights, save_safetensors
 
@@ -190,6 +191,8 @@ def build_averagers(
                 overrides["dataloader_names"] = val_names
             if node.get("figure_path") is None:
                 overrides["figure_path"] = str(output_dir / f"{where.replace('extra_averaging.', '')}.png")
+        if target.endswith(".LCSC") and node.get("monitor") is None and node.get("metric") is None:
+            overrides["monitor"] = "val_acc"
         if target.endswith(".ZSCL") and node.get("reference") is None and reference is not None:
             overrides["reference"] = reference
         callback = instantiate_averaging(node, where=where, **overrides)
@@ -259,6 +262,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
                 results[f"{where} WiSEFT(alpha={callback.alpha:g})"] = accuracy(model, test)
             with callback.averager.blended(0.0):
                 results[f"{where} WiSE-FT anchor (alpha=0)"] = accuracy(model, test)
+        elif isinstance(callback, LCSC) and callback.result is not None:
+            results[f"{where} LCSC(method={callback.method})"] = accuracy(model, test)  # the model holds it
         elif callback.averager is not None and callback.averager.has_average:
             with callback.averager.averaged():
                 results[f"{where} {callback.rule!r}"] = accuracy(model, test)

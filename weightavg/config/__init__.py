@@ -102,12 +102,46 @@ class ZSCLConfig(AveragingConfig):
     teacher: str | None = None
 
 
+@dataclass
+class LCSCConfig:
+    """``averaging=lcsc``: ``weightavg.callbacks.LCSC`` (``settings`` takes ``SearchSettings`` fields as a mapping;
+    ``metric`` may be a ``_target_`` node)."""
+
+    _target_: str = "weightavg.callbacks.LCSC"
+    every_n_steps: int | None = None
+    every_n_epochs: int | None = None
+    keep: int | None = 12
+    directory: str | None = None
+    background: bool = False
+    method: str = "lcsc"
+    monitor: str | None = None
+    metric: Any = None
+    mode: str = "max"
+    search_on: int = 0
+    settings: Any = None
+    decay: float = 0.9
+    penalty: float = 1.0
+    by: str = "loss"
+    metric_key: str = "train_loss"
+    rule: str = "strict"
+    apply_at_end: bool = True
+    export_path: str | None = None
+    result_path: str | None = None
+    dtype: str = "float32"
+    progress: bool = False
+    name: str | None = None
+    buffers: str = "average"
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+
+
 #: The shipped options of the ``averaging`` group: name -> (config class, one-line description).
 CONFIGS: dict[str, tuple[type, str]] = {
     "ema": (EMAConfig, "exponential moving average of the weights"),
     "swa": (SWAConfig, "stochastic weight averaging (equal-weight average after a start point)"),
     "wiseft": (WiSEFTConfig, "WiSE-FT: interpolate the weights at fit start and the fine-tuned ones, pick alpha"),
     "zscl": (ZSCLConfig, "ZSCL: weight ensemble per task (+ distillation from the original model)"),
+    "lcsc": (LCSCConfig, "LCSC: snapshots combined at the end by evolutionary search (or soups, EMA, metric weights)"),
 }
 
 
@@ -143,4 +177,4 @@ def instantiate_averaging(config: Any, *, where: str = GROUP, **overrides: Any) 
 
 
 __all__ = ["CONFIGS", "ConfigError", "GROUP", "AveragingConfig", "EMAConfig", "SWAConfig", "WiSEFTConfig",
-           "ZSCLConfig", "instantiate_averaging", "register_configs"]
+           "ZSCLConfig", "LCSCConfig", "instantiate_averaging", "register_configs"]

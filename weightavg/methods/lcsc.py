@@ -23,15 +23,21 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch import nn
 
 from weightavg.core import io
+from weightavg.core.averager import Averager
+from weightavg.core.binding import BufferPolicy
 from weightavg.core.checks import check_choice, check_number
+from weightavg.core.rule import Snapshot
+from weightavg.core.snapshots import SnapshotInfo, SnapshotStore, combine
 
 Mode = Literal["max", "min"]
 
@@ -289,3 +295,169 @@ def _progress(total: int) -> Any:
     except ImportError:  # no progress bar without tqdm
         return None
     return tqdm(total=total, desc="LCSC search", unit="eval")
+
+
+def combine_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``torch.float32``/``torch.float64`` from a dtype or its name (configs write names)."""
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if resolved not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype={dtype!r} must be float32 or float64 (the accumulation dtype of combinations)")
+    assert isinstance(resolved, torch.dtype)
+    return resolved
+
+
+Method = Literal["lcsc", "uniform", "ema", "metric", "greedy", "last"]
+METHODS: tuple[str, ...] = ("lcsc", "uniform", "ema", "metric", "greedy", "last")
+
+
+def choose_weights(
+    method: Method,
+    snapshots: Sequence[SnapshotInfo],
+    fitness: Callable[[torch.Tensor], float] | None,
+    *,
+    mode: Mode = "max",
+    settings: SearchSettings | None = None,
+    decay: float = 0.9,
+    penalty: float = 1.0,
+    by: Literal["loss", "step"] = "loss",
+    metric_key: str = "train_loss",
+    rule: Literal["strict", "not_worse"] = "strict",
+    progress: bool = False,
+) -> SearchResult:
+    """Coefficients over ``snapshots`` (oldest first) by ``method``. ``fitness(weights)`` scores a combination; it
+    drives ``lcsc`` and ``greedy`` (which need it) and scores the other recipes' result when given."""
+    check_choice("method", method, METHODS)
+    k = len(snapshots)
+    if k == 0:
+        raise ValueError("there are no snapshots to combine")
+    if method in ("lcsc", "greedy") and fitness is None:
+        raise ValueError(f"method={method!r} needs a fitness to score candidates (monitor=, metric=, evaluate)")
+    if method == "lcsc":
+        assert fitness is not None
+        return lcsc_search(fitness, k, settings=settings, mode=mode, progress=progress)
+    if method == "greedy":
+        assert fitness is not None
+        score = fitness
+        singles = [score(torch.eye(k, dtype=torch.float64)[i]) for i in range(k)]
+
+        def uniform_over(indices: list[int]) -> torch.Tensor:
+            weights = torch.zeros(k, dtype=torch.float64)
+            weights[indices] = 1.0 / len(indices)
+            return weights
+
+        soup = greedy_soup(singles, lambda indices: score(uniform_over(indices)), mode=mode, rule=rule)
+        history: list[dict[str, object]] = [
+            {"evaluation": i + 1, "candidate": i, "fitness": value} for i, value in enumerate(singles)
+        ]
+        history += [{"evaluation": k + n + 1, "candidate": c, "fitness": v, "kept": kept}
+                    for n, (c, v, kept) in enumerate(soup.trials)]
+        return SearchResult([float(w) for w in uniform_over(soup.ingredients)], soup.score, mode, len(history), 0,
+                            history, {"method": method, "rule": rule})
+    if method == "uniform":
+        weights = uniform_weights(k)
+    elif method == "ema":
+        weights = ema_weights(k, decay)
+    elif method == "last":
+        weights = torch.eye(k, dtype=torch.float64)[-1]
+    else:
+        if by == "loss":
+            missing = [s.step for s in snapshots if metric_key not in s.metrics]
+            if missing:
+                raise ValueError(
+                    f"metric_key={metric_key!r} was not recorded with the snapshots of steps {missing}; log it "
+                    "(self.log in training_step, opt.record(...)) or weight by='step'"
+                )
+            values = [s.metrics[metric_key] for s in snapshots]
+        else:
+            values = [float(s.step) for s in snapshots]
+        weights = metric_weights(values, penalty, by=by)
+    value = math.nan if fitness is None else fitness(weights)
+    scored: list[dict[str, object]] = [] if fitness is None else [{"evaluation": 1, "fitness": value}]
+    return SearchResult([float(w) for w in weights], value, mode, len(scored), 0, scored, {"method": method})
+
+
+class Combiner:
+    """Combinations of a store's snapshots evaluated in the live model, and the choice of coefficients.
+
+    Holds one model-sized buffer (in the live dtype, beside the model) that a combination is streamed into and swapped
+    in by pointer, so the live weights are never touched while candidates are evaluated. Both faces use it.
+
+    Args:
+        module: the model the snapshots were taken from.
+        store: the ``SnapshotStore`` holding them.
+        buffers, include, exclude: which tensors the snapshots hold (as for ``weightavg.Averager``).
+        dtype: accumulation dtype of the combination (``torch.float32`` or ``torch.float64``).
+        averager: an ``Averager`` already bound to ``module`` (live dtype) to use as the buffer.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        store: SnapshotStore,
+        *,
+        buffers: BufferPolicy = "average",
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        dtype: torch.dtype = torch.float32,
+        averager: Averager | None = None,
+    ) -> None:
+        self.store = store
+        self.averager = averager or Averager(
+            module, Snapshot(), buffers=buffers, include=include, exclude=exclude, dtype="live"
+        )
+        self.dtype = dtype
+
+    def take(self, *, step: int, epoch: int | None = None, metrics: Mapping[str, float] | None = None) -> None:
+        """Add the live weights to the store as a snapshot."""
+        self.store.add(self.averager.live_tensors(), step=step, epoch=epoch, metrics=metrics,
+                       aliases=self.averager.aliases())
+
+    def load(self, weights: Sequence[float] | torch.Tensor) -> None:
+        """Stream ``sum_i w_i theta_i`` into the buffer (not into the model)."""
+        if self.averager.is_swapped:
+            self.averager.swap()
+        combine(self.store.snapshots, weights, into=self.averager.averaged_tensors(), store=self.store,
+                dtype=self.dtype)
+
+    @contextmanager
+    def combined(self, weights: Sequence[float] | torch.Tensor) -> Iterator[None]:
+        """Run the body with the combination in the model; the live weights return afterwards."""
+        self.load(weights)
+        with self.averager.averaged():
+            yield
+
+    def fitness(self, evaluate: Callable[[], float]) -> Callable[[torch.Tensor], float]:
+        """``weights -> evaluate()`` with that combination in the model."""
+
+        def score(weights: torch.Tensor) -> float:
+            with self.combined(weights):
+                return float(evaluate())
+
+        return score
+
+    def choose(
+        self,
+        method: Method,
+        evaluate: Callable[[], float] | None,
+        *,
+        mode: Mode = "max",
+        settings: SearchSettings | None = None,
+        decay: float = 0.9,
+        penalty: float = 1.0,
+        by: Literal["loss", "step"] = "loss",
+        metric_key: str = "train_loss",
+        rule: Literal["strict", "not_worse"] = "strict",
+        progress: bool = False,
+    ) -> SearchResult:
+        """Coefficients by ``method`` over the store's snapshots (oldest first); ``evaluate`` (a held-out score of
+        the model as it is) drives ``lcsc`` and ``greedy`` and scores the others' result when given."""
+        fitness = None if evaluate is None else self.fitness(evaluate)
+        return choose_weights(
+            method, self.store.snapshots, fitness, mode=mode, settings=settings, decay=decay, penalty=penalty, by=by,
+            metric_key=metric_key, rule=rule, progress=progress,
+        )
+
+    def apply(self, weights: Sequence[float] | torch.Tensor) -> None:
+        """Write the combination into the model's own tensors (in place)."""
+        self.load(weights)
+        self.averager.copy_to_model()
