@@ -87,3 +87,13 @@ def test_wiseft_and_zscl_from_a_pretrained_run_on_a_shifted_domain(tmp_path: Pat
     load_into_module(model, tmp_path / "zscl" / "averaging.safetensors")
     bad = run_app(tmp_path / "bad", "averaging=wiseft", "model.init_from=/nonexistent.safetensors")
     assert bad.returncode == 2 and "model.init_from='/nonexistent.safetensors'" in bad.stderr
+
+
+def test_lcsc_in_the_app(tmp_path: Path) -> None:
+    result = run_app(tmp_path, "averaging=lcsc", "averaging.every_n_steps=10", "averaging.keep=4",
+                     "averaging.method=greedy", "trainer.max_epochs=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = accuracy_table(result.stdout)
+    assert set(table) == {"live", "averaging LCSC(method=greedy)"}
+    model = Classifier(64, 10)
+    load_into_module(model, tmp_path / "averaging.safetensors")

@@ -368,11 +368,24 @@ def written_by_writer(step: int) -> dict[str, torch.Tensor]:
     return {"big": (base + step).float(), "small": torch.full((3,), -float(step)), "count": torch.tensor(step)}
 
 
+def partial_file_in(folder: Path, complete: int) -> bool:
+    """Whether a hidden (temporary) file in ``folder`` holds some bytes but not a whole snapshot: a write under way."""
+    for path in folder.iterdir():
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:  # renamed or deleted meanwhile
+            continue
+        if path.name.startswith(".") and 0 < size < 0.9 * complete:
+            return True
+    return False
+
+
 def test_a_killed_writer_never_leaves_a_listed_partial_snapshot(tmp_path: Path) -> None:
     chance = random.Random(1234)
-    # (background writer, when to kill: as soon as a temporary file exists, or after a random delay)
-    trials = [(False, "temporary"), (True, "temporary"), (False, chance.uniform(0.0, 0.3)),
-              (True, chance.uniform(0.0, 0.3))]
+    # (background writer?, when to kill it once two snapshots exist: in the middle of writing a file's bytes, as soon
+    # as a temporary file exists, or after a random delay)
+    trials = [(False, "partial"), (True, "partial"), (False, "temporary"), (True, chance.uniform(0.0, 0.3)),
+              (False, chance.uniform(0.0, 0.3))]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
     runs = []
     for index, (background, _) in enumerate(trials):
@@ -393,7 +406,9 @@ def test_a_killed_writer_never_leaves_a_listed_partial_snapshot(tmp_path: Path) 
                         ready_at[index] = time.monotonic()
                     continue
                 when = trials[index][1]
-                if when == "temporary":
+                if when == "partial":
+                    due = partial_file_in(folder, complete=4 * SIZE)
+                elif when == "temporary":
                     due = any(folder.glob(".snapshot-*.tmp"))
                 else:
                     due = time.monotonic() >= ready_at[index] + float(when)
@@ -401,13 +416,14 @@ def test_a_killed_writer_never_leaves_a_listed_partial_snapshot(tmp_path: Path) 
                     os.kill(process.pid, signal.SIGKILL)
                     process.wait()
                     killed.add(index)
-            time.sleep(0.002)
+            time.sleep(0.0005)
     finally:
         for _, process in runs:
             if process.poll() is None:
                 process.kill()
                 process.wait()
     assert killed == set(range(len(runs))), "some writer never wrote two snapshots"
+    leftovers = {}
     for index, (folder, _) in enumerate(runs):
         store = SnapshotStore(folder)
         listed = store.snapshots
@@ -423,6 +439,12 @@ def test_a_killed_writer_never_leaves_a_listed_partial_snapshot(tmp_path: Path) 
         assert not list(folder.glob(".snapshot-*.tmp")), index  # the interrupted write's temporary is gone
         # Every complete snapshot file in the folder is listed; nothing else named like a snapshot is.
         assert sorted(folder.glob("snapshot-*.safetensors")) == [s.path for s in listed]
+        # Nothing else is left behind: the folder is the writer's alone, so any other file is debris of the killed
+        # write (a snapshot-sized orphan per kill would fill the disk of a run that is preempted often).
+        extra = sorted(set(files_in(folder)) - {s.path.name for s in listed} - {MANIFEST})  # type: ignore[union-attr]
+        if extra:
+            leftovers[index] = [(name, (folder / name).stat().st_size) for name in extra]
+    assert not leftovers, f"files left by killed writers after recovery: {leftovers}"
 
 
 # ---------------------------------------------------------------------------------------------------- combine

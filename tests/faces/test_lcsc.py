@@ -1,0 +1,189 @@
+"""LCSC and checkpoint combination through the Lightning callback, the optimizer wrapper and the combine command,
+against the live weights recorded at the snapshot steps and combined by hand in float64."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+
+from tests.faces.test_callbacks import LiveAtEnd, Recorder, assert_close
+from tests.helpers import DigitsModule, digits_loaders, digits_tensors, small_net, trainer
+from weightavg.callbacks import LCSC
+from weightavg.core.io import read_weights
+from weightavg.methods.lcsc import SearchSettings
+from weightavg.optim import LCSC as LCSCOptimizer
+
+SMALL_SEARCH = SearchSettings(population=5, parents=2, children=3, generations=2, seed=3)
+
+
+def by_hand(recorder: Recorder, steps: list[int], weights: list[float]) -> dict[str, torch.Tensor]:
+    """sum_i w_i * live(step_i) in float64; integer buffers from the last snapshot."""
+    states = [recorder.weights[recorder.steps.index(step)] for step in steps]
+    return {k: states[-1][k] if k.endswith("num_batches_tracked") else sum(w * s[k] for w, s in zip(weights, states,
+            strict=True)) for k in states[0]}
+
+
+def fit(callbacks: list[pl.Callback], epochs: int = 2, ckpt_path: str | None = None, **kwargs: Any
+        ) -> tuple[pl.Trainer, DigitsModule]:
+    pl.seed_everything(0, verbose=False)
+    model = DigitsModule()
+    train, val = digits_loaders()
+    run = trainer(max_epochs=epochs, callbacks=callbacks, **kwargs)
+    run.fit(model, train, val, ckpt_path=ckpt_path)
+    return run, model
+
+
+@pytest.mark.parametrize("method", ["uniform", "ema", "last", "metric"])
+def test_recipes_combine_the_snapshots_taken_every_n_steps(tmp_path: Path, method: str) -> None:
+    recorder = Recorder()
+    options: dict[str, Any] = {"by": "step"} if method == "metric" else {}
+    lcsc = LCSC(every_n_steps=3, keep=4, method=method, directory=tmp_path, export_path=tmp_path / "best.safetensors",
+                result_path=tmp_path / "result.json", **options)
+    _, model = fit([recorder, lcsc])
+    steps = [s.step for s in lcsc._combiner().store.snapshots]
+    assert steps == [6, 9, 12, 15]  # 16 steps, every 3, the newest 4 kept
+    assert sorted(p.name for p in tmp_path.glob("snapshot-*")) == [f"snapshot-{s:09d}.safetensors" for s in steps]
+    assert lcsc.result is not None
+    expected = by_hand(recorder, steps, lcsc.result.weights)
+    assert_close(model.state_dict(), expected, rtol=1e-5, atol=1e-6)
+    exported = read_weights(tmp_path / "best.safetensors", argument="path")
+    assert_close(exported, expected, rtol=1e-5, atol=1e-6)
+    assert (tmp_path / "result.json").is_file()
+    if method == "uniform":
+        assert lcsc.result.weights == pytest.approx([0.25] * 4)
+
+
+def test_lcsc_search_scores_on_validation_and_leaves_the_best(tmp_path: Path) -> None:
+    recorder = Recorder()
+    lcsc = LCSC(every_n_steps=4, keep=4, method="lcsc", monitor="val_acc", settings=SMALL_SEARCH)
+    run, model = fit([recorder, lcsc])
+    assert lcsc.result is not None and lcsc.result.evaluations <= 5 + 2 * 3
+    steps = [s.step for s in lcsc._combiner().store.snapshots]
+    assert_close(model.state_dict(), by_hand(recorder, steps, lcsc.result.weights), rtol=1e-5, atol=1e-6)
+    _, val = digits_loaders()
+    assert run.validate(model, val, verbose=False)[0]["val_acc"] == pytest.approx(lcsc.result.fitness)
+    best = max(entry["fitness"] for entry in lcsc.result.history)  # type: ignore[type-var]
+    assert lcsc.result.fitness == best
+    again = LCSC(every_n_steps=4, keep=4, method="lcsc", monitor="val_acc", settings=SMALL_SEARCH)
+    fit([again])
+    assert again.result is not None and again.result.history == lcsc.result.history  # deterministic under a seed
+
+
+def test_resume_drops_snapshots_past_the_checkpoint_and_ends_like_an_uninterrupted_run(tmp_path: Path) -> None:
+    full = LCSC(every_n_steps=3, keep=None, method="uniform", directory=tmp_path / "full")
+    _, model_a = fit([full], epochs=3)
+
+    first = LCSC(every_n_steps=3, keep=None, method="uniform", directory=tmp_path / "resumed")
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    fit([first, checkpoint], epochs=2, enable_checkpointing=True)
+    # Resume from the first epoch's checkpoint (step 8): the run went on past it, and its snapshots of steps 9, 12
+    # and 15 are on disk; they must be dropped and taken again.
+    assert [s.step for s in first._combiner().store.snapshots] == [3, 6, 9, 12, 15]
+    resumed = LCSC(every_n_steps=3, keep=None, method="uniform", directory=tmp_path / "resumed")
+    live = LiveAtEnd()
+    _, model_b = fit([live, resumed], epochs=3, ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=8.ckpt"))
+    assert [s.step for s in resumed._combiner().store.snapshots] == [s.step for s in full._combiner().store.snapshots]
+    for key, value in model_a.state_dict().items():
+        assert torch.equal(value, model_b.state_dict()[key]), key
+
+
+def test_errors_before_training() -> None:
+    for callback, message in [
+        (LCSC(every_n_steps=2, method="lcsc"), "give monitor="),
+        (LCSC(every_n_steps=2, monitor="val_acc", search_on=2), "search_on=2"),
+    ]:
+        run = trainer(max_epochs=2, callbacks=[callback])
+        with pytest.raises(ValueError, match=message):
+            run.fit(DigitsModule(), *digits_loaders())
+        assert run.global_step == 0
+    with pytest.raises(ValueError, match="not both"):
+        LCSC(every_n_steps=2, every_n_epochs=1)
+    with pytest.raises(ValueError, match="method='best'"):
+        LCSC(method="best")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="dtype='float16'"):
+        LCSC(dtype="float16")
+
+
+def loop(opt: torch.optim.Optimizer, model: nn.Module, steps: int, start: int = 0) -> list[dict[str, torch.Tensor]]:
+    x, y = digits_tensors()
+    seen = []
+    for step in range(start, start + steps):
+        opt.zero_grad()
+        i = (step * 32) % 480
+        loss = nn.functional.cross_entropy(model(x[i : i + 32]), y[i : i + 32])
+        loss.backward()
+        opt.record(train_loss=float(loss))  # type: ignore[attr-defined]
+        opt.step()
+        seen.append({k: v.detach().double().clone() for k, v in model.state_dict().items()})
+    return seen
+
+
+def test_optimizer_wrapper_snapshots_searches_combines_and_resumes(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = small_net()
+    opt = LCSCOptimizer(torch.optim.SGD(model.parameters(), lr=0.2), module=model, every_n_steps=2, keep=3,
+                        directory=tmp_path, background=True)
+    seen = loop(opt, model, 10)
+    opt.store.flush()  # background writes: the store lists what is on disk
+    assert [s.step for s in opt.store.snapshots] == [6, 8, 10]
+    live = copy.deepcopy(model.state_dict())
+    weights = [0.5, -0.25, 0.75]
+    expected = {k: sum(w * seen[s - 1][k] for w, s in zip(weights, (6, 8, 10), strict=True)) for k in seen[0]
+                if not k.endswith("num_batches_tracked")}
+    with opt.combined(weights):
+        assert_close(model.state_dict(), expected, rtol=1e-5, atol=1e-6)
+    for key, value in live.items():
+        assert torch.equal(model.state_dict()[key], value), key
+    result = opt.search(method="metric", penalty=1.0)
+    losses = [s.metrics["train_loss"] for s in opt.store.snapshots]
+    raw = [(loss / min(losses)) ** -1.0 for loss in losses]
+    assert result.weights == pytest.approx([r / sum(raw) for r in raw])
+
+    state = copy.deepcopy(opt.state_dict())
+    loop(opt, model, 3, start=10)  # an interrupted run went on and snapshotted step 12
+    opt.store.flush()
+    restored = LCSCOptimizer(torch.optim.SGD(model.parameters(), lr=0.2), module=model, every_n_steps=2, keep=3,
+                             directory=tmp_path)
+    assert [s.step for s in restored.store.snapshots] == [8, 10, 12]
+    restored.load_state_dict(state)
+    assert [s.step for s in restored.store.snapshots] == [8, 10] and restored.steps == 10
+    restored.apply([0.5, 0.5])
+    with pytest.raises(NotImplementedError, match="combined"), restored.averaged():
+        pass
+    opt.store.close()
+
+
+def test_combine_command(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = small_net()
+    opt = LCSCOptimizer(torch.optim.SGD(model.parameters(), lr=0.2), module=model, every_n_steps=3, keep=None,
+                        directory=tmp_path / "snaps")
+    seen = loop(opt, model, 9)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+
+    def command(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "weightavg.combine", *args], capture_output=True, text=True,
+                              env=env, timeout=300)
+
+    out = tmp_path / "out.safetensors"
+    done = command(str(tmp_path / "snaps"), "--weights", "2,-1.5,0.5", "--output", str(out), "--dtype", "float64")
+    assert done.returncode == 0, done.stderr
+    combined = read_weights(out, argument="out")
+    expected = {k: 2 * seen[2][k] - 1.5 * seen[5][k] + 0.5 * seen[8][k] for k in seen[0]
+                if not k.endswith("num_batches_tracked")}
+    assert_close(combined, expected, rtol=1e-5, atol=1e-6)
+    assert combined["1.num_batches_tracked"] == seen[8]["1.num_batches_tracked"]
+    bad = command(str(tmp_path / "snaps"), "--method", "lcsc", "--output", str(out))
+    assert bad.returncode == 2 and "--fitness" in bad.stderr
+    missing = command(str(tmp_path / "nothing"), "--output", str(out))
+    assert missing.returncode == 2 and "nothing" in missing.stderr
