@@ -368,23 +368,23 @@ def written_by_writer(step: int) -> dict[str, torch.Tensor]:
     return {"big": (base + step).float(), "small": torch.full((3,), -float(step)), "count": torch.tensor(step)}
 
 
-def partial_file_in(folder: Path, complete: int) -> bool:
-    """Whether a hidden (temporary) file in ``folder`` holds some bytes but not a whole snapshot: a write under way."""
+def writing_snapshot_bytes(folder: Path) -> bool:
+    """Whether a hidden (temporary) file in ``folder`` already holds a snapshot's bytes: a write under way."""
     for path in folder.iterdir():
         try:
             size = path.stat().st_size
         except FileNotFoundError:  # renamed or deleted meanwhile
             continue
-        if path.name.startswith(".") and 0 < size < 0.9 * complete:
+        if path.name.startswith(".") and size >= 1_000_000:
             return True
     return False
 
 
 def test_a_killed_writer_never_leaves_a_listed_partial_snapshot(tmp_path: Path) -> None:
     chance = random.Random(1234)
-    # (background writer?, when to kill it once two snapshots exist: in the middle of writing a file's bytes, as soon
-    # as a temporary file exists, or after a random delay)
-    trials = [(False, "partial"), (True, "partial"), (False, "temporary"), (True, chance.uniform(0.0, 0.3)),
+    # (background writer?, when to kill it once two snapshots exist: while a temporary file holds a snapshot's bytes,
+    # as soon as a temporary file exists, or after a random delay)
+    trials = [(False, "bytes"), (True, "bytes"), (False, "temporary"), (True, chance.uniform(0.0, 0.3)),
               (False, chance.uniform(0.0, 0.3))]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
     runs = []
@@ -406,8 +406,8 @@ def test_a_killed_writer_never_leaves_a_listed_partial_snapshot(tmp_path: Path) 
                         ready_at[index] = time.monotonic()
                     continue
                 when = trials[index][1]
-                if when == "partial":
-                    due = partial_file_in(folder, complete=4 * SIZE)
+                if when == "bytes":
+                    due = writing_snapshot_bytes(folder)
                 elif when == "temporary":
                     due = any(folder.glob(".snapshot-*.tmp"))
                 else:
