@@ -3,6 +3,8 @@ or killed run, and ``combine`` against a float64 sum written out here, in place 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import random
@@ -345,62 +347,91 @@ def test_foreground_write_error_raises_at_add(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ killed writer
-WRITER = r"""
-import sys, torch
+WRITERS = r"""
+import os, sys, traceback
+import torch
 from weightavg.core.snapshots import SnapshotStore
 torch.set_num_threads(1)
-folder, background, size = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3])
-store = SnapshotStore(folder, keep=4, background=background)
-base = torch.arange(size, dtype=torch.float32)
-step = 0
-while True:
-    step += 1
-    store.add({"big": base + step, "small": torch.full((3,), -float(step)), "count": torch.tensor(step)},
-              step=step, epoch=step // 3, metrics={"loss": 1.0 / step})
-    if background and step % 3 == 0:
-        store.flush()  # at most three snapshots queued
+
+
+def write_forever(folder, background, size):
+    store = SnapshotStore(folder, keep=4, background=background)
+    base = torch.arange(size, dtype=torch.float32)
+    step = 0
+    while True:
+        step += 1
+        store.add({"big": base + step, "small": torch.full((3,), -float(step)), "count": torch.tensor(step)},
+                  step=step, epoch=step // 3, metrics={"loss": 1.0 / step})
+        if background and step % 3 == 0:
+            store.flush()  # at most three snapshots queued
+
+
+# One import of torch, then one forked writer per folder (argv: size, then folder and 0/1 for background pairs).
+size, specs = int(sys.argv[1]), sys.argv[2:]
+children = []
+for folder, background in zip(specs[::2], specs[1::2]):
+    pid = os.fork()
+    if pid == 0:
+        try:
+            write_forever(folder, background == "1", size)
+        except BaseException:
+            traceback.print_exc()
+        os._exit(1)
+    children.append(pid)
+print(*children, flush=True)
+for pid in children:
+    _, status = os.waitpid(pid, 0)
+    print(pid, os.waitstatus_to_exitcode(status), flush=True)
 """
 SIZE = 3_000_000  # 12 MB per snapshot; base + step stays exact in float32
 
 
+@functools.cache
+def writer_base() -> torch.Tensor:
+    return torch.arange(SIZE, dtype=torch.float32)
+
+
 def written_by_writer(step: int) -> dict[str, torch.Tensor]:
-    base = torch.arange(SIZE, dtype=torch.float64)
-    return {"big": (base + step).float(), "small": torch.full((3,), -float(step)), "count": torch.tensor(step)}
+    """What the writer saved at ``step`` (``arange + step`` is exact in float32 below 2**24)."""
+    return {"big": writer_base() + step, "small": torch.full((3,), -float(step)), "count": torch.tensor(step)}
 
 
 def writing_snapshot_bytes(folder: Path) -> bool:
-    """Whether a hidden (temporary) file in ``folder`` already holds a snapshot's bytes: a write under way."""
+    """Whether a snapshot's bytes are being written in ``folder``: a temporary (hidden) file holding some, or any file
+    holding some but fewer than a whole snapshot's."""
     for path in folder.iterdir():
         try:
             size = path.stat().st_size
         except FileNotFoundError:  # renamed or deleted meanwhile
             continue
-        if path.name.startswith(".") and size >= 1_000_000:
+        if size >= 1_000_000 and (path.name.startswith(".") or size < 4 * SIZE):
             return True
     return False
 
 
 def test_a_killed_writer_never_leaves_a_listed_partial_snapshot(tmp_path: Path) -> None:
     chance = random.Random(1234)
-    # (background writer?, when to kill it once two snapshots exist: while a temporary file holds a snapshot's bytes,
-    # as soon as a temporary file exists, or after a random delay)
-    trials = [(False, "bytes"), (True, "bytes"), (False, "temporary"), (True, chance.uniform(0.0, 0.3)),
-              (False, chance.uniform(0.0, 0.3))]
+    # (background writer?, when to kill it once two snapshots exist: while a snapshot's bytes are being written, as
+    # soon as a temporary file exists, or after a random delay; in any case at most 3 s later)
+    trials = [(False, "bytes"), (True, "bytes"), (False, "temporary"), (True, chance.uniform(0.0, 0.2))]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
-    runs = []
-    for index, (background, _) in enumerate(trials):
-        folder = tmp_path / f"run{index}"
-        command = [sys.executable, "-c", WRITER, str(folder), "1" if background else "0", str(SIZE)]
-        runs.append((folder, subprocess.Popen(command, env=env, stderr=subprocess.PIPE)))
+    folders = [tmp_path / f"run{index}" for index in range(len(trials))]
+    specs = [str(item) for folder, (background, _) in zip(folders, trials, strict=True)
+             for item in (folder, int(background))]
+    launcher = subprocess.Popen([sys.executable, "-c", WRITERS, str(SIZE), *specs], env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    pids: list[int] = []
     ready_at: dict[int, float] = {}
     killed: set[int] = set()
     deadline = time.monotonic() + 60
     try:
-        while len(killed) < len(runs) and time.monotonic() < deadline:
-            for index, (folder, process) in enumerate(runs):
+        pids = [int(pid) for pid in launcher.stdout.readline().split()]  # type: ignore[union-attr]
+        assert len(pids) == len(trials), launcher.stderr.read()  # type: ignore[union-attr]
+        while len(killed) < len(pids) and time.monotonic() < deadline:
+            assert launcher.poll() is None, launcher.stderr.read()  # type: ignore[union-attr]
+            for index, folder in enumerate(folders):
                 if index in killed:
                     continue
-                assert process.poll() is None, process.stderr.read().decode()  # type: ignore[union-attr]
                 if index not in ready_at:
                     if folder.is_dir() and len(list(folder.glob("snapshot-*.safetensors"))) >= 2:
                         ready_at[index] = time.monotonic()
@@ -409,41 +440,49 @@ def test_a_killed_writer_never_leaves_a_listed_partial_snapshot(tmp_path: Path) 
                 if when == "bytes":
                     due = writing_snapshot_bytes(folder)
                 elif when == "temporary":
-                    due = any(folder.glob(".snapshot-*.tmp"))
+                    due = any(path.name.startswith(".") for path in folder.iterdir())
                 else:
                     due = time.monotonic() >= ready_at[index] + float(when)
+                due = due or time.monotonic() >= ready_at[index] + 3.0
                 if due:
-                    os.kill(process.pid, signal.SIGKILL)
-                    process.wait()
+                    os.kill(pids[index], signal.SIGKILL)
                     killed.add(index)
             time.sleep(0.0005)
     finally:
-        for _, process in runs:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    assert killed == set(range(len(runs))), "some writer never wrote two snapshots"
+        for index, pid in enumerate(pids):
+            if index not in killed:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        out, err = launcher.communicate(timeout=30)  # every writer reaped: nothing writes any more
+    assert killed == set(range(len(trials))), f"some writer never wrote two snapshots: {err}"
+    exits = dict(line.split() for line in out.splitlines())
+    assert exits == {str(pid): str(-signal.SIGKILL) for pid in pids}, err  # killed, not crashed
+    runs = [(folder, pid) for folder, pid in zip(folders, pids, strict=True)]
     leftovers = {}
-    for index, (folder, _) in enumerate(runs):
-        store = SnapshotStore(folder)
-        listed = store.snapshots
-        steps = [s.step for s in listed]
-        assert len(steps) >= 2, (index, steps)
-        assert steps == list(range(steps[0], steps[0] + len(steps))), (index, steps)  # none missing in between
-        for snapshot in listed:
-            assert snapshot.epoch == snapshot.step // 3
-            assert snapshot.metrics == {"loss": 1.0 / snapshot.step}
-            with open_weights(snapshot.path) as tensors:  # type: ignore[arg-type]
-                found = {name: tensors[name].clone() for name in tensors}
-            assert_same_tensors(found, written_by_writer(snapshot.step))
-        assert not list(folder.glob(".snapshot-*.tmp")), index  # the interrupted write's temporary is gone
-        # Every complete snapshot file in the folder is listed; nothing else named like a snapshot is.
-        assert sorted(folder.glob("snapshot-*.safetensors")) == [s.path for s in listed]
-        # Nothing else is left behind: the folder is the writer's alone, so any other file is debris of the killed
-        # write (a snapshot-sized orphan per kill would fill the disk of a run that is preempted often).
-        extra = sorted(set(files_in(folder)) - {s.path.name for s in listed} - {MANIFEST})  # type: ignore[union-attr]
-        if extra:
-            leftovers[index] = [(name, (folder / name).stat().st_size) for name in extra]
+    try:
+        for index, (folder, _) in enumerate(runs):
+            store = SnapshotStore(folder)
+            listed = store.snapshots
+            steps = [s.step for s in listed]
+            assert len(steps) >= 2, (index, steps)
+            assert steps == list(range(steps[0], steps[0] + len(steps))), (index, steps)  # none missing in between
+            for snapshot in listed:
+                assert snapshot.epoch == snapshot.step // 3
+                assert snapshot.metrics == {"loss": 1.0 / snapshot.step}
+                with open_weights(snapshot.path) as tensors:  # type: ignore[arg-type]
+                    found = {name: tensors[name].clone() for name in tensors}
+                assert_same_tensors(found, written_by_writer(snapshot.step))
+            assert not list(folder.glob(".snapshot-*.tmp")), index  # the interrupted write's temporary is gone
+            # Every complete snapshot file in the folder is listed; nothing else named like a snapshot is.
+            assert sorted(folder.glob("snapshot-*.safetensors")) == [s.path for s in listed]
+            # Nothing else is left behind: the folder is the writer's alone, so any other file is debris of the killed
+            # write (a snapshot-sized orphan per kill would fill the disk of a run that is preempted often).
+            extra = sorted(set(files_in(folder)) - {s.path.name for s in listed} - {MANIFEST})  # type: ignore[union-attr]
+            if extra:
+                leftovers[index] = [(name, (folder / name).stat().st_size) for name in extra]
+    finally:  # 60 MB per run: do not leave them to pytest's kept temporary folders
+        for folder, _ in runs:
+            shutil.rmtree(folder, ignore_errors=True)
     assert not leftovers, f"files left by killed writers after recovery: {leftovers}"
 
 
@@ -575,37 +614,41 @@ def test_combine_errors(tmp_path: Path) -> None:
 
 # -------------------------------------------------------------------------------------------- constant memory
 MEASURE = r"""
-import sys, torch
+import json, sys, torch
 from pathlib import Path
 from weightavg.core.snapshots import combine
 torch.set_num_threads(1)
+
 
 def status(field):
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
 
+
 paths = sys.argv[1:]
-weights = [(-1.0) ** i * (i + 1) for i in range(len(paths))]
 warm = combine(paths[:1], [1.0])  # first use of every code path, then freed
 del warm
-Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
-start = status("VmRSS")
-result = combine(paths, weights)
-print(status("VmHWM") - start, sum(t.numel() * t.element_size() for t in result.values()))
+growth = {}
+for k in (2, len(paths)):
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    start = status("VmRSS")
+    result = combine(paths[:k], [(-1.0) ** i * (i + 1) for i in range(k)])
+    growth[k] = status("VmHWM") - start
+    result_bytes = sum(t.numel() * t.element_size() for t in result.values())
+    del result
+print(json.dumps({"growth": growth, "result_bytes": result_bytes}))
 """
 
 
 def test_combine_memory_does_not_grow_with_the_number_of_snapshots(tmp_path: Path) -> None:
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux /proc to read and reset the peak RSS")
-    generator = torch.Generator().manual_seed(0)
     shapes = {"a.weight": (2000, 2500), "a.bias": (2000,), "b.weight": (2500, 2400), "b.bias": (2500,),
               "c.weight": (1000, 1000), "n": ()}
     paths = []
-    for i in range(12):
-        state = {name: torch.randn(shape, generator=generator) if name != "n" else torch.tensor(i)
-                 for name, shape in shapes.items()}
+    for i in range(12):  # twelve distinct ~48 MB snapshots on disk
+        state = {name: torch.full(shape, 0.5 + i) if name != "n" else torch.tensor(i) for name, shape in shapes.items()}
         path = tmp_path / f"s{i}.safetensors"
         save_file(state, str(path))
         paths.append(str(path))
@@ -613,13 +656,15 @@ def test_combine_memory_does_not_grow_with_the_number_of_snapshots(tmp_path: Pat
     model_bytes = sum(4 * torch.Size(shape).numel() for shape in shapes.values())
     assert 45e6 < model_bytes < 55e6
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
-    growth = {}
-    for k in (2, 12):
-        done = subprocess.run([sys.executable, "-c", MEASURE, *paths[:k]], capture_output=True, text=True,
-                              timeout=120, env=env)
-        assert done.returncode == 0, done.stderr
-        peak, result_bytes = map(int, done.stdout.split())
-        assert result_bytes >= model_bytes
-        growth[k] = peak
+    try:
+        done = subprocess.run([sys.executable, "-c", MEASURE, *paths], capture_output=True, text=True, timeout=120,
+                              env=env)
+    finally:  # 580 MB of files: do not leave them to pytest's kept temporary folders
+        for path in paths:
+            Path(path).unlink()
+    assert done.returncode == 0, done.stderr
+    measured = json.loads(done.stdout)
+    growth = {int(k): v for k, v in measured["growth"].items()}
+    assert measured["result_bytes"] >= model_bytes
     assert growth[2] >= 0.9 * model_bytes, growth  # the measurement sees at least the accumulator
     assert growth[12] < growth[2] + model_bytes, growth  # about one accumulator plus one snapshot, whatever K

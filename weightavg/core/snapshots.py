@@ -55,7 +55,8 @@ class SnapshotStore:
         directory: the folder for ``snapshot-<step>.safetensors`` files and ``manifest.json``. Snapshots already
             there (an interrupted run's) are found again; ``discard_after(step)`` drops those newer than the
             checkpoint a run resumes from.
-        keep: keep only the newest ``keep`` snapshots (older files are deleted); ``None`` keeps all.
+        keep: keep only the newest ``keep`` snapshots (older files are deleted at the next ``add``; opening a folder
+            deletes nothing, so a resumed run can still discard newer ones and keep the older); ``None`` keeps all.
         background: write files from a background thread (the tensors are copied to host memory first, so training
             can go on changing them). A write is atomic (temporary file, fsync, rename) and enters the manifest only
             once complete, so a killed writer never leaves a listed but partial file. ``flush()`` waits for pending
@@ -90,6 +91,7 @@ class SnapshotStore:
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
             self._snapshots = self._recover()
+            self._write_manifest()  # rebuilt from the files: a missing or stale manifest is repaired at once
         # The newest step added, written or not (a background write may still be queued).
         self._last_step: int | None = self._snapshots[-1].step if self._snapshots else None
         if background:
@@ -232,8 +234,11 @@ class SnapshotStore:
         """Snapshots already in the folder: every complete file, described by its own metadata (the manifest is
         rewritten from them, so a run killed between a rename and a manifest update loses nothing)."""
         assert self.directory is not None
-        for leftover in self.directory.glob(".snapshot-*.tmp"):
-            leftover.unlink(missing_ok=True)  # a write that never completed
+        # Writes that never completed: our temporaries, and the hidden ``.tmpXXXXXX`` that safetensors writes through.
+        for pattern in (".snapshot-*.tmp", f".{MANIFEST}.*.tmp", ".tmp*"):
+            for leftover in self.directory.glob(pattern):
+                if leftover.is_file():
+                    leftover.unlink(missing_ok=True)
         found = []
         for path in sorted(self.directory.glob("snapshot-*.safetensors")):
             try:

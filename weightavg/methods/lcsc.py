@@ -202,7 +202,10 @@ class SearchResult:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SearchResult:
-        return cls(**json.loads(Path(path).read_text()))
+        data = json.loads(Path(path).read_text())
+        if "decays" in data.get("settings", {}):
+            data["settings"]["decays"] = tuple(data["settings"]["decays"])  # JSON has no tuples
+        return cls(**data)
 
 
 def lcsc_search(
