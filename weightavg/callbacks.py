@@ -969,6 +969,8 @@ class LCSC(AveragingCallback):
             check_number("every_n_epochs", every_n_epochs, low=1, integer=True)
         if keep is not None:
             check_number("keep", keep, low=1, integer=True)
+        if background and directory is None:
+            raise ValueError("background=True writes snapshot files: give a directory= (memory snapshots need no writer)")
         check_choice("method", method, COMBINATIONS)
         check_choice("mode", mode, ("max", "min"))
         if monitor is not None and metric is not None:
@@ -1017,9 +1019,12 @@ class LCSC(AveragingCallback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
-        writes = self.directory is None or trainer.is_global_zero
-        store = SnapshotStore(self.directory, keep=self.keep, background=self.background and writes
-                              and self.directory is not None)
+        if self.directory is not None and not trainer.is_global_zero:
+            # Rank 0 alone writes the folder (other ranks would race on its manifest and temporaries); the others
+            # open it when fit ends, after a barrier.
+            store = SnapshotStore(None)
+        else:
+            store = SnapshotStore(self.directory, keep=self.keep, background=self.background)
         self.combiner = Combiner(pl_module, store, dtype=self.combine_dtype, averager=self._bound())
         self.result = None
 
