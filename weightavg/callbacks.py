@@ -970,7 +970,7 @@ class LCSC(AveragingCallback):
         if keep is not None:
             check_number("keep", keep, low=1, integer=True)
         if background and directory is None:
-            raise ValueError("background=True writes snapshot files: give a directory= (memory snapshots need no writer)")
+            raise ValueError("background=True writes snapshot files: give a directory= (memory snapshots need none)")
         check_choice("method", method, COMBINATIONS)
         check_choice("mode", mode, ("max", "min"))
         if monitor is not None and metric is not None:
