@@ -1088,6 +1088,7 @@ class LCSC(AveragingCallback):
             for peer in self._peers:
                 peer._suspended = False
         combiner.load(self.result.weights)
+        combiner.check_statistics()
         averager = combiner.averager
         if self.export_path is not None and trainer.is_global_zero:
             averager.save(self.export_path)

@@ -187,3 +187,18 @@ def test_combine_command(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "--fitness" in bad.stderr
     missing = command(str(tmp_path / "nothing"), "--output", str(out))
     assert missing.returncode == 2 and "nothing" in missing.stderr
+
+
+def test_negative_running_variance_is_reported() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    opt = LCSCOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), module=model, every_n_steps=1, keep=2)
+    for variance in (3.0, 0.5):
+        model(torch.randn(4, 4)).sum().backward()
+        with torch.no_grad():
+            model[1].running_var.fill_(variance)
+        opt.step()
+        opt.zero_grad()
+    with pytest.warns(UserWarning, match="negative BatchNorm running variances"):
+        opt.apply([-2.0, 3.0])  # -2 * 3 + 3 * 0.5 < 0
+    opt.apply([0.5, 0.5])
+    assert opt.combiner.check_statistics()

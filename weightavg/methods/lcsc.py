@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -463,4 +464,18 @@ class Combiner:
     def apply(self, weights: Sequence[float] | torch.Tensor) -> None:
         """Write the combination into the model's own tensors (in place)."""
         self.load(weights)
+        self.check_statistics()
         self.averager.copy_to_model()
+
+    def check_statistics(self) -> bool:
+        """Warn (and return ``False``) when the combination in the buffer holds a negative BatchNorm running variance,
+        which negative coefficients can produce: recompute the statistics (``torch.optim.swa_utils.update_bn``)."""
+        negative = [name for name, tensor in self.averager.averaged_tensors().items()
+                    if name.endswith("running_var") and tensor.is_floating_point() and bool((tensor < 0).any())]
+        if negative:
+            warnings.warn(
+                f"the combination has negative BatchNorm running variances in {negative[:3]}; recompute the statistics "
+                "(torch.optim.swa_utils.update_bn) or use non-negative coefficients",
+                stacklevel=3,
+            )
+        return not negative
