@@ -404,28 +404,36 @@ class SWA(AveragingCallback):
 
     @override
     def finalize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.recompute_bn:
-            return
-        limit = self.bn_batches or int(trainer.num_training_batches)
+        if self.recompute_bn:
+            recompute_batchnorm(trainer, pl_module, self._bound(), self.bn_input, self.bn_batches)
 
-        def batches() -> Iterator[Any]:
-            loaders: Any = trainer.train_dataloader
-            if isinstance(loaders, dict):
-                loaders = list(loaders.values())
-            for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
-                yield from loader
 
-        def inputs() -> Iterator[list[Any]]:
-            for batch in islice(batches(), limit):
-                batch = trainer.strategy.batch_to_device(batch)
-                if self.bn_input is not None:
-                    batch = self.bn_input(batch)
-                elif isinstance(batch, (list, tuple)):
-                    batch = batch[0]
-                yield [trainer.precision_plugin.convert_input(batch)]
+def recompute_batchnorm(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, averager: Averager, bn_input: Callable[[Any], Any] | None,
+    bn_batches: int | None,
+) -> None:
+    """Recompute the BatchNorm statistics of ``averager``'s tensors with one pass over the training data (``bn_batches``
+    batches, default one epoch; ``bn_input`` maps a batch to the model's input, default ``batch[0]``)."""
+    limit = bn_batches or int(trainer.num_training_batches)
 
-        with trainer.precision_plugin.forward_context():
-            self._bound().update_bn(inputs(), pl_module)
+    def batches() -> Iterator[Any]:
+        loaders: Any = trainer.train_dataloader
+        if isinstance(loaders, dict):
+            loaders = list(loaders.values())
+        for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
+            yield from loader
+
+    def inputs() -> Iterator[list[Any]]:
+        for batch in islice(batches(), limit):
+            batch = trainer.strategy.batch_to_device(batch)
+            if bn_input is not None:
+                batch = bn_input(batch)
+            elif isinstance(batch, (list, tuple)):
+                batch = batch[0]
+            yield [trainer.precision_plugin.convert_input(batch)]
+
+    with trainer.precision_plugin.forward_context():
+        averager.update_bn(inputs(), pl_module)
 
 
 class WiSEFT(AveragingCallback):
@@ -919,6 +927,9 @@ class LCSC(AveragingCallback):
         export_path: write the chosen combination as safetensors. result_path: write ``result`` as JSON.
         dtype: accumulation dtype of combinations (``torch.float32`` or ``torch.float64``).
         progress: show a progress bar over the search's evaluations.
+        recompute_bn, bn_input, bn_batches: recompute the BatchNorm statistics of the chosen combination with one
+            pass over the training data before it is exported and applied (as for ``SWA``; candidates during the
+            search are scored with combined statistics).
         name, buffers, include, exclude: as for every averager.
     """
 
@@ -947,6 +958,9 @@ class LCSC(AveragingCallback):
         result_path: str | os.PathLike[str] | None = None,
         dtype: str | torch.dtype = "float32",
         progress: bool = False,
+        recompute_bn: bool = True,
+        bn_input: Callable[[Any], Any] | None = None,
+        bn_batches: int | None = None,
         name: str | None = None,
         buffers: BufferPolicy = "average",
         include: str | Sequence[str] | None = None,
@@ -988,6 +1002,9 @@ class LCSC(AveragingCallback):
         self.decay, self.penalty, self.by, self.metric_key, self.greedy_rule = decay, penalty, by, metric_key, rule
         self.leave_result, self.result_path = apply_at_end, result_path
         self.combine_dtype, self.progress = combine_dtype(dtype), progress
+        if bn_batches is not None:
+            check_number("bn_batches", bn_batches, low=1, integer=True)
+        self.recompute_bn, self.bn_input, self.bn_batches = recompute_bn, bn_input, bn_batches
         self.combiner: Combiner | None = None
         self.result: SearchResult | None = None
         self._last_snapshot_step = -1
@@ -1088,6 +1105,8 @@ class LCSC(AveragingCallback):
             for peer in self._peers:
                 peer._suspended = False
         combiner.load(self.result.weights)
+        if self.recompute_bn:  # the chosen combination's own statistics (a no-op without BatchNorm)
+            recompute_batchnorm(trainer, pl_module, combiner.averager, self.bn_input, self.bn_batches)
         combiner.check_statistics()
         averager = combiner.averager
         if self.export_path is not None and trainer.is_global_zero:

@@ -458,10 +458,11 @@ class LCSC(AveragingOptimizer):
         self.store.flush()
         return self.combiner.combined(weights)
 
-    def apply(self, weights: Sequence[float] | torch.Tensor) -> None:
-        """Write the combination into the model's own tensors (in place)."""
+    def apply(self, weights: Sequence[float] | torch.Tensor, *, bn_loader: Iterable[Any] | None = None) -> None:
+        """Write the combination into the model's own tensors (in place); with ``bn_loader``, recompute its
+        BatchNorm statistics first with one pass over those batches (``torch.optim.swa_utils.update_bn``)."""
         self.store.flush()
-        self.combiner.apply(weights)
+        self.combiner.apply(weights, bn_loader=bn_loader)
 
     @contextmanager
     def averaged(self) -> Iterator[None]:

@@ -129,6 +129,8 @@ class LCSCConfig:
     result_path: str | None = None
     dtype: str = "float32"
     progress: bool = False
+    recompute_bn: bool = True
+    bn_batches: int | None = None
     name: str | None = None
     buffers: str = "average"
     include: list[str] | None = None

@@ -17,16 +17,21 @@ ALIASES_KEY = "weightavg.aliases"
 
 
 def save_safetensors(
-    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str], *, metadata: Mapping[str, str] | None = None
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str], *, metadata: Mapping[str, str] | None = None,
+    copy: bool = True,
 ) -> Path:
     """Write ``tensors`` to ``path`` atomically: a temporary file in the same folder, fsync, then rename.
 
-    A crash mid-write leaves any earlier file at ``path`` intact. Tensors are copied to CPU and made contiguous.
+    A crash mid-write leaves any earlier file at ``path`` intact. Tensors are copied to CPU and made contiguous
+    (``copy=False``: the caller passes contiguous host tensors that share no storage, written as they are).
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     # Copies: averages may be views of one flat buffer, and safetensors refuses tensors that share storage.
-    cpu = {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in tensors.items()}
+    cpu = (
+        {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in tensors.items()} if copy
+        else dict(tensors)  # the caller's own contiguous host tensors, sharing no storage
+    )
     handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(handle)
     try:

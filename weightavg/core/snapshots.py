@@ -58,9 +58,10 @@ class SnapshotStore:
         keep: keep only the newest ``keep`` snapshots (older files are deleted at the next ``add``; opening a folder
             deletes nothing, so a resumed run can still discard newer ones and keep the older); ``None`` keeps all.
         background: write files from a background thread (the tensors are copied to host memory first, so training
-            can go on changing them). A write is atomic (temporary file, fsync, rename) and enters the manifest only
-            once complete, so a killed writer never leaves a listed but partial file. ``flush()`` waits for pending
-            writes; errors surface at the next ``add``/``flush``.
+            can go on changing them; at most two snapshots wait, then ``add`` waits for the writer). A write is
+            atomic (temporary file, fsync, rename) and enters the manifest only once complete, so a killed writer
+            never leaves a listed but partial file. ``flush()`` waits for pending writes; errors surface at the next
+            ``add``/``flush``.
 
     Example:
         >>> store = SnapshotStore(None, keep=3)
@@ -95,7 +96,7 @@ class SnapshotStore:
         # The newest step added, written or not (a background write may still be queued).
         self._last_step: int | None = self._snapshots[-1].step if self._snapshots else None
         if background:
-            self._queue = queue.Queue()
+            self._queue = queue.Queue(maxsize=2)  # back-pressure: at most two snapshots wait in host memory
             self._worker = threading.Thread(target=self._write_loop, name="weightavg-snapshots", daemon=True)
             self._worker.start()
 
@@ -200,7 +201,7 @@ class SnapshotStore:
 
     def _write(self, snapshot: SnapshotInfo, host: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
         assert snapshot.path is not None
-        io.save_safetensors(host, snapshot.path, metadata=metadata)
+        io.save_safetensors(host, snapshot.path, metadata=metadata, copy=False)  # add() made the host copies
         self._commit(snapshot)
 
     def _commit(self, snapshot: SnapshotInfo) -> None:
@@ -273,6 +274,9 @@ class _LazyTensors(Mapping[str, torch.Tensor]):
         tensor: torch.Tensor = self._handle.get_tensor(key)
         return tensor
 
+    def shapes(self) -> dict[str, torch.Size]:
+        return {key: torch.Size(self._handle.get_slice(key).get_shape()) for key in self._keys}
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
 
@@ -331,7 +335,7 @@ def combine(
     expected: dict[str, torch.Size] | None = None
     for index, (source, weight) in enumerate(zip(sources, coefficients, strict=True)):
         with _open_source(source, store) as tensors:
-            shapes = {name: tensors[name].shape for name in tensors}
+            shapes = _shapes(tensors)
             if expected is None:
                 expected = shapes
                 if targets is not None:
@@ -358,6 +362,13 @@ def combine(
         names = [name for name in result if name in targets]
         kernels.copy_([targets[name].data for name in names], [result[name] for name in names])
     return result
+
+
+def _shapes(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Size]:
+    """Shapes without reading the tensors of a memory-mapped file."""
+    if isinstance(tensors, _LazyTensors):
+        return tensors.shapes()
+    return {name: tensors[name].shape for name in tensors}
 
 
 @contextmanager

@@ -24,7 +24,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -406,6 +406,7 @@ class Combiner:
         averager: Averager | None = None,
     ) -> None:
         self.store = store
+        self._module = module
         self.averager = averager or Averager(
             module, Snapshot(), buffers=buffers, include=include, exclude=exclude, dtype="live"
         )
@@ -461,9 +462,12 @@ class Combiner:
             metric_key=metric_key, rule=rule, progress=progress,
         )
 
-    def apply(self, weights: Sequence[float] | torch.Tensor) -> None:
-        """Write the combination into the model's own tensors (in place)."""
+    def apply(self, weights: Sequence[float] | torch.Tensor, *, bn_loader: Iterable[Any] | None = None) -> None:
+        """Write the combination into the model's own tensors (in place); with ``bn_loader``, recompute the
+        combination's BatchNorm statistics first (one pass, ``torch.optim.swa_utils.update_bn``)."""
         self.load(weights)
+        if bn_loader is not None:
+            self.averager.update_bn(bn_loader, self._module)
         self.check_statistics()
         self.averager.copy_to_model()
 
