@@ -919,7 +919,8 @@ class LCSC(AveragingCallback):
         method: ``"lcsc"`` (search), ``"greedy"``, ``"uniform"``, ``"ema"``, ``"metric"`` or ``"last"``.
         monitor, metric, forward, mode: the fitness, as for ``WiSEFT`` (needed by ``lcsc`` and ``greedy``; the other
             methods are scored with it when given).
-        search_on: the validation dataloader the fitness reads.
+        search_on: the validation dataloader the fitness reads. Under DDP every rank runs the search and rank 0's
+            result is used; log ``monitor`` with ``sync_dist=True`` so that it scores every rank's data.
         settings: ``SearchSettings`` of the LCSC search (population, generations, seed, ...).
         decay: for ``method="ema"``. penalty, by, metric_key: for ``method="metric"`` (``metric_key`` is read from
             what the module logs when a snapshot is taken, e.g. ``train_loss``). rule: for ``method="greedy"``.
@@ -1104,6 +1105,9 @@ class LCSC(AveragingCallback):
         finally:
             for peer in self._peers:
                 peer._suspended = False
+        # Every rank searched (validation runs are collective); rank 0's choice is everyone's, even when the
+        # monitored metric was not synchronised across ranks (log it with sync_dist=True to score all the data).
+        self.result = trainer.strategy.broadcast(self.result)
         combiner.load(self.result.weights)
         if self.recompute_bn:  # the chosen combination's own statistics (a no-op without BatchNorm)
             recompute_batchnorm(trainer, pl_module, combiner.averager, self.bn_input, self.bn_batches)

@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tests.faces.test_callbacks import Recorder, ema_reference
 from tests.helpers import DigitsModule, digits_loaders, digits_tensors
-from weightavg.callbacks import EMA, ZSCL, WiSEFT
+from weightavg.callbacks import EMA, LCSC, ZSCL, WiSEFT
+from weightavg.methods.lcsc import SearchSettings
 
 
 def same_on_every_rank(tensors: dict[str, torch.Tensor], what: str) -> None:
@@ -91,5 +92,33 @@ def main() -> None:
         print("DDP OK", trainer.world_size, recorder.steps[-1])
 
 
+def combination() -> None:
+    """LCSC with snapshot files written by rank 0 and read by every rank, then a search in memory: ranks agree."""
+    torch.set_num_threads(1)
+    pl.seed_everything(0, verbose=False)
+    model = DigitsModule()
+    train, val = digits_loaders()
+    options = dict(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0)
+    folder = Path(sys.argv[1]) / "snapshots"
+    uniform = LCSC(every_n_steps=2, keep=4, method="uniform", directory=folder, background=True, name="files")
+    trainer = pl.Trainer(callbacks=[uniform], **options)  # type: ignore[arg-type]
+    trainer.fit(model, train, val)
+    same_on_every_rank(dict(model.state_dict()), "the uniform combination")
+    assert [s.step for s in uniform._combiner().store.snapshots] == [2, 4, 6, 8], uniform._combiner().store.snapshots
+    search = LCSC(every_n_steps=2, keep=4, monitor="val_acc", settings=SearchSettings(population=4, parents=2,
+                  children=2, generations=2), name="search")
+    trainer = pl.Trainer(callbacks=[search], **options)  # type: ignore[arg-type]
+    trainer.fit(model, train, val)
+    assert search.result is not None
+    same_on_every_rank({"w": torch.tensor(search.result.weights)}, "the searched coefficients")
+    same_on_every_rank(dict(model.state_dict()), "the searched combination")
+    if trainer.is_global_zero:
+        files = sorted(p.name for p in folder.glob("snapshot-*.safetensors"))
+        assert len(files) == 4, files
+        print("DDP LCSC OK", search.result.weights)
+
+
 if __name__ == "__main__":
-    anchored() if sys.argv[2:] == ["anchored"] else main()
+    mode = sys.argv[2:]
+    anchored() if mode == ["anchored"] else combination() if mode == ["lcsc"] else main()

@@ -220,3 +220,14 @@ def test_negative_running_variance_is_reported() -> None:
         opt.apply([-2.0, 3.0])  # -2 * 3 + 3 * 0.5 < 0
     opt.apply([0.5, 0.5])
     assert opt.combiner.check_statistics()
+
+
+def test_ddp_two_gloo_processes(tmp_path: Path) -> None:
+    script = Path(__file__).with_name("ddp_script.py")
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), "lcsc"], capture_output=True, text=True, timeout=600,
+        cwd=Path(__file__).parents[2], env=env,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "DDP LCSC OK" in result.stdout
