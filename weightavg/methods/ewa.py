@@ -1,0 +1,201 @@
+"""EWA (Huang et al. 2023, "Experts Weights Averaging: A New General Training Scheme for Vision Transformers"):
+train some FFNs as random-partition mixtures of experts whose weights are pulled toward each other, then merge.
+
+- Conversion (``to_moe``): a chosen FFN becomes a ``RandomPartitionMoE`` of N experts, copies of the FFN. Each forward
+  draws one random permutation of the tokens, splits it into N near-equal groups, sends each group through one expert
+  and restores the original order: the FLOPs of the dense FFN, no router.
+- Update (``MoE.share(beta)``, after every optimizer step), from the pre-update values:
+  ``W_i <- (1 - beta) W_i + beta/(N-1) * sum_{j != i} W_j``, i.e. ``W_i <- lerp(W_i, mean_j W_j, beta N/(N-1))``:
+  the mean is unchanged and the deviations shrink by ``1 - beta N/(N-1)``; ``beta = (N-1)/N`` collapses the experts.
+  The experts of one layer are stored stacked (one tensor per FFN parameter, experts along dim 0), so a layer's update
+  is one batched ``lerp_`` over its stacks, never a loop over experts.
+- Merge (``to_dense``): each mixture becomes the original FFN class holding the experts' mean; in eval mode a mixture
+  already computes exactly that, so validation during training measures the model that will be deployed.
+
+No official code exists; which blocks, N and the schedule are configurable (defaults: every other block's MLP, N=4,
+beta ramped linearly to 0.3 over 10k steps in the closely related implementation the design notes cite).
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from weightavg.core.checks import check_number
+
+
+class RandomPartitionMoE(nn.Module):
+    """N experts of one FFN, stacked; tokens split at random into N near-equal groups, one per expert.
+
+    Args:
+        ffn: the FFN to copy (kept as the template whose forward the experts run, with their own tensors).
+        num_experts: N (at least 2).
+        seed: seeds this layer's token permutations (drawn on the input's device); ``None`` uses torch's global RNG.
+    """
+
+    def __init__(self, ffn: nn.Module, num_experts: int = 4, seed: int | None = None) -> None:
+        super().__init__()
+        check_number("num_experts", num_experts, low=2, integer=True)
+        if any(True for _ in ffn.buffers()):
+            raise ValueError(f"{type(ffn).__name__} has buffers; EWA mixes FFNs made of parameters only")
+        self.num_experts = num_experts
+        self.names = [name for name, _ in ffn.named_parameters()]
+        # The template holds no parameters of its own: its forward runs with an expert's (or the mean's) tensors.
+        template = copy.deepcopy(ffn)
+        self._template = [template]  # a list: not a registered submodule
+        self.keys = [name.replace(".", "__") for name in self.names]
+        for key, (_, parameter) in zip(self.keys, ffn.named_parameters(), strict=True):
+            stacked = parameter.detach().unsqueeze(0).repeat(num_experts, *([1] * parameter.dim())).clone()
+            self.register_parameter(key, nn.Parameter(stacked, requires_grad=parameter.requires_grad))
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+
+    @property
+    def template(self) -> nn.Module:
+        return self._template[0]
+
+    def stacks(self) -> list[torch.Tensor]:
+        """The stacked expert tensors (experts along dim 0), in the FFN's parameter order."""
+        return [getattr(self, key) for key in self.keys]
+
+    def expert_tensors(self, index: int) -> dict[str, torch.Tensor]:
+        return {name: stack[index] for name, stack in zip(self.names, self.stacks(), strict=True)}
+
+    def mean_tensors(self) -> dict[str, torch.Tensor]:
+        return {name: stack.mean(0) for name, stack in zip(self.names, self.stacks(), strict=True)}
+
+    def _permutation(self, count: int, device: torch.device) -> torch.Tensor:
+        if self.seed is None:
+            return torch.randperm(count, device=device)
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device).manual_seed(self.seed)
+        return torch.randperm(count, device=device, generator=self._generator)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:  # the merged FFN: what the deployed model computes
+            return torch.func.functional_call(self.template, self.mean_tensors(), (x,))  # type: ignore[no-any-return]
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])
+        order = self._permutation(tokens.shape[0], tokens.device)
+        outputs = []
+        groups = torch.tensor_split(order, self.num_experts)
+        for index, group in enumerate(groups):
+            if group.numel() == 0:
+                continue
+            outputs.append(torch.func.functional_call(self.template, self.expert_tensors(index), (tokens[group],)))
+        merged = torch.cat(outputs)
+        restored = torch.empty_like(merged)
+        restored[torch.cat([g for g in groups if g.numel()])] = merged
+        return restored.reshape(*shape[:-1], restored.shape[-1])
+
+    @torch.no_grad()
+    def share(self, beta: float) -> None:
+        """The EWA update with share rate ``beta`` in [0, (N-1)/N]: one batched ``lerp_`` over the layer's stacks."""
+        n = self.num_experts
+        check_number("beta", beta, low=0.0, high=(n - 1) / n)
+        if beta == 0.0:
+            return
+        stacks = self.stacks()
+        means = [stack.mean(0, keepdim=True).expand_as(stack) for stack in stacks]
+        torch._foreach_lerp_(stacks, means, beta * n / (n - 1))
+
+    def spread(self) -> float:
+        """Root-mean-square distance of the experts from their mean, over every tensor (a diagnostic: syncs)."""
+        total = sum(float((stack - stack.mean(0, keepdim=True)).pow(2).sum()) for stack in self.stacks())
+        count = sum(stack.numel() for stack in self.stacks())
+        return float((total / count) ** 0.5)
+
+    def to_dense(self) -> nn.Module:
+        """The original FFN class holding the experts' mean."""
+        dense = copy.deepcopy(self.template)
+        with torch.no_grad():
+            for name, tensor in self.mean_tensors().items():
+                dense.get_parameter(name).copy_(tensor)
+        return dense
+
+
+Selector = str | Iterable[str] | Callable[[str, nn.Module], bool]
+
+
+def default_ffn_names(model: nn.Module) -> list[str]:
+    """Every other block's MLP for common layouts: submodules named ``*.mlp`` or ``*.ffn`` or ``*.feed_forward``
+    (timm ViT, many hand-written ViTs), taking the 2nd, 4th, ... in model order."""
+    found = [name for name, _ in model.named_modules() if name.split(".")[-1] in ("mlp", "ffn", "feed_forward")]
+    return found[1::2]
+
+
+def to_moe(
+    model: nn.Module, select: Selector | None = None, *, num_experts: int = 4, seed: int | None = 0
+) -> list[str]:
+    """Replace the selected FFN submodules of ``model`` (in place) by ``RandomPartitionMoE`` mixtures.
+
+    Args:
+        select: glob pattern(s) on submodule names, or ``predicate(name, module)``; default ``default_ffn_names``.
+        num_experts: N.
+        seed: base seed of the token permutations (layer i uses ``seed + i``); ``None``: torch's global RNG.
+
+    Returns:
+        The names of the converted submodules.
+
+    Raises:
+        ValueError: when nothing matches.
+    """
+    if select is None:
+        names = default_ffn_names(model)
+    else:
+        modules = dict(model.named_modules())
+        if callable(select) and not isinstance(select, str):
+            names = [name for name, module in modules.items() if name and select(name, module)]
+        else:
+            patterns = [select] if isinstance(select, str) else list(select)
+            names = [name for name in modules if name and any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+    if not names:
+        raise ValueError(f"select={select!r} matches no submodule of {type(model).__name__} to turn into a mixture")
+    for index, name in enumerate(names):
+        parent_name, _, attribute = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        ffn = getattr(parent, attribute)
+        if isinstance(ffn, RandomPartitionMoE):
+            raise ValueError(f"{name!r} is already a mixture")
+        setattr(parent, attribute, RandomPartitionMoE(ffn, num_experts, None if seed is None else seed + index))
+    return names
+
+
+def mixtures(model: nn.Module) -> list[RandomPartitionMoE]:
+    return [module for module in model.modules() if isinstance(module, RandomPartitionMoE)]
+
+
+def to_dense(model: nn.Module) -> int:
+    """Replace every mixture in ``model`` (in place) by its merged dense FFN; returns how many were merged."""
+    merged = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, RandomPartitionMoE):
+            parent_name, _, attribute = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attribute, module.to_dense())
+            merged += 1
+    return merged
+
+
+def share_all(model: nn.Module, beta: float) -> None:
+    """The EWA update on every mixture of ``model``."""
+    for moe in mixtures(model):
+        moe.share(beta)
+
+
+def linear_ramp(step: int, maximum: float = 0.3, ramp_steps: int = 10_000) -> float:
+    """The share-rate schedule of the closely related implementation: linear from 0 to ``maximum`` over
+    ``ramp_steps`` optimizer steps, then constant."""
+    check_number("maximum", maximum, low=0.0, high=1.0)
+    check_number("ramp_steps", ramp_steps, low=0, integer=True)
+    if ramp_steps == 0:
+        return maximum
+    return maximum * min(1.0, step / ramp_steps)
+
+
+__all__ = ["RandomPartitionMoE", "default_ffn_names", "linear_ramp", "mixtures", "share_all", "to_dense",
+                      "to_moe"]
