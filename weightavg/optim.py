@@ -26,6 +26,7 @@ from weightavg.core.rule import Rule, Snapshot
 from weightavg.core.schedules import StartUnit, Unit, Warmup
 from weightavg.core.snapshots import SnapshotStore
 from weightavg.methods.ema import EMA as EMARule
+from weightavg.methods.ewa import linear_ramp, mixtures, share_all, to_dense
 from weightavg.methods.lcsc import Combiner, Method, SearchResult, combine_dtype
 from weightavg.methods.swa import SWA as SWARule
 from weightavg.methods.wiseft import ALPHAS, check_alphas
@@ -475,3 +476,64 @@ class LCSC(AveragingOptimizer):
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self.steps = int(state["lcsc"]["steps"])
         self.store.discard_after(self.steps)  # an interrupted run's snapshots past the restored step
+
+
+class EWA(Optimizer):
+    """``optimizer`` plus EWA's expert-weights averaging (``weightavg.methods.ewa``) after every step.
+
+    Convert the model first (``weightavg.ewa.to_moe(model)``), build the inner optimizer over its parameters, then
+    wrap it; when training ends, ``opt.merge()`` turns every mixture back into its dense FFN (the optimizer is done
+    with the model then).
+
+    Args:
+        optimizer: the inner optimizer (its ``param_groups`` and ``state`` are shared).
+        model: the converted model.
+        beta: the share rate at full strength, in [0, (N-1)/N].
+        ramp_steps: reach ``beta`` linearly over this many steps (0: constant from the first step).
+    """
+
+    def __init__(self, optimizer: Optimizer, model: nn.Module, *, beta: float = 0.3, ramp_steps: int = 0) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        layers = mixtures(model)
+        if not layers:
+            raise ValueError("model has no mixture to average: convert it first with weightavg.ewa.to_moe(model)")
+        limit = min((layer.num_experts - 1) / layer.num_experts for layer in layers)
+        check_number("beta", beta, low=0.0, high=limit)
+        check_number("ramp_steps", ramp_steps, low=0, integer=True)
+        self.optimizer, self.model = optimizer, model
+        self.beta, self.ramp_steps = beta, ramp_steps
+        self.steps = 0
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        super().__init__(params, optimizer.defaults)
+        self.param_groups = optimizer.param_groups
+        self.state = optimizer.state
+
+    def current_beta(self) -> float:
+        return linear_ramp(self.steps, self.beta, self.ramp_steps)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
+        with torch.enable_grad():
+            loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        self.steps += 1
+        share_all(self.model, self.current_beta())
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def merge(self) -> int:
+        """Turn every mixture into its dense FFN (experts' mean); returns how many were merged."""
+        return to_dense(self.model)
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        return {"optimizer": self.optimizer.state_dict(), "ewa": {"steps": self.steps}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        if not isinstance(state_dict, dict) or set(state_dict) != {"optimizer", "ewa"}:
+            raise ValueError("state_dict must come from EWA.state_dict() (keys 'ewa' and 'optimizer')")
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self.steps = int(state_dict["ewa"]["steps"])
+        self.param_groups = self.optimizer.param_groups
+        self.state = self.optimizer.state

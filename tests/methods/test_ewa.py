@@ -140,3 +140,53 @@ def test_state_round_trip_and_selection() -> None:
 def test_linear_ramp() -> None:
     assert [linear_ramp(s, 0.3, 10) for s in (0, 5, 10, 20)] == pytest.approx([0.0, 0.15, 0.3, 0.3])
     assert linear_ramp(7, 0.2, 0) == 0.2
+
+
+def test_optimizer_wrapper_shares_after_each_step_and_resumes() -> None:
+    from weightavg.optim import EWA
+
+    def build() -> tuple[Tiny, EWA]:
+        torch.manual_seed(0)
+        model = Tiny()
+        to_moe(model, num_experts=3, seed=1)
+        return model, EWA(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, beta=0.4, ramp_steps=4)
+
+    def train(model: Tiny, opt: EWA, steps: range) -> None:
+        for step in steps:
+            x = torch.randn(4, 5, 6, generator=torch.Generator().manual_seed(step))
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+
+    model, opt = build()
+    # One step by hand: SGD, then every stack moves toward its mean with beta = 0.4 * 1/4.
+    reference = copy.deepcopy(model)
+    train(model, opt, range(1))
+    inner = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    inner.zero_grad()
+    reference(torch.randn(4, 5, 6, generator=torch.Generator().manual_seed(0))).pow(2).mean().backward()
+    inner.step()
+    for moe in mixtures(reference):
+        with torch.no_grad():
+            for stack in moe.stacks():
+                mean = stack.mean(0, keepdim=True)
+                stack.copy_(stack + 0.1 * 3 / 2 * (mean - stack))
+    for key, value in reference.state_dict().items():
+        if torch.is_tensor(value):  # (each mixture's permutation stream is its extra state)
+            torch.testing.assert_close(model.state_dict()[key], value, msg=key)
+
+    full_model, full_opt = build()
+    train(full_model, full_opt, range(8))
+    part_model, part_opt = build()
+    train(part_model, part_opt, range(3))
+    state = copy.deepcopy((part_model.state_dict(), part_opt.state_dict()))
+    resumed_model, resumed_opt = build()
+    resumed_model.load_state_dict(state[0])
+    resumed_opt.load_state_dict(state[1])
+    train(resumed_model, resumed_opt, range(3, 8))
+    for key, value in full_model.state_dict().items():
+        if torch.is_tensor(value):
+            assert torch.equal(value, resumed_model.state_dict()[key]), key
+    assert full_opt.merge() == 2 and not mixtures(full_model)
+    with pytest.raises(ValueError, match="to_moe"):
+        EWA(torch.optim.SGD(Tiny().parameters(), lr=0.1), Tiny())

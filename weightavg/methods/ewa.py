@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -53,6 +54,7 @@ class RandomPartitionMoE(nn.Module):
             self.register_parameter(key, nn.Parameter(stacked, requires_grad=parameter.requires_grad))
         self.seed = seed
         self._generator: torch.Generator | None = None
+        self._pending: dict[str, Any] | None = None
 
     @property
     def template(self) -> nn.Module:
@@ -73,7 +75,26 @@ class RandomPartitionMoE(nn.Module):
             return torch.randperm(count, device=device)
         if self._generator is None or self._generator.device != device:
             self._generator = torch.Generator(device=device).manual_seed(self.seed)
+            self._restore_generator()
         return torch.randperm(count, device=device, generator=self._generator)
+
+    # The permutation stream is part of the state, so a resumed run draws the partitions an uninterrupted one would.
+    def get_extra_state(self) -> dict[str, Any]:
+        if self._generator is None:
+            return self._pending or {"generator": None, "device": None}
+        return {"generator": self._generator.get_state(), "device": self._generator.device.type}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self._pending = dict(state)
+        self._restore_generator()
+
+    def _restore_generator(self) -> None:
+        pending = self._pending
+        if pending is None or pending.get("generator") is None or self._generator is None:
+            return
+        if self._generator.device.type == pending["device"]:
+            self._generator.set_state(pending["generator"])
+            self._pending = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:  # the merged FFN: what the deployed model computes
