@@ -31,11 +31,13 @@ from weightavg.core.averager import Averager
 from weightavg.core.binding import BufferPolicy, check_buffer_policy
 from weightavg.core.call import Forward, eval_mode
 from weightavg.core.checks import check_choice, check_device, check_number
-from weightavg.core.io import WeightSource
+from weightavg.core.io import WeightSource, save_safetensors
 from weightavg.core.rule import Rule, Snapshot
 from weightavg.core.schedules import StartUnit, Unit, Warmup
 from weightavg.core.snapshots import SnapshotStore
 from weightavg.methods.ema import EMA as EMARule
+from weightavg.methods.ewa import linear_ramp, share_all, to_dense, to_moe
+from weightavg.methods.ewa import mixtures as ewa_mixtures
 from weightavg.methods.lcsc import METHODS as COMBINATIONS
 from weightavg.methods.lcsc import Combiner, Method, SearchResult, SearchSettings, combine_dtype
 from weightavg.methods.swa import SWA as SWARule
@@ -1155,3 +1157,75 @@ class LCSC(AveragingCallback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         return None
+
+
+class EWA(Callback):
+    """EWA (``weightavg.methods.ewa``) in a Lightning run: the chosen FFNs become random-partition mixtures when fit
+    is set up (before ``configure_optimizers`` and before a checkpoint is restored), their experts are pulled toward
+    each other after every optimizer step, and at the end of fit each mixture is merged back into its dense FFN.
+
+    Validation during fit already measures the merged model (a mixture in eval mode computes the dense FFN with the
+    experts' mean). A model that is already converted (``weightavg.ewa.to_moe``) is used as it is.
+
+    Args:
+        beta: the share rate at full strength, in [0, (N-1)/N].
+        ramp_steps: reach ``beta`` linearly over this many optimizer steps (0: constant).
+        select, num_experts, seed: as for ``weightavg.ewa.to_moe`` (default: every other ``*.mlp``/``*.ffn`` block).
+        merge_at_end: merge the mixtures into dense FFNs when fit ends (else the model keeps its mixtures).
+        export_path: write the merged model's ``state_dict`` as safetensors when fit ends (global rank 0).
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.3,
+        *,
+        ramp_steps: int = 0,
+        select: str | Sequence[str] | None = None,
+        num_experts: int = 4,
+        seed: int | None = 0,
+        merge_at_end: bool = True,
+        export_path: str | os.PathLike[str] | None = None,
+    ) -> None:
+        check_number("num_experts", num_experts, low=2, integer=True)
+        check_number("beta", beta, low=0.0, high=(num_experts - 1) / num_experts)
+        check_number("ramp_steps", ramp_steps, low=0, integer=True)
+        if export_path is not None and not isinstance(export_path, (str, os.PathLike)):
+            raise TypeError(f"export_path={export_path!r} must be a path or None")
+        self.beta, self.ramp_steps = beta, ramp_steps
+        self.select, self.num_experts, self.seed = select, num_experts, seed
+        self.merge_at_end, self.export_path = merge_at_end, export_path
+        self.converted: list[str] = []
+        self._last_step = -1
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or ewa_mixtures(pl_module):
+            return
+        self.converted = to_moe(pl_module, self.select, num_experts=self.num_experts, seed=self.seed)
+        rank_zero_info(f"weightavg: EWA turned {self.converted} into mixtures of {self.num_experts} experts")
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        layers = ewa_mixtures(pl_module)
+        if not layers:
+            raise ValueError("EWA found no mixture in the model (select matched nothing, or it was merged already)")
+        limit = min((layer.num_experts - 1) / layer.num_experts for layer in layers)
+        check_number("beta", self.beta, low=0.0, high=limit)
+        self._last_step = trainer.global_step
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step != self._last_step:  # once per optimizer step (gradient accumulation repeats the step count)
+            share_all(pl_module, linear_ramp(step, self.beta, self.ramp_steps))
+            self._last_step = step
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.merge_at_end:
+            return
+        to_dense(pl_module)
+        if self.export_path is not None and trainer.is_global_zero:
+            save_safetensors(pl_module.state_dict(), self.export_path)

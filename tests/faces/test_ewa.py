@@ -1,0 +1,75 @@
+"""EWA through the Lightning callback: conversion before the optimizers exist, sharing after each step, the merge at
+the end, and resume equal to an uninterrupted run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+
+from tests.helpers import DigitsModule, digits_loaders, trainer
+from weightavg.callbacks import EWA
+from weightavg.core.io import read_weights
+from weightavg.ewa import mixtures
+
+
+class Spread(pl.Callback):
+    """Records the experts' spread after each step (put it after EWA)."""
+
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any) -> None:
+        self.values.append(max(layer.spread() for layer in mixtures(module)))
+
+
+def fit(callbacks: list[pl.Callback], epochs: int = 2, ckpt_path: str | None = None, **kwargs: Any
+        ) -> tuple[pl.Trainer, DigitsModule]:
+    pl.seed_everything(0, verbose=False)
+    model = DigitsModule()
+    run = trainer(max_epochs=epochs, callbacks=callbacks, **kwargs)
+    run.fit(model, *digits_loaders(), ckpt_path=ckpt_path)
+    return run, model
+
+
+def test_convert_share_and_merge_back_to_the_original_architecture(tmp_path: Path) -> None:
+    spread = Spread()
+    ewa = EWA(beta=0.5, num_experts=2, select="net.0", export_path=tmp_path / "merged.safetensors")
+    _, model = fit([ewa, spread])
+    assert ewa.converted == ["net.0"]
+    assert max(spread.values) < 1e-6  # beta = (N-1)/N collapses the experts after every step
+    assert type(model.net[0]) is nn.Linear and not mixtures(model)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in DigitsModule().parameters())
+    exported = read_weights(tmp_path / "merged.safetensors", argument="path")
+    for key, value in model.state_dict().items():
+        assert torch.equal(exported[key], value), key
+
+    spread = Spread()
+    _, kept = fit([EWA(beta=0.0, num_experts=3, select="net.0", merge_at_end=False), spread])
+    assert spread.values[-1] > 1e-4  # without sharing the experts drift apart on their own token groups
+    assert len(mixtures(kept)) == 1
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    def callback() -> EWA:
+        return EWA(beta=0.3, num_experts=3, select="net.0", ramp_steps=5, merge_at_end=False)
+
+    _, full = fit([callback()], epochs=3)
+    fit([callback(), ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)], epochs=3,
+        enable_checkpointing=True)
+    _, resumed = fit([callback()], epochs=3, ckpt_path=str(tmp_path / "epoch=0-step=8.ckpt"))
+    for key, value in full.state_dict().items():
+        if torch.is_tensor(value):
+            assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match=r"beta=0\.7"):
+        EWA(beta=0.7, num_experts=2)
+    with pytest.raises(ValueError, match="matches no submodule"):
+        fit([EWA(select="missing.*")], epochs=1)
