@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -69,3 +73,15 @@ def trainer(**kwargs: Any) -> pl.Trainer:
     )
     defaults.update(kwargs)
     return pl.Trainer(**defaults)
+
+
+def run_ddp_script(folder: Path, *mode: str) -> str:
+    """Run ``tests/faces/ddp_script.py`` with two gloo processes (Lightning relaunches it); return its stdout."""
+    script = Path(__file__).parent / "faces" / "ddp_script.py"
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
+    result = subprocess.run(
+        [sys.executable, str(script), str(folder), *mode], capture_output=True, text=True, timeout=600,
+        cwd=Path(__file__).parents[1], env=env,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout

@@ -5,9 +5,6 @@ uninterrupted runs for resume."""
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from tests.faces.test_callbacks import LiveAtEnd, Recorder, assert_close
-from tests.helpers import DigitsModule, digits_loaders, digits_tensors, small_net, trainer
+from tests.helpers import DigitsModule, digits_loaders, digits_tensors, run_ddp_script, small_net, trainer
 from weightavg import load_into_module
 from weightavg.callbacks import EMA, LIVE_KEY, ZSCL, WiSEFT
 from weightavg.optim import ZSCL as ZSCLOptimizer
@@ -418,14 +415,7 @@ def test_zscl_optimizer_resumes_mid_task_with_distillation() -> None:
 
 
 def test_ddp_two_gloo_processes_zscl_then_wiseft(tmp_path: Path) -> None:
-    script = Path(__file__).with_name("ddp_script.py")
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
-    result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), "anchored"], capture_output=True, text=True, timeout=600,
-        cwd=Path(__file__).parents[2], env=env,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "DDP ANCHORED OK" in result.stdout
+    assert "DDP ANCHORED OK" in run_ddp_script(tmp_path, "anchored")
 
 
 # ------------------------------------------------------------------------------------ review findings, kept fixed

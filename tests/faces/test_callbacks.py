@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from tests.helpers import DigitsModule, digits_loaders, trainer
+from tests.helpers import DigitsModule, digits_loaders, run_ddp_script, trainer
 from weightavg import load_into_module
 from weightavg.callbacks import EMA, LIVE_KEY, SWA, AveragingCallback
 
@@ -278,14 +275,7 @@ def test_resume_with_changed_arguments_continues_from_live_weights(tmp_path: Pat
 
 @pytest.mark.slow
 def test_ddp_two_gloo_processes(tmp_path: Path) -> None:
-    script = Path(__file__).with_name("ddp_script.py")
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
-    result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=600,
-        cwd=Path(__file__).parents[2], env=env,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "DDP OK" in result.stdout
+    assert "DDP OK" in run_ddp_script(tmp_path)
 
 
 def test_resume_from_swapped_checkpoint_without_an_owner(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from tests.faces.test_callbacks import LiveAtEnd, Recorder, assert_close
-from tests.helpers import DigitsModule, digits_loaders, digits_tensors, small_net, trainer
+from tests.helpers import DigitsModule, digits_loaders, digits_tensors, run_ddp_script, small_net, trainer
 from weightavg.callbacks import LCSC
 from weightavg.core.io import read_weights
 from weightavg.methods.lcsc import SearchSettings
@@ -223,11 +223,4 @@ def test_negative_running_variance_is_reported() -> None:
 
 
 def test_ddp_two_gloo_processes(tmp_path: Path) -> None:
-    script = Path(__file__).with_name("ddp_script.py")
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
-    result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), "lcsc"], capture_output=True, text=True, timeout=600,
-        cwd=Path(__file__).parents[2], env=env,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "DDP LCSC OK" in result.stdout
+    assert "DDP LCSC OK" in run_ddp_script(tmp_path, "lcsc")
