@@ -8,6 +8,7 @@ import pickle
 
 import pytest
 from hydra.core.config_store import ConfigStore
+from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
 
 from weightavg.callbacks import AveragingCallback
@@ -49,8 +50,11 @@ def test_config_mirrors_the_constructor(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_every_shipped_config_builds_and_pickles(name: str) -> None:
     callback = instantiate_averaging(OmegaConf.structured(CONFIGS[name][0]))
-    assert isinstance(callback, AveragingCallback)
-    assert pickle.loads(pickle.dumps(callback.rule)) == callback.rule
+    if isinstance(callback, AveragingCallback):
+        assert pickle.loads(pickle.dumps(callback.rule)) == callback.rule
+    else:  # EWA changes the model instead of averaging it: a plain Lightning callback
+        assert isinstance(callback, Callback)
+        assert repr(pickle.loads(pickle.dumps(callback))) == repr(callback)
 
 
 def test_register_configs_is_explicit_and_complete() -> None:
@@ -74,3 +78,10 @@ def test_unknown_field_is_refused_by_the_structured_config() -> None:
     node = OmegaConf.structured(CONFIGS["ema"][0])
     with pytest.raises(Exception, match="decy"):
         node.decy = 0.9
+
+
+def test_ewa_config_checks_its_share_rate() -> None:
+    node = OmegaConf.structured(CONFIGS["ewa"][0])
+    node.beta = 0.9
+    with pytest.raises(ConfigError, match=r"averaging: beta=0\.9 is out of range"):
+        instantiate_averaging(node)

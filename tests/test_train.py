@@ -22,7 +22,7 @@ def run_app(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess[str]
 def accuracy_table(stdout: str) -> dict[str, float]:
     rows = stdout.split("test accuracy", 1)[1].splitlines()[1:]
     return {line.rsplit(maxsplit=1)[0]: float(line.rsplit(maxsplit=1)[1]) for line in rows if line[:1].isalnum()
-            and not line.startswith(("averaged weights", "final model"))}
+            and not line.startswith(("averaged weights", "merged model", "final model"))}
 
 
 def test_app_trains_with_several_averagers_and_writes_them(tmp_path: Path) -> None:
@@ -97,3 +97,24 @@ def test_lcsc_in_the_app(tmp_path: Path) -> None:
     assert set(table) == {"live", "averaging LCSC(method=greedy)"}
     model = Classifier(64, 10)
     load_into_module(model, tmp_path / "averaging.safetensors")
+
+
+def test_ewa_in_the_small_vit_ends_with_the_dense_architecture(tmp_path: Path) -> None:
+    result = run_app(
+        tmp_path, "model.arch=vit", "averaging=ewa", "averaging.beta=0.5", "+averaging@extra_averaging.ema=ema",
+        "extra_averaging.ema.decay=0.9", "trainer.max_epochs=2", "data.train_size=256",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = accuracy_table(result.stdout)
+    ewa_row = "averaging EWA(beta=0.5, num_experts=4), merged"
+    assert set(table) == {"live", ewa_row}, table
+    dense = Classifier(64, 10, arch="vit")
+    for name in ("averaging.safetensors", "model.safetensors"):  # EWA's export and the final model: both dense
+        load_into_module(dense, tmp_path / name)  # raises on any missing, unexpected or mis-shaped tensor
+        assert torch.isfinite(dense.net.blocks[1].mlp[0].weight).all()
+
+
+def test_ewa_needs_the_transformer(tmp_path: Path) -> None:
+    result = run_app(tmp_path, "averaging=ewa", "trainer.max_epochs=1")
+    assert result.returncode == 2
+    assert "model.arch='mlp'" in result.stderr and "model.arch=vit" in result.stderr

@@ -1167,12 +1167,19 @@ class EWA(Callback):
     Validation during fit already measures the merged model (a mixture in eval mode computes the dense FFN with the
     experts' mean). A model that is already converted (``weightavg.ewa.to_moe``) is used as it is.
 
+    With averagers of the weights (EMA, SWA, ...) in the same run, put EWA after them in ``Trainer(callbacks=...)``:
+    they average the mixtures' expert tensors like any parameter, the one that applies at the end puts its average in
+    the mixtures, and EWA then merges that average.
+
     Args:
         beta: the share rate at full strength, in [0, (N-1)/N].
         ramp_steps: reach ``beta`` linearly over this many optimizer steps (0: constant).
         select, num_experts, seed: as for ``weightavg.ewa.to_moe`` (default: every other ``*.mlp``/``*.ffn`` block).
         merge_at_end: merge the mixtures into dense FFNs when fit ends (else the model keeps its mixtures).
         export_path: write the merged model's ``state_dict`` as safetensors when fit ends (global rank 0).
+        log_spread: log ``ewa/spread`` (the largest RMS distance of a layer's experts from their mean) and
+            ``ewa/beta`` at the end of each training epoch (one host sync per epoch).
+        name: how messages refer to this callback.
     """
 
     def __init__(
@@ -1185,33 +1192,58 @@ class EWA(Callback):
         seed: int | None = 0,
         merge_at_end: bool = True,
         export_path: str | os.PathLike[str] | None = None,
+        log_spread: bool = True,
+        name: str | None = None,
     ) -> None:
         check_number("num_experts", num_experts, low=2, integer=True)
         check_number("beta", beta, low=0.0, high=(num_experts - 1) / num_experts)
         check_number("ramp_steps", ramp_steps, low=0, integer=True)
         if export_path is not None and not isinstance(export_path, (str, os.PathLike)):
             raise TypeError(f"export_path={export_path!r} must be a path or None")
+        if export_path is not None and not merge_at_end:
+            raise ValueError(f"export_path={export_path!r} needs merge_at_end=True: the export is the merged model")
         self.beta, self.ramp_steps = beta, ramp_steps
         self.select, self.num_experts, self.seed = select, num_experts, seed
         self.merge_at_end, self.export_path = merge_at_end, export_path
+        self.log_spread = log_spread
+        self.name = name or "EWA"
         self.converted: list[str] = []
         self._last_step = -1
+
+    def __repr__(self) -> str:
+        ramp = f", ramp_steps={self.ramp_steps}" if self.ramp_steps else ""
+        return f"EWA(beta={self.beta:g}{ramp}, num_experts={self.num_experts})"
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or ewa_mixtures(pl_module):
             return
         self.converted = to_moe(pl_module, self.select, num_experts=self.num_experts, seed=self.seed)
-        rank_zero_info(f"weightavg: EWA turned {self.converted} into mixtures of {self.num_experts} experts")
+        rank_zero_info(f"weightavg: {self.name} turned {self.converted} into mixtures of {self.num_experts} experts")
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]
+        later = [cb for cb in callbacks[callbacks.index(self) + 1 :] if isinstance(cb, AveragingCallback)]
+        if later and self.merge_at_end:
+            raise ValueError(
+                f"{later[0].name} comes after {self.name} in Trainer(callbacks=...): {self.name} merges the mixtures "
+                f"when fit ends, so {later[0].name} would put its average into tensors that are no longer in the "
+                f"model. Put {self.name} last (then it merges what {later[0].name} leaves in the model)"
+            )
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         layers = ewa_mixtures(pl_module)
         if not layers:
-            raise ValueError("EWA found no mixture in the model (select matched nothing, or it was merged already)")
+            raise ValueError(f"{self.name} found no mixture in the model (select matched nothing, or it was merged)")
         limit = min((layer.num_experts - 1) / layer.num_experts for layer in layers)
         check_number("beta", self.beta, low=0.0, high=limit)
         self._last_step = trainer.global_step
+
+    def current_beta(self, step: int) -> float:
+        """The share rate after optimizer step ``step``."""
+        return linear_ramp(step, self.beta, self.ramp_steps)
 
     @override
     def on_train_batch_end(
@@ -1219,13 +1251,21 @@ class EWA(Callback):
     ) -> None:
         step = trainer.global_step
         if step != self._last_step:  # once per optimizer step (gradient accumulation repeats the step count)
-            share_all(pl_module, linear_ramp(step, self.beta, self.ramp_steps))
+            share_all(pl_module, self.current_beta(step))
             self._last_step = step
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        layers = ewa_mixtures(pl_module)
+        if self.log_spread and layers:
+            pl_module.log("ewa/spread", max(layer.spread() for layer in layers))
+            pl_module.log("ewa/beta", self.current_beta(trainer.global_step))
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.merge_at_end:
             return
-        to_dense(pl_module)
+        merged = to_dense(pl_module)
+        rank_zero_info(f"weightavg: {self.name} merged {merged} mixtures into dense FFNs")
         if self.export_path is not None and trainer.is_global_zero:
             save_safetensors(pl_module.state_dict(), self.export_path)

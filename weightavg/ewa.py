@@ -1,5 +1,6 @@
 """EWA's model surgery and update (``weightavg.methods.ewa``): ``to_moe``, ``to_dense``, ``share_all``, ``linear_ramp``
-and the ``RandomPartitionMoE`` layer. Faces are on the way (see the issue tracker)."""
+and the ``RandomPartitionMoE`` layer. Faces: ``weightavg.callbacks.EWA``, ``weightavg.optim.EWA``, Hydra
+``averaging=ewa``; see docs/ewa.md."""
 
 from weightavg.methods.ewa import (
     RandomPartitionMoE,

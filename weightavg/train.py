@@ -11,12 +11,14 @@ Examples::
     python -m weightavg.train averaging=wiseft data.shift=invert model.init_from=PATH   # WiSE-FT from PATH
     python -m weightavg.train averaging=zscl data.shift=invert model.init_from=PATH     # ZSCL, distilling PATH
     python -m weightavg.train averaging=lcsc averaging.every_n_steps=50                 # LCSC over snapshots
+    python -m weightavg.train model.arch=vit averaging=ewa trainer.max_epochs=20        # EWA in a small ViT
 
 It prints the test accuracy of the live weights and of each average, and writes each average as safetensors.
 """
 
 from __future__ import annotations
 
+import copy
 import gzip
 import sys
 from dataclasses import dataclass, field
@@ -31,9 +33,10 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from weightavg.callbacks import LCSC, ZSCL, AveragingCallback, WiSEFT
+from weightavg.callbacks import EWA, LCSC, ZSCL, AveragingCallback, WiSEFT
 from weightavg.config import ConfigError, instantiate_averaging, register_configs
 from weightavg.core.io import read_weights, save_safetensors
+from weightavg.ewa import mixtures, to_dense
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -49,9 +52,12 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    hidden: int = 128
-    lr: float = 0.3  # a constant, fairly high rate: the regime where averaging the noisy iterates pays
-    momentum: float = 0.9
+    arch: str = "mlp"  # mlp (BatchNorm MLP, SGD) or vit (a small vision transformer, AdamW; EWA needs it)
+    hidden: int = 128  # mlp: hidden width; vit: FFN width (the token width is hidden // 2)
+    lr: float | None = None  # None: 0.3 for mlp (a constant, fairly high SGD rate: where averaging pays), 1e-3 for vit
+    momentum: float = 0.9  # mlp's SGD momentum
+    depth: int = 4  # vit: transformer blocks
+    heads: int = 4  # vit: attention heads
     init_from: str | None = None  # start from these weights (safetensors or checkpoint), e.g. an earlier export
 
 
@@ -118,15 +124,68 @@ def load_dataset(name: str, seed: int = 0) -> tuple[Split, Split, Split]:
     raise ValueError(f"data.name={name!r} is not a dataset; choose 'digits' or 'fashion_mnist'")
 
 
-class Classifier(pl.LightningModule):
-    """An MLP with BatchNorm (so SWA's statistics recompute matters), trained with SGD at a constant rate."""
+class Block(nn.Module):
+    """A pre-norm transformer block; its FFN is the submodule ``mlp`` (what EWA's default selection converts)."""
 
-    def __init__(self, features: int, classes: int, hidden: int = 128, lr: float = 0.1, momentum: float = 0.9):
+    def __init__(self, dim: int, hidden: int, heads: int) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm1(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        out: torch.Tensor = x + self.mlp(self.norm2(x))
+        return out
+
+
+class ViT(nn.Module):
+    """A small vision transformer for square grey images given as flat features: 4x4 patches of side/4 pixels."""
+
+    def __init__(self, features: int, classes: int, hidden: int = 128, depth: int = 4, heads: int = 4) -> None:
+        super().__init__()
+        side = round(features**0.5)
+        if side * side != features or side % 4:
+            raise ValueError(f"model.arch=vit needs square images with a side divisible by 4, got {features} features")
+        dim = hidden // 2
+        if dim % heads:
+            raise ValueError(f"model.hidden={hidden} gives token width {dim}, not divisible by model.heads={heads}")
+        self.side, self.patch = side, side // 4
+        self.embed = nn.Linear(self.patch * self.patch, dim)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(0.02 * torch.randn(1, 17, dim))
+        self.blocks = nn.Sequential(*(Block(dim, hidden, heads) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.patch
+        patches = x.reshape(-1, 4, p, 4, p).permute(0, 1, 3, 2, 4).reshape(-1, 16, p * p)
+        tokens = self.embed(patches)
+        tokens = torch.cat([self.cls.expand(len(tokens), -1, -1), tokens], 1) + self.pos
+        out: torch.Tensor = self.head(self.norm(self.blocks(tokens))[:, 0])
+        return out
+
+
+class Classifier(pl.LightningModule):
+    """``arch="mlp"``: an MLP with BatchNorm (so SWA's statistics recompute matters), SGD at a constant rate.
+    ``arch="vit"``: a small vision transformer (EWA's setting), AdamW at a constant rate."""
+
+    def __init__(
+        self, features: int, classes: int, hidden: int = 128, lr: float | None = None, momentum: float = 0.9,
+        arch: str = "mlp", depth: int = 4, heads: int = 4,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.net = nn.Sequential(
-            nn.Linear(features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, classes)
-        )
+        if arch == "mlp":
+            self.net: nn.Module = nn.Sequential(
+                nn.Linear(features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, classes)
+            )
+        elif arch == "vit":
+            self.net = ViT(features, classes, hidden, depth, heads)
+        else:
+            raise ValueError(f"model.arch={arch!r} is not an architecture; choose 'mlp' or 'vit'")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits: torch.Tensor = self.net(x)
@@ -143,7 +202,10 @@ class Classifier(pl.LightningModule):
         self.log("val_acc", (self(x).argmax(-1) == y).float().mean(), prog_bar=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.hparams["lr"], momentum=self.hparams["momentum"])
+        lr = self.hparams["lr"]
+        if self.hparams["arch"] == "vit":
+            return torch.optim.AdamW(self.parameters(), lr=1e-3 if lr is None else lr, weight_decay=0.05)
+        return torch.optim.SGD(self.parameters(), lr=0.3 if lr is None else lr, momentum=self.hparams["momentum"])
 
 
 @torch.no_grad()
@@ -169,18 +231,24 @@ class _LiveSnapshot(pl.Callback):
         self.state: dict[str, torch.Tensor] = {}
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if mixtures(pl_module):  # EWA's live weights are its mixtures, which the deployed model merges
+            pl_module = copy.deepcopy(pl_module)
+            to_dense(pl_module)
         self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+
+Averaging = AveragingCallback | EWA
 
 
 def build_averagers(
     cfg: DictConfig, output_dir: Path, reference: DataLoader[Any] | None = None, val_names: list[str] | None = None
-) -> dict[str, AveragingCallback]:
+) -> dict[str, Averaging]:
     """Instantiate ``averaging`` and every ``extra_averaging`` entry, defaulting each export path into the run dir.
 
     WiSE-FT sweeps on the app's ``val_acc`` unless told otherwise; ZSCL distills on ``reference`` when given.
     """
     nodes = {"averaging": cfg.averaging, **{f"extra_averaging.{k}": v for k, v in cfg.extra_averaging.items()}}
-    callbacks: dict[str, AveragingCallback] = {}
+    callbacks: dict[str, Averaging] = {}
     for where, node in nodes.items():
         overrides: dict[str, Any] = {}
         target = node.get("_target_", "") if node is not None else ""
@@ -198,7 +266,7 @@ def build_averagers(
         callback = instantiate_averaging(node, where=where, **overrides)
         if callback is None:
             continue
-        if callback.export_path is None:
+        if callback.export_path is None and getattr(callback, "merge_at_end", True):
             callback.export_path = str(output_dir / f"{where.replace('extra_averaging.', '')}.safetensors")
         if node.get("name") is None:
             callback.name = where
@@ -235,9 +303,17 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if reference_x is not None and cfg.model.init_from is not None:
         reference = DataLoader(TensorDataset(reference_x), batch_size=cfg.data.batch_size)
     averagers = build_averagers(cfg, output_dir, reference, val_names)
+    if any(isinstance(cb, EWA) for cb in averagers.values()) and cfg.model.arch != "vit":
+        raise ConfigError(f"averaging=ewa needs a transformer's FFNs to mix; model.arch={cfg.model.arch!r}: add "
+                          "model.arch=vit")
+    # EWA merges at the end of fit what the averagers before it leave in the model: it goes last.
+    averagers = dict(sorted(averagers.items(), key=lambda item: isinstance(item[1], EWA)))
     model_options: dict[str, Any] = OmegaConf.to_container(cfg.model)  # type: ignore[assignment]
     init_from = model_options.pop("init_from")
-    model = Classifier(train[0].shape[1], 10, **model_options)
+    try:
+        model = Classifier(train[0].shape[1], 10, **model_options)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
     if init_from is not None:
         try:
             model.load_state_dict(read_weights(init_from, argument="model.init_from"))
@@ -257,13 +333,17 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     results: dict[str, float] = {}
     for where, callback in averagers.items():
-        if isinstance(callback, WiSEFT) and callback.averager is not None and callback.alpha is not None:
+        if isinstance(callback, EWA):
+            results[f"{where} {callback!r}, merged"] = accuracy(model, test)  # the model ends merged
+        elif isinstance(callback, WiSEFT) and callback.averager is not None and callback.alpha is not None:
             with callback.averager.blended(callback.alpha):
                 results[f"{where} WiSEFT(alpha={callback.alpha:g})"] = accuracy(model, test)
             with callback.averager.blended(0.0):
                 results[f"{where} WiSE-FT anchor (alpha=0)"] = accuracy(model, test)
         elif isinstance(callback, LCSC) and callback.result is not None:
             results[f"{where} LCSC(method={callback.method})"] = accuracy(model, test)  # the model holds it
+        elif any(isinstance(cb, EWA) for cb in averagers.values()):
+            continue  # its average was of the mixtures; what it left in the model is merged in EWA's row
         elif callback.averager is not None and callback.averager.has_average:
             with callback.averager.averaged():
                 results[f"{where} {callback.rule!r}"] = accuracy(model, test)
@@ -276,7 +356,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     for key, value in results.items():
         print(f"{key:<{width}}  {value:.4f}")
     for callback in averagers.values():
-        if callback.export_path is not None and Path(callback.export_path).is_file():
+        if isinstance(callback, EWA):
+            written = callback.export_path is not None and Path(callback.export_path).is_file()
+            print(f"merged model of {callback.name}: {callback.export_path if written else 'not exported'}")
+        elif callback.export_path is not None and Path(callback.export_path).is_file():
             print(f"averaged weights of {callback.name}: {callback.export_path}")
         else:
             print(f"{callback.name} never updated (its start was not reached): nothing written")

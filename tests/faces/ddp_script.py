@@ -1,6 +1,7 @@
 """Run by the face tests under DDP with two gloo processes on CPU (Lightning relaunches this script).
 
-``ddp_script.py DIR`` checks EMA; ``ddp_script.py DIR anchored`` checks ZSCL (with distillation) then WiSE-FT."""
+``ddp_script.py DIR`` checks EMA; ``ddp_script.py DIR anchored`` checks ZSCL (with distillation) then WiSE-FT;
+``lcsc`` checks LCSC; ``ewa`` checks EWA in a small ViT."""
 
 from __future__ import annotations
 
@@ -119,6 +120,28 @@ def combination() -> None:
         print("DDP LCSC OK", search.result.weights)
 
 
+def experts() -> None:
+    """EWA under DDP: ranks convert alike, share alike after all-reduced steps, and merge to the same dense model."""
+    from tests.faces.test_ewa import SmallViT
+    from weightavg.callbacks import EWA
+
+    torch.set_num_threads(1)
+    pl.seed_everything(0, verbose=False)
+    model = SmallViT()
+    train, val = digits_loaders()
+    ewa = EWA(beta=0.3, ramp_steps=4, export_path=str(Path(sys.argv[1]) / "merged.safetensors"))
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_train_batches=6,
+                         callbacks=[ewa], logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, num_sanity_val_steps=0)
+    trainer.fit(model, train, val)
+    same_on_every_rank(dict(model.state_dict()), "the merged model")
+    assert ewa.converted == ["net.blocks.1.mlp", "net.blocks.3.mlp"]
+    if trainer.is_global_zero:
+        assert (Path(sys.argv[1]) / "merged.safetensors").is_file()
+        print("DDP EWA OK", ewa.converted)
+
+
 if __name__ == "__main__":
     mode = sys.argv[2:]
-    anchored() if mode == ["anchored"] else combination() if mode == ["lcsc"] else main()
+    modes = {"anchored": anchored, "lcsc": combination, "ewa": experts}
+    modes[mode[0]]() if mode else main()

@@ -12,10 +12,11 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from tests.helpers import DigitsModule, digits_loaders, trainer
-from weightavg.callbacks import EWA
+from tests.helpers import DigitsModule, digits_loaders, run_ddp_script, trainer
+from weightavg.callbacks import EMA, EWA
 from weightavg.core.io import read_weights
 from weightavg.ewa import mixtures
+from weightavg.train import ViT
 
 
 class Spread(pl.Callback):
@@ -73,3 +74,62 @@ def test_bad_arguments() -> None:
         EWA(beta=0.7, num_experts=2)
     with pytest.raises(ValueError, match="matches no submodule"):
         fit([EWA(select="missing.*")], epochs=1)
+
+
+class SmallViT(DigitsModule):
+    """The app's small ViT (blocks with ``mlp`` FFNs) on the digits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = ViT(64, 10, hidden=32, depth=4, heads=2)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=3e-3)
+
+
+class MergedProbe(pl.Callback):
+    """At the last validation of fit (model still mixed, in eval mode), the outputs on a fixed batch."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x, self.outputs = x, torch.empty(0)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        assert mixtures(module) and not module.training
+        self.outputs = module(self.x).detach().clone()
+
+
+def test_transformer_default_selection_validation_sees_the_merged_model() -> None:
+    torch.set_num_threads(1)
+    x = digits_loaders()[1].dataset.tensors[0][:64]  # type: ignore[attr-defined]
+    probe = MergedProbe(x)
+    ewa = EWA(beta=0.2, ramp_steps=4)
+    pl.seed_everything(0, verbose=False)
+    model = SmallViT()
+    dense_count = sum(p.numel() for p in model.parameters())
+    run = trainer(max_epochs=1, callbacks=[ewa, probe], limit_train_batches=6, limit_val_batches=1)
+    run.fit(model, *digits_loaders())
+    assert ewa.converted == ["net.blocks.1.mlp", "net.blocks.3.mlp"]  # every other block's FFN
+    assert not mixtures(model) and sum(p.numel() for p in model.parameters()) == dense_count
+    model.eval()
+    torch.testing.assert_close(model(x), probe.outputs, rtol=1e-5, atol=1e-5)  # validated == deployed
+    assert float(run.callback_metrics["ewa/spread"]) > 0
+    assert float(run.callback_metrics["ewa/beta"]) == pytest.approx(0.2)
+
+
+def test_with_ema_ewa_merges_the_average_and_must_come_last() -> None:
+    torch.set_num_threads(1)
+    with pytest.raises(ValueError, match=r"EMA\(decay=0.5\) comes after EWA"):
+        fit([EWA(select="net.0", num_experts=2), EMA(decay=0.5)], epochs=1)
+
+    class Keep(pl.Callback):  # the EMA's averaged stacks, read just before EWA merges them
+        def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+            self.stacks = [s.detach().clone() for s in mixtures(module)[0].stacks()]
+
+    keep = Keep()
+    _, model = fit([EMA(decay=0.5), keep, EWA(select="net.0", num_experts=2, beta=0.1)], epochs=1)
+    weight, bias = (stack.mean(0) for stack in keep.stacks)
+    assert torch.equal(model.net[0].weight, weight) and torch.equal(model.net[0].bias, bias)
+
+
+def test_ddp_two_gloo_processes_merge_to_the_same_model(tmp_path: Path) -> None:
+    assert "DDP EWA OK" in run_ddp_script(tmp_path, "ewa")

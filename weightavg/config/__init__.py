@@ -137,6 +137,22 @@ class LCSCConfig:
     exclude: list[str] | None = None
 
 
+@dataclass
+class EWAConfig:
+    """``averaging=ewa``: ``weightavg.callbacks.EWA`` (the model needs FFN submodules: the app's ``model.arch=vit``)."""
+
+    _target_: str = "weightavg.callbacks.EWA"
+    beta: float = 0.3
+    ramp_steps: int = 0
+    select: Any = None
+    num_experts: int = 4
+    seed: int | None = 0
+    merge_at_end: bool = True
+    export_path: str | None = None
+    log_spread: bool = True
+    name: str | None = None
+
+
 #: The shipped options of the ``averaging`` group: name -> (config class, one-line description).
 CONFIGS: dict[str, tuple[type, str]] = {
     "ema": (EMAConfig, "exponential moving average of the weights"),
@@ -144,6 +160,7 @@ CONFIGS: dict[str, tuple[type, str]] = {
     "wiseft": (WiSEFTConfig, "WiSE-FT: interpolate the weights at fit start and the fine-tuned ones, pick alpha"),
     "zscl": (ZSCLConfig, "ZSCL: weight ensemble per task (+ distillation from the original model)"),
     "lcsc": (LCSCConfig, "LCSC: snapshots combined at the end by evolutionary search (or soups, EMA, metric weights)"),
+    "ewa": (EWAConfig, "EWA: FFNs trained as random-partition mixtures of experts pulled together, merged at the end"),
 }
 
 
@@ -179,4 +196,4 @@ def instantiate_averaging(config: Any, *, where: str = GROUP, **overrides: Any) 
 
 
 __all__ = ["CONFIGS", "ConfigError", "GROUP", "AveragingConfig", "EMAConfig", "SWAConfig", "WiSEFTConfig",
-           "ZSCLConfig", "LCSCConfig", "instantiate_averaging", "register_configs"]
+           "ZSCLConfig", "LCSCConfig", "EWAConfig", "instantiate_averaging", "register_configs"]

@@ -124,6 +124,7 @@ class RandomPartitionMoE(nn.Module):
         means = [stack.mean(0, keepdim=True).expand_as(stack) for stack in stacks]
         torch._foreach_lerp_(stacks, means, beta * n / (n - 1))
 
+    @torch.no_grad()
     def spread(self) -> float:
         """Root-mean-square distance of the experts from their mean, over every tensor (a diagnostic: syncs)."""
         total = sum(float((stack - stack.mean(0, keepdim=True)).pow(2).sum()) for stack in self.stacks())
