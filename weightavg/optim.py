@@ -28,6 +28,7 @@ from weightavg.core.snapshots import SnapshotStore
 from weightavg.methods.ema import EMA as EMARule
 from weightavg.methods.ewa import linear_ramp, mixtures, share_all, to_dense
 from weightavg.methods.lcsc import Combiner, Method, SearchResult, combine_dtype
+from weightavg.methods.noloco import DiLoCoRule, NoLoCoRule, Replica, Traffic, average_replicas
 from weightavg.methods.swa import SWA as SWARule
 from weightavg.methods.wiseft import ALPHAS, check_alphas
 from weightavg.methods.zscl import ZSCL as ZSCLRule
@@ -537,3 +538,126 @@ class EWA(Optimizer):
         self.steps = int(state_dict["ewa"]["steps"])
         self.param_groups = self.optimizer.param_groups
         self.state = self.optimizer.state
+
+
+class _OuterOptimizer(AveragingOptimizer):
+    """NoLoCo and DiLoCo: the inner optimizer's steps, and every ``sync_every`` of them an outer step on slow weights
+    that the engine holds (at least fp32, one flat buffer per dtype group; the model's tensors are re-homed into
+    flat buffers too, so each group travels as one message)."""
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        rule: NoLoCoRule | DiLoCoRule,
+        *,
+        process_group: Any = None,
+        broadcast_start: bool = True,
+        dtype: torch.dtype | str | None = None,
+    ) -> None:
+        super().__init__(optimizer, Snapshot(), dtype=dtype, contiguous=True)
+        self.replica = Replica(self.averager, rule, process_group)
+        if broadcast_start:
+            self.replica.broadcast_start()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.replica.rule!r}, {self.optimizer!r})"
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
+        """Step the inner optimizer; run the outer step when it is due (every ``sync_every`` steps)."""
+        loss = super().step(closure)
+        self.replica.inner_step()
+        return loss
+
+    @property
+    def traffic(self) -> Traffic:
+        """Bytes sent, communication operations and seconds waited by this rank's outer steps so far."""
+        return self.replica.traffic
+
+    def slow_weights(self) -> AbstractContextManager[None]:
+        """Evaluate with this replica's slow weights: ``with opt.slow_weights(): evaluate(model)``."""
+        return self.averager.averaged()
+
+    def average_replicas(self) -> None:
+        """Average the model over every rank (one all-reduce; for the end of training, e.g. before export)."""
+        average_replicas([t for live, _ in self.averager.tensor_groups() for t in live], self.replica.group)
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"outer": self.replica.state_dict()}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        self.replica.load_state_dict(state["outer"])
+
+
+class NoLoCo(_OuterOptimizer):
+    """NoLoCo (``weightavg.methods.noloco``): each replica trains alone and, every ``sync_every`` inner steps,
+    averages with ``group_size - 1`` random peers by point-to-point messages through a momentum outer step. No
+    all-reduce and no broadcast during training; run one process per replica (torchrun) with a process group whose
+    backend has point-to-point ops (gloo, nccl), and do not wrap the model in DistributedDataParallel.
+
+    Args:
+        optimizer: the inner optimizer (e.g. AdamW); its ``param_groups`` and ``state`` are shared.
+        sync_every: H, inner steps between outer steps.
+        outer_lr: b, the outer learning rate.
+        outer_momentum: a, the outer momentum.
+        group_size: n, replicas per group (2: pairs); leftovers join groups one each (W = 3: one triple).
+        mixing: c, the pull toward the group's mean slow weights; ``None`` = ``outer_lr``, when only the fast
+            weights travel (one tensor per group and peer).
+        seed: seeds the groups' permutations (the same on every rank).
+        process_group: the ranks that average (default: the world).
+        broadcast_start: start every replica from rank 0's weights (one broadcast when the wrapper is built).
+        dtype: dtype of the slow weights and momentum (default: fp32 for fp16/bf16 parameters, else theirs).
+
+    Example (under torchrun)::
+
+        opt = NoLoCo(torch.optim.AdamW(model.parameters(), lr=1e-3), sync_every=50)
+        for x, y in loader:                      # this rank's own shard
+            loss_fn(model(x), y).backward()
+            opt.step(); opt.zero_grad()
+        print(opt.traffic)
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        sync_every: int = 50,
+        outer_lr: float = 0.7,
+        outer_momentum: float = 0.5,
+        group_size: int = 2,
+        *,
+        mixing: float | None = None,
+        seed: int = 0,
+        process_group: Any = None,
+        broadcast_start: bool = True,
+        dtype: torch.dtype | str | None = None,
+    ) -> None:
+        rule = NoLoCoRule(sync_every, outer_lr, outer_momentum, mixing, group_size, seed)
+        super().__init__(optimizer, rule, process_group=process_group, broadcast_start=broadcast_start, dtype=dtype)
+
+
+class DiLoCo(_OuterOptimizer):
+    """DiLoCo (``weightavg.methods.noloco``): each replica trains alone and, every ``sync_every`` inner steps, the
+    replicas all-reduce the pseudo-gradient (slow minus fast weights) and apply outer SGD to the slow weights, with
+    Nesterov momentum (as ``torch.optim.SGD(nesterov=True)``) or heavy-ball.
+
+    Args:
+        optimizer: the inner optimizer; its ``param_groups`` and ``state`` are shared.
+        sync_every: H.
+        outer_lr, outer_momentum, nesterov: the outer SGD.
+        process_group, broadcast_start, dtype: as for ``NoLoCo``.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        sync_every: int = 500,
+        outer_lr: float = 0.7,
+        outer_momentum: float = 0.9,
+        nesterov: bool = True,
+        *,
+        process_group: Any = None,
+        broadcast_start: bool = True,
+        dtype: torch.dtype | str | None = None,
+    ) -> None:
+        rule = DiLoCoRule(sync_every, outer_lr, outer_momentum, nesterov)
+        super().__init__(optimizer, rule, process_group=process_group, broadcast_start=broadcast_start, dtype=dtype)

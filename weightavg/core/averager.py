@@ -64,7 +64,7 @@ def _make_flat(group: _Group) -> None:
     else:
         flat_live = first.detach().new_empty(0)
         flat_live.set_(first.untyped_storage(), first.storage_offset(), (sum(sizes),), (1,))
-    flat_avg = torch.empty_like(flat_live)
+    flat_avg = torch.empty(sum(sizes), dtype=group.avg[0].dtype, device=flat_live.device)
     averages = []
     for tensor, average, offset, size in zip(group.live, group.avg, offsets, sizes, strict=True):
         avg_view = flat_avg.narrow(0, offset, size)
@@ -243,11 +243,24 @@ class Averager:
                 group.names.append(entry.name)
                 group.owners.append(entry.owner)
         for group in groups.values():
-            if self.contiguous and group.direct and group.averaged:
+            if self.contiguous and group.averaged and group.staging is None:
                 _make_flat(group)
             if group.direct:
                 group.views = group.avg
         return list(groups.values())
+
+    def tensor_groups(self) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+        """(live tensors, averages) of each averaged group, for methods that run their own arithmetic on them
+        (NoLoCo's outer step): one flat tensor each where the group is contiguous, else the group's tensors."""
+        pairs = []
+        for group in self._groups:
+            if not group.averaged:
+                continue
+            if group.flat is not None and _flat_intact(group):
+                pairs.append(([group.flat[1]], [group.flat[0]]))
+            else:
+                pairs.append((group.live, group.avg))
+        return pairs
 
     @property
     def names(self) -> list[str]:
@@ -336,10 +349,7 @@ class Averager:
         for group in self._groups:
             if group.flat is not None and _flat_intact(group):
                 flat_avg, flat_live = group.flat
-                if weight == 1.0:
-                    flat_avg.copy_(flat_live)
-                else:
-                    flat_avg.lerp_(flat_live, weight)
+                kernels.lerp_([flat_avg], [flat_live], weight)
                 continue
             sources = group.live
             if group.staging is not None:
