@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from itertools import islice
 from typing import Any, Literal
@@ -40,10 +41,13 @@ from weightavg.methods.ewa import linear_ramp, share_all, to_dense, to_moe
 from weightavg.methods.ewa import mixtures as ewa_mixtures
 from weightavg.methods.lcsc import METHODS as COMBINATIONS
 from weightavg.methods.lcsc import Combiner, Method, SearchResult, SearchSettings, combine_dtype
+from weightavg.methods.noloco import DiLoCoRule, NoLoCoRule, Replica, average_replicas
 from weightavg.methods.swa import SWA as SWARule
 from weightavg.methods.wiseft import ALPHAS, check_alphas, choose_alpha
 from weightavg.methods.zscl import ZSCL as ZSCLRule
 from weightavg.methods.zscl import Distillation
+from weightavg.strategies import NAME as LOCAL_DDP
+from weightavg.strategies import LocalDDPStrategy
 
 ValidateWith = Literal["average", "live"]
 #: Checkpoint key of the live weights, saved beside a ``state_dict`` that holds an average.
@@ -152,10 +156,11 @@ class AveragingCallback(Callback):
         # Bound here, after the strategy has moved and converted the model (device, bf16-true), so the averages sit
         # beside the tensors that training will actually update. Each fit() starts a fresh average (a new Trainer
         # restarts its step counters); trainer.fit(ckpt_path=...) is how an average continues.
-        if self._engine_kwargs["contiguous"] and trainer.world_size > 1:
+        if self._engine_kwargs["contiguous"] and trainer.strategy.model is not pl_module:
             raise ValueError(
                 "contiguous=True re-homes the model's tensors, which callbacks can only do after the strategy has "
-                f"wrapped the model; it is not supported with {trainer.world_size} processes: use contiguous=False"
+                f"wrapped the model; it is not supported under {type(trainer.strategy).__name__}, which wraps the "
+                "model (DDP registers its gradient buckets at wrap time): use contiguous=False"
             )
         total = trainer.estimated_stepping_batches
         total_steps = int(total) if math.isfinite(total) else None
@@ -1269,3 +1274,165 @@ class EWA(Callback):
         rank_zero_info(f"weightavg: {self.name} merged {merged} mixtures into dense FFNs")
         if self.export_path is not None and trainer.is_global_zero:
             save_safetensors(pl_module.state_dict(), self.export_path)
+
+
+class _OuterStep(AveragingCallback):
+    """NoLoCo and DiLoCo in a Lightning run: slow weights (the engine's average, fp32 for low-precision weights, one
+    flat buffer per dtype group) and an outer step every ``sync_every`` optimizer steps. Needs
+    ``Trainer(strategy="local_ddp")`` with several processes (any strategy that all-reduces gradients is refused).
+    Checkpoints carry each rank's own slow weights, momentum and counters (the strategy writes one file per rank).
+    """
+
+    def __init__(
+        self,
+        rule: NoLoCoRule | DiLoCoRule,
+        *,
+        average_at_end: bool = False,
+        log_traffic: bool = True,
+        validate_with: ValidateWith = "live",
+        export_path: str | os.PathLike[str] | None = None,
+        name: str | None = None,
+        dtype: torch.dtype | str | None = None,
+    ) -> None:
+        super().__init__(Snapshot(), validate_with=validate_with, apply_at_end=False, export_path=export_path,
+                         name=name or repr(rule), buffers="ignore", dtype=dtype, contiguous=True)
+        if not isinstance(average_at_end, bool):
+            raise TypeError(f"average_at_end={average_at_end!r} must be a bool")
+        self.outer_rule = rule
+        self.average_at_end = average_at_end
+        self.log_traffic = log_traffic
+        self.replica: Replica | None = None
+        self._pending_outer: dict[str, Any] | None = None
+        self._last_step = -1
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and trainer.world_size > 1 and not isinstance(trainer.strategy, LocalDDPStrategy):
+            raise ValueError(
+                f"{self.name} with {trainer.world_size} processes needs Trainer(strategy={LOCAL_DDP!r}): "
+                f"{type(trainer.strategy).__name__} all-reduces gradients every step, so the replicas would never "
+                "train apart and the outer step would only add communication"
+            )
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)  # binds the slow weights (a copy of the synced start)
+        self.replica = Replica(self._bound(), self.outer_rule)
+        if self._pending_outer is not None:
+            self.replica.load_state_dict(self._pending_outer)
+            self._pending_outer = None
+        self._last_step = trainer.global_step
+
+    def _replica(self) -> Replica:
+        if self.replica is None:
+            raise RuntimeError(f"{self.name} is not bound to a model yet (it binds when fit starts)")
+        return self.replica
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step != self._last_step:  # once per optimizer step (gradient accumulation repeats the step count)
+            self._replica().inner_step()
+            self._last_step = step
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.log_traffic:
+            with warnings.catch_warnings():  # each rank's own counters: summing them over ranks is not wanted
+                warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
+                for key, value in self._replica().traffic.as_dict().items():
+                    pl_module.log(f"{self.name}/{key}", float(value))
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.average_at_end:
+            average_replicas([t for live, _ in self._bound().tensor_groups() for t in live])
+        super().on_train_end(trainer, pl_module)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.replica is not None:
+            state["outer"] = self.replica.state_dict()
+        elif self._pending_outer is not None:
+            state["outer"] = self._pending_outer
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if "outer" not in state_dict or not self._accept_state:
+            return
+        if self._fitting and self.replica is not None:
+            self.replica.load_state_dict(state_dict["outer"])
+        else:
+            self._pending_outer = state_dict["outer"]
+
+
+class NoLoCo(_OuterStep):
+    """NoLoCo (``weightavg.methods.noloco``): each replica trains alone and every ``sync_every`` optimizer steps
+    averages with ``group_size - 1`` random peers (point-to-point, no all-reduce) through a momentum outer step.
+
+    ``Trainer(strategy="local_ddp", devices=N, callbacks=[NoLoCo()])``; with one process it is a Lookahead-like
+    outer step on the replica alone.
+
+    Args:
+        sync_every, outer_lr, outer_momentum, group_size, mixing, seed: as for ``weightavg.optim.NoLoCo``.
+        average_at_end: when fit ends, replace every replica by the mean over ranks (one all-reduce), so all ranks
+            end with one model (else each keeps its own).
+        log_traffic: log ``<name>/bytes_sent``, ``operations``, ``wait_seconds`` and ``syncs`` each epoch.
+        validate_with: ``"live"`` (default: the replica's fast weights) or ``"average"`` (its slow weights).
+        export_path: write this rank-0 replica's slow weights as safetensors at the end of fit.
+        name, dtype: as for ``AveragingCallback`` (dtype of the slow weights).
+    """
+
+    def __init__(
+        self,
+        sync_every: int = 50,
+        outer_lr: float = 0.7,
+        outer_momentum: float = 0.5,
+        group_size: int = 2,
+        *,
+        mixing: float | None = None,
+        seed: int = 0,
+        average_at_end: bool = False,
+        log_traffic: bool = True,
+        validate_with: ValidateWith = "live",
+        export_path: str | os.PathLike[str] | None = None,
+        name: str | None = None,
+        dtype: torch.dtype | str | None = None,
+    ) -> None:
+        rule = NoLoCoRule(sync_every, outer_lr, outer_momentum, mixing, group_size, seed)
+        super().__init__(rule, average_at_end=average_at_end, log_traffic=log_traffic, validate_with=validate_with,
+                         export_path=export_path, name=name or "NoLoCo", dtype=dtype)
+
+
+class DiLoCo(_OuterStep):
+    """DiLoCo (``weightavg.methods.noloco``): each replica trains alone and every ``sync_every`` optimizer steps
+    the replicas all-reduce the pseudo-gradient and apply outer SGD (Nesterov or heavy-ball) to the slow weights.
+
+    Args:
+        sync_every, outer_lr, outer_momentum, nesterov: as for ``weightavg.optim.DiLoCo``.
+        average_at_end, log_traffic, validate_with, export_path, name, dtype: as for ``NoLoCo``.
+    """
+
+    def __init__(
+        self,
+        sync_every: int = 500,
+        outer_lr: float = 0.7,
+        outer_momentum: float = 0.9,
+        nesterov: bool = True,
+        *,
+        average_at_end: bool = False,
+        log_traffic: bool = True,
+        validate_with: ValidateWith = "live",
+        export_path: str | os.PathLike[str] | None = None,
+        name: str | None = None,
+        dtype: torch.dtype | str | None = None,
+    ) -> None:
+        rule = DiLoCoRule(sync_every, outer_lr, outer_momentum, nesterov)
+        super().__init__(rule, average_at_end=average_at_end, log_traffic=log_traffic, validate_with=validate_with,
+                         export_path=export_path, name=name or "DiLoCo", dtype=dtype)

@@ -141,7 +141,113 @@ def experts() -> None:
         print("DDP EWA OK", ewa.converted)
 
 
+COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter",
+               "reduce_scatter_tensor", "reduce", "gather", "scatter", "all_to_all", "all_to_all_single", "barrier",
+               "broadcast_object_list", "all_gather_object")
+
+
+class NoCollectives(pl.Callback):
+    """Makes every torch.distributed collective raise while training batches run (validation excepted): only
+    point-to-point messages may pass. Put it after the outer-step callback so its outer steps are covered."""
+
+    def __init__(self) -> None:
+        self.saved: dict[str, object] = {}
+        self.calls: list[str] = []
+
+    def install(self) -> None:
+        def refuse(name: str) -> object:
+            def collective(*args: object, **kwargs: object) -> None:
+                self.calls.append(name)
+                raise AssertionError(f"collective {name} during training")
+            return collective
+        for name in COLLECTIVES:
+            self.saved[name] = getattr(dist, name)
+            setattr(dist, name, refuse(name))
+
+    def remove(self) -> None:
+        for name, function in self.saved.items():
+            setattr(dist, name, function)
+        self.saved = {}
+
+    def on_train_start(self, *args: object) -> None:
+        self.install()
+
+    def on_validation_start(self, *args: object) -> None:
+        self.remove()
+
+    def on_validation_end(self, trainer: pl.Trainer, *args: object) -> None:
+        if trainer.training:
+            self.install()
+
+    def on_train_end(self, *args: object) -> None:
+        self.remove()
+
+    def on_exception(self, *args: object) -> None:
+        self.remove()
+
+
+def replicas() -> None:
+    """NoLoCo under strategy="local_ddp" with three processes: no collective in training, replicas differ, per-rank
+    checkpoints resume each replica exactly, and average_at_end leaves one model on every rank."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from weightavg.callbacks import DiLoCo, NoLoCo
+    from weightavg.strategies import LocalDDPStrategy
+
+    torch.set_num_threads(1)
+    folder = Path(sys.argv[1])
+    options = dict(accelerator="cpu", devices=3, strategy="local_ddp", logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, num_sanity_val_steps=0)
+
+    def fit(callbacks: list[pl.Callback], epochs: int, ckpt_path: str | None = None, **extra: object
+            ) -> tuple[pl.Trainer, DigitsModule]:
+        pl.seed_everything(0, verbose=False)
+        model = DigitsModule()
+        train, val = digits_loaders(batch_size=16)
+        trainer = pl.Trainer(max_epochs=epochs, callbacks=callbacks, **{**options, **extra})  # type: ignore[arg-type]
+        trainer.fit(model, train, val, ckpt_path=ckpt_path)
+        return trainer, model
+
+    spy = NoCollectives()
+    checkpoints = ModelCheckpoint(dirpath=folder / "ckpt", save_top_k=-1, every_n_epochs=1)
+    trainer, full = fit([NoLoCo(sync_every=4), spy, checkpoints], 3, enable_checkpointing=True)
+    noloco = trainer.callbacks[0]  # type: ignore[attr-defined]
+    assert not spy.calls, spy.calls
+    traffic = noloco.replica.traffic
+    # Three ranks form one triple: two peers, one isend and one irecv each per sync (one flat fp32 group).
+    parameter_bytes = sum(p.numel() * p.element_size() for p in full.parameters())
+    assert traffic.syncs == trainer.global_step // 4 and traffic.operations == 4 * traffic.syncs, traffic
+    assert traffic.bytes_sent == 2 * parameter_bytes * traffic.syncs, traffic
+    flat = torch.cat([p.detach().flatten() for p in full.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(3)]
+    dist.all_gather(gathered, flat)
+    assert not torch.equal(gathered[0], gathered[1]), "replicas should differ: each trains on its own shard"
+    rank = trainer.global_rank
+    epoch0 = checkpoints.dirpath + f"/epoch=0-step={trainer.global_step // 3}.ckpt"  # type: ignore[operator]
+    assert Path(epoch0).is_file() and (Path(epoch0).parent / "rank2" / Path(epoch0).name).is_file()
+    _, resumed = fit([NoLoCo(sync_every=4)], 3, ckpt_path=epoch0, enable_checkpointing=False)
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), f"rank {rank}: {name} differs after resuming its own checkpoint"
+
+    # Lightning's own per-batch SIGTERM broadcast (sigterm="broadcast") is what the spy must catch (Lightning
+    # swallows the spy's error there and goes on).
+    broadcasting = NoCollectives()
+    fit([NoLoCo(sync_every=4), broadcasting], 1, strategy=LocalDDPStrategy(sigterm="broadcast"),
+        enable_checkpointing=False)
+    assert broadcasting.calls[:1] == ["broadcast"], "Lightning's per-batch broadcast should be seen by the spy"
+
+    _, averaged = fit([NoLoCo(sync_every=4, average_at_end=True)], 1, enable_checkpointing=False)
+    same_on_every_rank(dict(averaged.state_dict()), "the averaged model")
+
+    diloco = DiLoCo(sync_every=4)
+    fit([diloco], 1, enable_checkpointing=False)
+    assert diloco.replica is not None and diloco.replica.traffic.syncs == 2
+    same_on_every_rank(diloco._bound().averaged_tensors(), "DiLoCo's slow weights")
+    if trainer.is_global_zero:
+        print("DDP NOLOCO OK", traffic)
+
+
 if __name__ == "__main__":
     mode = sys.argv[2:]
-    modes = {"anchored": anchored, "lcsc": combination, "ewa": experts}
+    modes = {"anchored": anchored, "lcsc": combination, "ewa": experts, "noloco": replicas}
     modes[mode[0]]() if mode else main()
