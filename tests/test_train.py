@@ -118,3 +118,15 @@ def test_ewa_needs_the_transformer(tmp_path: Path) -> None:
     result = run_app(tmp_path, "averaging=ewa", "trainer.max_epochs=1")
     assert result.returncode == 2
     assert "model.arch='mlp'" in result.stderr and "model.arch=vit" in result.stderr
+
+
+def test_noloco_over_two_processes_with_the_local_strategy(tmp_path: Path) -> None:
+    result = run_app(
+        tmp_path, "averaging=noloco", "averaging.sync_every=5", "trainer.strategy=local_ddp", "trainer.devices=2",
+        "trainer.accelerator=cpu", "trainer.max_epochs=2",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = accuracy_table(result.stdout)  # printed once, by rank 0
+    assert set(table) == {"live", "averaging NoLoCo(sync_every=5) slow weights"}, table
+    assert all(0.5 < value <= 1.0 for value in table.values()), table
+    assert result.stdout.count("test accuracy") == 1

@@ -12,6 +12,7 @@ Examples::
     python -m weightavg.train averaging=zscl data.shift=invert model.init_from=PATH     # ZSCL, distilling PATH
     python -m weightavg.train averaging=lcsc averaging.every_n_steps=50                 # LCSC over snapshots
     python -m weightavg.train model.arch=vit averaging=ewa trainer.max_epochs=20        # EWA in a small ViT
+    python -m weightavg.train averaging=noloco trainer.strategy=local_ddp trainer.devices=4 trainer.accelerator=cpu
 
 It prints the test accuracy of the live weights and of each average, and writes each average as safetensors.
 """
@@ -33,7 +34,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from weightavg.callbacks import EWA, LCSC, ZSCL, AveragingCallback, WiSEFT
+from weightavg.callbacks import EWA, LCSC, ZSCL, AveragingCallback, DiLoCo, NoLoCo, WiSEFT
 from weightavg.config import ConfigError, instantiate_averaging, register_configs
 from weightavg.core.io import read_weights, save_safetensors
 from weightavg.ewa import mixtures, to_dense
@@ -66,6 +67,7 @@ class TrainerConfig:
     max_epochs: int = 60  # ~2,000 optimizer steps: long enough for EMA's default decay (0.999, ~1,000 steps)
     accelerator: str = "auto"
     devices: Any = 1
+    strategy: str = "auto"  # local_ddp for NoLoCo/DiLoCo over several processes
     precision: str = "32-true"
     accumulate_grad_batches: int = 1
     check_val_every_n_epoch: int = 1
@@ -345,12 +347,17 @@ def run(cfg: DictConfig) -> dict[str, float]:
         elif any(isinstance(cb, EWA) for cb in averagers.values()):
             continue  # its average was of the mixtures; what it left in the model is merged in EWA's row
         elif callback.averager is not None and callback.averager.has_average:
+            rule = callback.outer_rule if isinstance(callback, NoLoCo | DiLoCo) else callback.rule
+            label = f"{where} {rule!r}" + (" slow weights" if isinstance(callback, NoLoCo | DiLoCo) else "")
             with callback.averager.averaged():
-                results[f"{where} {callback.rule!r}"] = accuracy(model, test)
+                results[label] = accuracy(model, test)
     final = output_dir / "model.safetensors"
-    save_safetensors(model.state_dict(), final)  # what the model ends with (an average, when one applies at end)
+    if trainer.is_global_zero:  # with several processes (NoLoCo, DiLoCo) rank 0's replica is the one written
+        save_safetensors(model.state_dict(), final)  # what the model ends with (an average, if one applies at end)
     model.load_state_dict(snapshot.state)
     results = {"live": accuracy(model, test), **results}
+    if not trainer.is_global_zero:
+        return results
     width = max(len(k) for k in results)
     print(f"\n{'weights':<{width}}  test accuracy ({cfg.data.name}, {len(test[1])} examples)")
     for key, value in results.items():

@@ -153,6 +153,43 @@ class EWAConfig:
     name: str | None = None
 
 
+@dataclass
+class NoLoCoConfig:
+    """``averaging=noloco``: ``weightavg.callbacks.NoLoCo`` (run it with ``trainer.strategy=local_ddp`` and several
+    ``trainer.devices``; with one process it is an outer step on the replica alone)."""
+
+    _target_: str = "weightavg.callbacks.NoLoCo"
+    sync_every: int = 50
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.5
+    group_size: int = 2
+    mixing: float | None = None
+    seed: int = 0
+    average_at_end: bool = False
+    log_traffic: bool = True
+    validate_with: str = "live"
+    export_path: str | None = None
+    name: str | None = None
+    dtype: str | None = None
+
+
+@dataclass
+class DiLoCoConfig:
+    """``averaging=diloco``: ``weightavg.callbacks.DiLoCo`` (with ``trainer.strategy=local_ddp``)."""
+
+    _target_: str = "weightavg.callbacks.DiLoCo"
+    sync_every: int = 500
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    nesterov: bool = True
+    average_at_end: bool = False
+    log_traffic: bool = True
+    validate_with: str = "live"
+    export_path: str | None = None
+    name: str | None = None
+    dtype: str | None = None
+
+
 #: The shipped options of the ``averaging`` group: name -> (config class, one-line description).
 CONFIGS: dict[str, tuple[type, str]] = {
     "ema": (EMAConfig, "exponential moving average of the weights"),
@@ -160,6 +197,8 @@ CONFIGS: dict[str, tuple[type, str]] = {
     "wiseft": (WiSEFTConfig, "WiSE-FT: interpolate the weights at fit start and the fine-tuned ones, pick alpha"),
     "zscl": (ZSCLConfig, "ZSCL: weight ensemble per task (+ distillation from the original model)"),
     "lcsc": (LCSCConfig, "LCSC: snapshots combined at the end by evolutionary search (or soups, EMA, metric weights)"),
+    "noloco": (NoLoCoConfig, "NoLoCo: replicas train alone and average with one random peer every H steps (p2p)"),
+    "diloco": (DiLoCoConfig, "DiLoCo: replicas train alone; every H steps an all-reduced outer SGD step"),
     "ewa": (EWAConfig, "EWA: FFNs trained as random-partition mixtures of experts pulled together, merged at the end"),
 }
 
@@ -196,4 +235,5 @@ def instantiate_averaging(config: Any, *, where: str = GROUP, **overrides: Any) 
 
 
 __all__ = ["CONFIGS", "ConfigError", "GROUP", "AveragingConfig", "EMAConfig", "SWAConfig", "WiSEFTConfig",
-           "ZSCLConfig", "LCSCConfig", "EWAConfig", "instantiate_averaging", "register_configs"]
+           "ZSCLConfig", "LCSCConfig", "EWAConfig", "NoLoCoConfig", "DiLoCoConfig", "instantiate_averaging",
+           "register_configs"]

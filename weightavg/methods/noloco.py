@@ -36,6 +36,7 @@ import torch.distributed as dist
 from weightavg.core import kernels
 from weightavg.core.averager import Averager
 from weightavg.core.checks import check_number
+from weightavg.core.rule import compact_repr
 
 Tensors = list[torch.Tensor]
 
@@ -73,6 +74,9 @@ class NoLoCoRule:
         check_number("group_size", self.group_size, low=2, integer=True)
         check_number("seed", self.seed, low=0, integer=True)
 
+    def __repr__(self) -> str:
+        return compact_repr(self).replace("Rule(", "(", 1)  # NoLoCo(sync_every=10)
+
     @property
     def one_tensor(self) -> bool:
         """Whether the fast path applies (mixing == outer_lr): only the fast weights are exchanged."""
@@ -94,6 +98,9 @@ class DiLoCoRule:
         check_number("outer_momentum", self.outer_momentum, low=0.0, high=1.0, high_open=True)
         if not isinstance(self.nesterov, bool):
             raise TypeError(f"nesterov={self.nesterov!r} must be a bool")
+
+    def __repr__(self) -> str:
+        return compact_repr(self).replace("Rule(", "(", 1)
 
 
 @dataclass
