@@ -6,7 +6,7 @@ Per replica i: fast weights theta_i (the model, trained by the inner optimizer),
 delta_i (zeros). Every ``sync_every`` inner steps:
 
 - **NoLoCo**: the ranks are split into groups of ``group_size`` by a permutation drawn from a generator seeded by
-  (``seed``, outer step): identical on every rank, no message needed. With k = W // n groups, group j is
+  (``seed``, outer step) (hashed into the generator's 32-bit seed): identical on every rank, no message needed. With k = W // n groups, group j is
   ``perm[j], perm[j + k], ...``; when n does not divide W, the W - k n leftover ranks ``perm[k n:]`` join groups
   0, 1, ... one each (so W = 3, n = 2 averages as one triple; W = 1 is a group of one). Within its group G::
 
@@ -26,6 +26,7 @@ flat buffer per (device, dtype) group, so an outer step is a handful of flat ops
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,7 +46,9 @@ def peer_groups(world_size: int, group_size: int, outer_step: int, seed: int = 0
     """NoLoCo's groups for one outer step: the same on every rank (a seeded permutation, no communication)."""
     check_number("world_size", world_size, low=1, integer=True)
     check_number("group_size", group_size, low=2, integer=True)
-    generator = torch.Generator().manual_seed((seed % 2**31) * 2**32 + outer_step)
+    # torch's CPU generator keeps 32 bits of its seed: hash (seed, step) into them, so both matter.
+    key = hashlib.blake2b(f"{seed}:{outer_step}".encode(), digest_size=4).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(key, "little"))
     perm = torch.randperm(world_size, generator=generator).tolist()
     count = max(1, world_size // group_size)
     groups = [perm[j : count * group_size : count] for j in range(count)]
@@ -291,6 +294,10 @@ class Replica:
         if not isinstance(state, dict) or "momentum" not in state:
             raise ValueError("state must come from Replica.state_dict() (it has no 'momentum' entry)")
         momentum = [m for group in self.momentum for m in group]
+        saved_method = str(state.get("rule", "")).split("(")[0]
+        method = repr(self.rule).split("(")[0]
+        if saved_method and saved_method != method:
+            raise ValueError(f"the state is {saved_method}'s ({state['rule']}); this replica runs {self.rule!r}")
         if [tuple(m.shape) for m in state["momentum"]] != [tuple(m.shape) for m in momentum]:
             raise ValueError("the saved momentum does not match these parameters (another model or grouping)")
         kernels.copy_(momentum, list(state["momentum"]))
