@@ -420,6 +420,14 @@ def main(argv: list[str] | None = None) -> None:
         f"start {load}\n",
         flush=True,
     )
+    cpus = os.cpu_count() or 1
+    if hasattr(os, "getloadavg") and os.getloadavg()[0] + args.threads > cpus + 0.5:
+        print(
+            f"Note: load {os.getloadavg()[0]:.1f} + {args.threads} threads exceeds the {cpus} CPUs; a multi-threaded "
+            "kernel then waits for descheduled threads and every time grows erratically"
+            + (" (compare with --threads 1).\n" if args.threads > 1 else ".\n"),
+            flush=True,
+        )
     started = time.perf_counter()
     for shape in (VIT_TI,) if args.quick else (VIT_S, VIT_B):
         print("\n".join(share_table(bench_share(shape, share_runner))) + "\n", flush=True)

@@ -6,7 +6,7 @@ Per replica i: fast weights theta_i (the model, trained by the inner optimizer),
 delta_i (zeros). Every ``sync_every`` inner steps:
 
 - **NoLoCo**: the ranks are split into groups of ``group_size`` by a permutation drawn from a generator seeded by
-  (``seed``, outer step) (hashed into the generator's 32-bit seed): identical on every rank, no message needed. With k = W // n groups, group j is
+  a hash of (``seed``, outer step): identical on every rank, no message needed. With k = W // n groups, group j is
   ``perm[j], perm[j + k], ...``; when n does not divide W, the W - k n leftover ranks ``perm[k n:]`` join groups
   0, 1, ... one each (so W = 3, n = 2 averages as one triple; W = 1 is a group of one). Within its group G::
 
