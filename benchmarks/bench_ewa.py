@@ -41,7 +41,26 @@ B. Training and evaluation with mixtures, a 4-block pre-norm ViT encoder (attent
    - the same rows for one FFN alone (dense MLP vs one mixture), where the overhead is not diluted by attention and
      unconverted blocks.
 
-Recorded figures: (to be filled from a run)
+Recorded figures, 2026-11-27, 2-vCPU AMD EPYC VM (32 MB L3), torch 2.13.0+cpu, default sizes and repeats. The
+machine was shared and loaded by other jobs throughout (load average 1.8 to 9), which hits 2-thread runs hardest
+(every multi-threaded kernel can wait for a descheduled thread), so only ratios within one run mean anything.
+Medians; A as x floor (x reference), B as mixtures / dense:
+
+| row | --threads 2, load 1.8 -> 3.8 | --threads 1, load 4.1 -> 4.4 |
+|---|---:|---:|
+| A ViT-S, weightavg `share_all` | 19.6 (13.5); best repeats 5.0 | 3.27 (1.70) |
+| A ViT-S, naive loop | 85.3 (59.0) | 13.9 (7.25) |
+| A ViT-B, weightavg `share_all` | 6.83 (4.49) | 3.18 (1.73) |
+| A ViT-B, naive loop | 45.4 (29.8) | 19.0 (10.3) |
+| A reference / floor (12 vs 8 B per element) | 1.45, 1.52 | 1.92, 1.84 |
+| B encoder forward + backward | 1.25 | 1.09 |
+| B one FFN forward + backward | 1.44 | 1.15 |
+| B encoder eval forward | 0.87 | 0.96 |
+| B one FFN eval forward | 1.13 | 1.02 |
+| B `mean_tensors()` / mixtures' eval forward (encoder) | 0.064 | 0.004 |
+
+A second default run that started at load 5.1 and ended at 9 gave share x floor 7.75 (ViT-S) and 10.1 (ViT-B), and
+2.17 for one FFN's forward + backward: not comparable.
 """
 
 from __future__ import annotations

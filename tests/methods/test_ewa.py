@@ -190,3 +190,38 @@ def test_optimizer_wrapper_shares_after_each_step_and_resumes() -> None:
     assert full_opt.merge() == 2 and not mixtures(full_model)
     with pytest.raises(ValueError, match="to_moe"):
         EWA(torch.optim.SGD(Tiny().parameters(), lr=0.1), Tiny())
+
+
+def test_eval_reuses_the_mean_until_the_experts_change() -> None:
+    """The eval path caches the experts' mean; every way the experts change (an optimizer step, share, a load)
+    must be seen, with and without inference mode, and gradients still flow through an eval forward."""
+
+    def expected(moe: RandomPartitionMoE, x: torch.Tensor) -> torch.Tensor:
+        return moe.to_dense()(x)
+
+    torch.manual_seed(0)
+    moe = RandomPartitionMoE(ffn(), num_experts=3)
+    perturb(moe)
+    moe.eval()
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), expected(moe, x))
+        first = moe._merged()
+        assert moe._merged() is first  # unchanged experts: the cached mean
+    opt = torch.optim.SGD(moe.parameters(), lr=0.5)
+    moe.train()
+    moe(x).pow(2).sum().backward()
+    opt.step()
+    moe.eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(moe(x), expected(moe, x))
+    moe.share(0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), expected(moe, x))
+    other = RandomPartitionMoE(ffn(), num_experts=3)
+    perturb(other, seed=3)
+    moe.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), expected(other, x))
+    moe(x).sum().backward()  # grad enabled: the mean is part of the graph
+    assert all(stack.grad is not None and stack.grad.abs().sum() > 0 for stack in moe.stacks())

@@ -55,6 +55,7 @@ class RandomPartitionMoE(nn.Module):
         self.seed = seed
         self._generator: torch.Generator | None = None
         self._pending: dict[str, Any] | None = None
+        self._mean_cache: tuple[tuple[Any, ...], dict[str, torch.Tensor]] | None = None
 
     @property
     def template(self) -> nn.Module:
@@ -96,18 +97,33 @@ class RandomPartitionMoE(nn.Module):
             self._generator.set_state(pending["generator"])
             self._pending = None
 
+    def _merged(self) -> dict[str, torch.Tensor]:
+        """The experts' mean, recomputed only when a stack changed (an optimizer step, ``share``, a load: each bumps
+        the tensor's version) or when gradients are wanted."""
+        stacks = self.stacks()
+        if torch.is_grad_enabled() and any(stack.requires_grad for stack in stacks):
+            return self.mean_tensors()
+        key = (torch.is_inference_mode_enabled(), *((stack.data_ptr(), stack._version) for stack in stacks))
+        if self._mean_cache is None or self._mean_cache[0] != key:
+            with torch.no_grad():
+                self._mean_cache = (key, self.mean_tensors())
+        return self._mean_cache[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:  # the merged FFN: what the deployed model computes
-            return torch.func.functional_call(self.template, self.mean_tensors(), (x,))  # type: ignore[no-any-return]
+            return torch.func.functional_call(self.template, self._merged(), (x,))  # type: ignore[no-any-return]
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         order = self._permutation(tokens.shape[0], tokens.device)
+        # unbind, not stack[i]: its backward stacks the N gradients once instead of adding N stack-sized ones.
+        experts = list(zip(*(stack.unbind(0) for stack in self.stacks()), strict=True))
         outputs = []
         groups = torch.tensor_split(order, self.num_experts)
         for index, group in enumerate(groups):
             if group.numel() == 0:
                 continue
-            outputs.append(torch.func.functional_call(self.template, self.expert_tensors(index), (tokens[group],)))
+            weights = dict(zip(self.names, experts[index], strict=True))
+            outputs.append(torch.func.functional_call(self.template, weights, (tokens[group],)))
         merged = torch.cat(outputs)
         restored = torch.empty_like(merged)
         restored[torch.cat([g for g in groups if g.numel()])] = merged
