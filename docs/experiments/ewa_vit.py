@@ -3,14 +3,14 @@ experts are pulled together, then merging them, beat plain dense training of the
 
     apt-get install -y dataset-fashion-mnist     # real data: /usr/share/datasets/fashion-mnist
     pip install matplotlib                       # or: pip install -e .[docs]
-    python docs/experiments/ewa_vit.py           # full grid, ~35-40 min on 2 CPU cores
+    python docs/experiments/ewa_vit.py           # full grid (15 runs), 42 min on a shared 2-core CPU, 1 thread
     python docs/experiments/ewa_vit.py --quick   # smoke run, ~30 s (writes ewa_vit_quick.*)
 
 A ViT written here (7x7 patches -> 16 tokens + cls, learned position embedding, pre-norm blocks, width 64, depth 4,
 4 heads, MLP hidden 128, each block's MLP an ``nn.Sequential(Linear, GELU, Linear)`` called ``mlp``) is trained with
-AdamW (lr 1e-3, weight decay 0.05), batch 128, one warm-up epoch then a cosine decay, on the first 20k Fashion-MNIST
-training images, no augmentation. Conditions, each for seeds 0, 1, 2 with the same initial weights and the same
-minibatch order per seed:
+AdamW (lr 1e-3, weight decay 0.05), batch 128 (78 steps an epoch), 10 epochs (one linear warm-up epoch, then a cosine
+decay to 0) on the first 10k Fashion-MNIST training images, no augmentation. Conditions, each for seeds 0, 1, 2 with
+the same initial weights and the same minibatch order per seed:
 
 - ``dense``: the ViT as is.
 - ``moe``: ``weightavg.ewa.to_moe`` turns the MLPs of blocks 2 and 4 (the default selection) into random-partition
@@ -21,7 +21,9 @@ minibatch order per seed:
 After every epoch: validation accuracy (the last 10k training images, never trained on) in eval mode (a mixture then
 computes the merged model) and the experts' RMS spread around their mean. At the end: test accuracy (10k test images)
 before and after ``to_dense`` (with the max abs logit difference), parameter counts, training wall time. Nothing is
-chosen on the test set. The conditions of one seed run back to back, so wall-time ratios compare like with like.
+chosen on the test set. The conditions of one seed run back to back, so that wall-time ratios compare runs made
+close together (on a machine shared with other work they still swing widely; the per-step cost is better measured
+by interleaving steps).
 
 Writes ``<out>/ewa_vit.png`` and ``<out>/ewa_vit.json`` (every number; rewritten after each run) and prints a
 markdown table.
@@ -188,11 +190,12 @@ def run(cond: Condition, seed: int, data: tuple[Split, Split, Split], args: argp
 
     # The deployed model: eval-mode mixtures (experts' mean) must equal the merged dense model.
     before = logits_of(model, test_x)
-    mean_rms = [
-        math.sqrt(sum(float(t.pow(2).sum()) for t in layer.mean_tensors().values())
-                  / sum(t.numel() for t in layer.mean_tensors().values()))
-        for layer in mixtures(model)
-    ]
+    with torch.no_grad():  # the scale the spread compares with: RMS of the merged weights, per mixture
+        mean_rms = [
+            math.sqrt(sum(float(t.pow(2).sum()) for t in layer.mean_tensors().values())
+                      / sum(t.numel() for t in layer.mean_tensors().values()))
+            for layer in mixtures(model)
+        ]
     merged = opt.merge() if isinstance(opt, EWA) else to_dense(model)
     after = logits_of(model, test_x)
     shapes_match = {k: tuple(v.shape) for k, v in model.state_dict().items()} == reference_shapes
