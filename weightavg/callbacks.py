@@ -25,6 +25,7 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, Checkpoint, EarlyStopping
+from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
@@ -1183,7 +1184,7 @@ class EWA(Callback):
         merge_at_end: merge the mixtures into dense FFNs when fit ends (else the model keeps its mixtures).
         export_path: write the merged model's ``state_dict`` as safetensors when fit ends (global rank 0).
         log_spread: log ``ewa/spread`` (the largest RMS distance of a layer's experts from their mean) and
-            ``ewa/beta`` at the end of each training epoch (one host sync per epoch).
+            ``ewa/beta`` at the end of each training epoch (one host sync per mixture per epoch).
         name: how messages refer to this callback.
     """
 
@@ -1308,10 +1309,11 @@ class _OuterStep(AveragingCallback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if stage == "fit" and trainer.world_size > 1 and not isinstance(trainer.strategy, LocalDDPStrategy):
+        strategy = trainer.strategy
+        if stage == "fit" and isinstance(strategy, ParallelStrategy) and not isinstance(strategy, LocalDDPStrategy):
             raise ValueError(
-                f"{self.name} with {trainer.world_size} processes needs Trainer(strategy={LOCAL_DDP!r}): "
-                f"{type(trainer.strategy).__name__} all-reduces gradients every step, so the replicas would never "
+                f"{self.name} with {type(strategy).__name__} needs Trainer(strategy={LOCAL_DDP!r}): "
+                f"{type(strategy).__name__} all-reduces gradients every step, so the replicas would never "
                 "train apart and the outer step would only add communication"
             )
 

@@ -7,11 +7,12 @@ strategy registry when this module is imported (``weightavg.callbacks`` imports 
 
 from __future__ import annotations
 
+import os
 import types
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
@@ -24,11 +25,13 @@ from weightavg.core.checks import check_choice
 NAME = "local_ddp"
 
 
-def rank_path(path: _PATH, rank: int) -> Path:
+def rank_path(path: _PATH, rank: int) -> _PATH:
     """Where ``rank`` keeps its own checkpoint for ``path``: rank 0 at ``path``, rank r in a ``rank{r}`` folder beside
-    it (out of the way of Lightning's scans of the checkpoint folder)."""
-    path = Path(path)
-    return path if rank == 0 else path.parent / f"rank{rank}" / path.name
+    it (out of the way of Lightning's scans of the checkpoint folder). Remote paths (``s3://...``) keep their form."""
+    if rank == 0:
+        return path
+    head, tail = os.path.split(str(path))
+    return f"{head}/rank{rank}/{tail}" if head else f"rank{rank}/{tail}"
 
 
 class LocalDDPStrategy(DDPStrategy):
@@ -74,6 +77,11 @@ class LocalDDPStrategy(DDPStrategy):
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
+        if self._layer_sync is not None:
+            raise ValueError(
+                "Trainer(sync_batchnorm=True) all-reduces BatchNorm statistics in every forward pass; strategy="
+                f"{NAME!r} keeps replicas apart between outer steps: use sync_batchnorm=False"
+            )
         super().setup(trainer)
         if self.sigterm == "local":
             loop = trainer.fit_loop.epoch_loop
@@ -92,23 +100,25 @@ class LocalDDPStrategy(DDPStrategy):
         if self.checkpoints == "rank_zero":
             super().save_checkpoint(checkpoint, filepath, storage_options)
             return
-        path = rank_path(filepath, self.global_rank)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.checkpoint_io.save_checkpoint(checkpoint, path, storage_options=storage_options)
+        # Every rank saves at the same point; rank 0 names the file (ModelCheckpoint formats names from each rank's
+        # own metrics, which differ between replicas).
+        filepath = self.broadcast(filepath)
+        self.checkpoint_io.save_checkpoint(checkpoint, rank_path(filepath, self.global_rank), storage_options)
 
     @override
     def remove_checkpoint(self, filepath: _PATH) -> None:
         if self.checkpoints == "rank_zero":
             super().remove_checkpoint(filepath)
             return
+        filepath = self.broadcast(filepath)
         self.checkpoint_io.remove_checkpoint(rank_path(filepath, self.global_rank))
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
-        path = Path(checkpoint_path)
+        path = checkpoint_path
         if self.checkpoints == "per_rank" and self.global_rank > 0:
             path = rank_path(checkpoint_path, self.global_rank)
-            if not path.is_file():
+            if not get_filesystem(path).exists(path):
                 raise FileNotFoundError(
                     f"rank {self.global_rank} has no checkpoint of its own for ckpt_path={str(checkpoint_path)!r} "
                     f"(looked for {path}); it was saved with fewer processes or with checkpoints='rank_zero'"

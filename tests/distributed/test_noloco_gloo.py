@@ -262,3 +262,30 @@ def test_resumed_ranks_continue_bit_identically(worlds: dict[int, World], scenar
         for key, value in straight.items():
             same = torch.equal(value, resumed[key]) if isinstance(value, torch.Tensor) else value == resumed[key]
             assert same, f"rank {rank}: {key} differs after the resume"
+
+
+@pytest.mark.parametrize("method", ["noloco", "diloco"])
+def test_the_docs_loop_under_torchrun(tmp_path: Path, method: str) -> None:
+    """``torchrun --nproc_per_node=4`` runs the plain loop of docs/noloco.md: replicas start alike and sync 4 times;
+    after the last sync DiLoCo's replicas are identical while NoLoCo's still differ (a pair shares its mean, not its
+    slow weights); ``average_replicas`` gives every rank the mean."""
+    output = tmp_path / "reports.json"
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+               str(Path(__file__).with_name("torchrun_loop.py")), method, str(output)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    reports = json.loads(output.read_text())
+    assert [r["rank"] for r in reports] == [0, 1, 2, 3]
+    assert all(r["start"] == reports[0]["start"] != [] for r in reports)  # the start broadcast (seeds differed)
+    assert all(r["traffic"]["syncs"] == 4 and r["traffic"]["bytes_sent"] > 0 for r in reports)
+    before = [r["before"] for r in reports]
+    if method == "diloco":
+        assert all(b == before[0] for b in before)
+    else:
+        assert len({tuple(b) for b in before}) == 4
+    mean = torch.tensor(before).mean(0)
+    for report in reports:
+        torch.testing.assert_close(torch.tensor(report["after"]), mean, rtol=1e-5, atol=1e-6)
+        assert report["after"] == reports[0]["after"]

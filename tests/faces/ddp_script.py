@@ -209,7 +209,9 @@ def replicas() -> None:
         return trainer, model
 
     spy = NoCollectives()
-    checkpoints = ModelCheckpoint(dirpath=folder / "ckpt", save_top_k=-1, every_n_epochs=1)
+    # File names from each rank's own (unsynced) metric: the strategy must still use rank 0's name on every rank.
+    checkpoints = ModelCheckpoint(dirpath=folder / "ckpt", filename="{epoch}-{val_acc:.4f}", save_top_k=-1,
+                                  every_n_epochs=1)
     trainer, full = fit([NoLoCo(sync_every=4), spy, checkpoints], 3, enable_checkpointing=True)
     noloco = trainer.callbacks[0]  # type: ignore[attr-defined]
     assert not spy.calls, spy.calls
@@ -223,8 +225,11 @@ def replicas() -> None:
     dist.all_gather(gathered, flat)
     assert not torch.equal(gathered[0], gathered[1]), "replicas should differ: each trains on its own shard"
     rank = trainer.global_rank
-    epoch0 = checkpoints.dirpath + f"/epoch=0-step={trainer.global_step // 3}.ckpt"  # type: ignore[operator]
-    assert Path(epoch0).is_file() and (Path(epoch0).parent / "rank2" / Path(epoch0).name).is_file()
+    saved = sorted(Path(checkpoints.dirpath).glob("epoch=0-*.ckpt"))  # type: ignore[arg-type]
+    assert len(saved) == 1, saved
+    epoch0 = str(saved[0])
+    for other in (1, 2):
+        assert (saved[0].parent / f"rank{other}" / saved[0].name).is_file(), f"rank {other}: not under rank 0's name"
     _, resumed = fit([NoLoCo(sync_every=4)], 3, ckpt_path=epoch0, enable_checkpointing=False)
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), f"rank {rank}: {name} differs after resuming its own checkpoint"

@@ -11,6 +11,7 @@ import torch
 from tests.helpers import DigitsModule, digits_loaders, run_ddp_script, trainer
 from weightavg import optim
 from weightavg.callbacks import DiLoCo, NoLoCo
+from weightavg.strategies import LocalDDPStrategy, rank_path
 
 
 def test_three_processes_no_collectives_per_rank_resume_and_final_average(tmp_path: Path) -> None:
@@ -46,3 +47,30 @@ def test_one_process_callback_equals_the_optimizer_wrapper_in_a_plain_loop(metho
     assert callback.replica is not None and callback.replica.traffic.syncs == wrapper.traffic.syncs > 0
     for (name, a), b in zip(model.state_dict().items(), plain.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_refusals_name_the_cause() -> None:
+    callback = DiLoCo()
+    one = pl.Trainer(accelerator="cpu", devices=1, strategy="ddp", callbacks=[callback], logger=False)
+    with pytest.raises(ValueError, match="DiLoCo with DDPStrategy needs Trainer"):
+        callback.setup(one, DigitsModule(), "fit")  # DDP wraps the model even with one process
+    with pytest.raises(ValueError, match="sync_batchnorm=True"):
+        trainer(strategy=LocalDDPStrategy(), sync_batchnorm=True, max_epochs=1).fit(DigitsModule(), digits_loaders()[0])
+    with pytest.raises(ValueError, match="checkpoints='everywhere' is not allowed"):
+        LocalDDPStrategy(checkpoints="everywhere")  # type: ignore[arg-type]
+
+
+def test_rank_paths_keep_remote_urls() -> None:
+    assert rank_path("s3://bucket/run/epoch=1.ckpt", 0) == "s3://bucket/run/epoch=1.ckpt"
+    assert rank_path("s3://bucket/run/epoch=1.ckpt", 2) == "s3://bucket/run/rank2/epoch=1.ckpt"
+    assert rank_path(Path("/tmp/run/last.ckpt"), 1) == "/tmp/run/rank1/last.ckpt"
+
+
+def test_a_relaid_model_is_refused_not_miscomputed() -> None:
+    model = DigitsModule(batchnorm=False)
+    opt = optim.NoLoCo(torch.optim.SGD(model.parameters(), lr=0.1), sync_every=1)
+    model.net.share_memory()  # moves every tensor to new (shared) storage: the flat layout is gone
+    model.training_step(next(iter(digits_loaders()[0])), 0).backward()
+    with pytest.warns(UserWarning, match="no longer share the contiguous buffer"), \
+            pytest.raises(RuntimeError, match="no longer share the flat layout"):
+        opt.step()

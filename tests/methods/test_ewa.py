@@ -192,36 +192,57 @@ def test_optimizer_wrapper_shares_after_each_step_and_resumes() -> None:
         EWA(torch.optim.SGD(Tiny().parameters(), lr=0.1), Tiny())
 
 
-def test_eval_reuses_the_mean_until_the_experts_change() -> None:
-    """The eval path caches the experts' mean; every way the experts change (an optimizer step, share, a load)
-    must be seen, with and without inference mode, and gradients still flow through an eval forward."""
+def test_eval_follows_every_change_of_the_experts() -> None:
+    """Eval mode computes the merged FFN from the experts as they are now: after an optimizer step, share, a load, and
+    with other weights swapped in by pointer and rewritten in place (WiSE-FT blends, LCSC candidates do that)."""
 
-    def expected(moe: RandomPartitionMoE, x: torch.Tensor) -> torch.Tensor:
-        return moe.to_dense()(x)
+    def check(moe: RandomPartitionMoE, x: torch.Tensor) -> None:
+        with torch.no_grad():
+            torch.testing.assert_close(moe(x), moe.to_dense()(x))
 
     torch.manual_seed(0)
     moe = RandomPartitionMoE(ffn(), num_experts=3)
     perturb(moe)
     moe.eval()
     x = torch.randn(4, 6)
-    with torch.no_grad():
-        torch.testing.assert_close(moe(x), expected(moe, x))
-        first = moe._merged()
-        assert moe._merged() is first  # unchanged experts: the cached mean
+    check(moe, x)
     opt = torch.optim.SGD(moe.parameters(), lr=0.5)
     moe.train()
     moe(x).pow(2).sum().backward()
     opt.step()
     moe.eval()
-    with torch.inference_mode():
-        torch.testing.assert_close(moe(x), expected(moe, x))
+    check(moe, x)
     moe.share(0.5)
-    with torch.no_grad():
-        torch.testing.assert_close(moe(x), expected(moe, x))
+    check(moe, x)
     other = RandomPartitionMoE(ffn(), num_experts=3)
     perturb(other, seed=3)
     moe.load_state_dict(other.state_dict())
-    with torch.no_grad():
-        torch.testing.assert_close(moe(x), expected(other, x))
+    check(moe, x)
+    buffers = [stack.detach().clone() for stack in moe.stacks()]
+    saved = [stack.data for stack in moe.stacks()]
+    for stack, buffer in zip(moe.stacks(), buffers, strict=True):
+        stack.data = buffer  # swapped in by pointer, as the engine does
+    for scale in (2.0, -1.0):
+        for buffer in buffers:
+            buffer.mul_(scale)  # rewritten in place: the parameters' own version counters do not move
+        check(moe, x)
+    for stack, data in zip(moe.stacks(), saved, strict=True):
+        stack.data = data
     moe(x).sum().backward()  # grad enabled: the mean is part of the graph
     assert all(stack.grad is not None and stack.grad.abs().sum() > 0 for stack in moe.stacks())
+
+
+def test_bad_selections_leave_the_model_untouched() -> None:
+    model = Tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"matches both 'blocks\.1' and 'blocks\.1\.mlp'"):
+        to_moe(model, ["blocks.1", "blocks.1.mlp"])
+    with pytest.raises(TypeError, match="select=3 must be"):
+        to_moe(model, 3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="seed='x' must be an int or None"):
+        to_moe(model, seed="x")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"'blocks\.0\.norm' \(LayerNorm\) has buffers|matches"):
+        to_moe(nn.Sequential(nn.BatchNorm1d(6), ffn()), "*")
+    assert not mixtures(model) and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    empty = RandomPartitionMoE(ffn(), num_experts=3)
+    assert empty(torch.zeros(0, 6)).shape == (0, 6) and empty(torch.zeros(2, 0, 6)).shape == (2, 0, 6)

@@ -55,7 +55,6 @@ class RandomPartitionMoE(nn.Module):
         self.seed = seed
         self._generator: torch.Generator | None = None
         self._pending: dict[str, Any] | None = None
-        self._mean_cache: tuple[tuple[Any, ...], dict[str, torch.Tensor]] | None = None
 
     @property
     def template(self) -> nn.Module:
@@ -97,23 +96,15 @@ class RandomPartitionMoE(nn.Module):
             self._generator.set_state(pending["generator"])
             self._pending = None
 
-    def _merged(self) -> dict[str, torch.Tensor]:
-        """The experts' mean, recomputed only when a stack changed (an optimizer step, ``share``, a load: each bumps
-        the tensor's version) or when gradients are wanted."""
-        stacks = self.stacks()
-        if torch.is_grad_enabled() and any(stack.requires_grad for stack in stacks):
-            return self.mean_tensors()
-        key = (torch.is_inference_mode_enabled(), *((stack.data_ptr(), stack._version) for stack in stacks))
-        if self._mean_cache is None or self._mean_cache[0] != key:
-            with torch.no_grad():
-                self._mean_cache = (key, self.mean_tensors())
-        return self._mean_cache[1]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:  # the merged FFN: what the deployed model computes
-            return torch.func.functional_call(self.template, self._merged(), (x,))  # type: ignore[no-any-return]
+            # The mean is recomputed on each call: a cache keyed on the stacks could not see weights swapped in by
+            # pointer (WiSE-FT blends, LCSC candidates, averages), and it is one cheap pass over the experts.
+            return torch.func.functional_call(self.template, self.mean_tensors(), (x,))  # type: ignore[no-any-return]
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
+        if tokens.shape[0] == 0:  # nothing to partition: the right (empty) output from one expert
+            return torch.func.functional_call(self.template, self.expert_tensors(0), (x,))  # type: ignore[no-any-return]
         order = self._permutation(tokens.shape[0], tokens.device)
         # unbind, not stack[i]: its backward stacks the N gradients once instead of adding N stack-sized ones.
         experts = list(zip(*(stack.unbind(0) for stack in self.stacks()), strict=True))
@@ -142,10 +133,10 @@ class RandomPartitionMoE(nn.Module):
 
     @torch.no_grad()
     def spread(self) -> float:
-        """Root-mean-square distance of the experts from their mean, over every tensor (a diagnostic: syncs)."""
-        total = sum(float((stack - stack.mean(0, keepdim=True)).pow(2).sum()) for stack in self.stacks())
+        """Root-mean-square distance of the experts from their mean, over every tensor (a diagnostic: one host sync)."""
+        total = torch.stack([(stack - stack.mean(0, keepdim=True)).double().pow(2).sum() for stack in self.stacks()])
         count = sum(stack.numel() for stack in self.stacks())
-        return float((total / count) ** 0.5)
+        return float((total.sum() / count).sqrt())  # one host sync
 
     def to_dense(self) -> nn.Module:
         """The original FFN class holding the experts' mean."""
@@ -182,6 +173,9 @@ def to_moe(
     Raises:
         ValueError: when nothing matches.
     """
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed={seed!r} must be an int or None")
+    check_number("num_experts", num_experts, low=2, integer=True)
     if select is None:
         names = default_ffn_names(model)
     else:
@@ -189,16 +183,26 @@ def to_moe(
         if callable(select) and not isinstance(select, str):
             names = [name for name, module in modules.items() if name and select(name, module)]
         else:
-            patterns = [select] if isinstance(select, str) else list(select)
+            patterns = [select] if isinstance(select, str) else list(select) if isinstance(select, Iterable) else []
+            if not patterns or not all(isinstance(p, str) for p in patterns):
+                raise TypeError(f"select={select!r} must be a glob pattern, a list of them, or a predicate")
             names = [name for name in modules if name and any(fnmatch.fnmatchcase(name, p) for p in patterns)]
     if not names:
         raise ValueError(f"select={select!r} matches no submodule of {type(model).__name__} to turn into a mixture")
+    for outer in names:
+        inner = next((n for n in names if n.startswith(outer + ".")), None)
+        if inner is not None:
+            raise ValueError(f"select={select!r} matches both {outer!r} and {inner!r} inside it; select the FFNs only")
+    for name in names:  # every check before the first replacement: a refused call leaves the model as it was
+        module = model.get_submodule(name)
+        if isinstance(module, RandomPartitionMoE):
+            raise ValueError(f"{name!r} is already a mixture")
+        if any(True for _ in module.buffers()):
+            raise ValueError(f"{name!r} ({type(module).__name__}) has buffers; EWA mixes FFNs made of parameters only")
     for index, name in enumerate(names):
         parent_name, _, attribute = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         ffn = getattr(parent, attribute)
-        if isinstance(ffn, RandomPartitionMoE):
-            raise ValueError(f"{name!r} is already a mixture")
         setattr(parent, attribute, RandomPartitionMoE(ffn, num_experts, None if seed is None else seed + index))
     return names
 

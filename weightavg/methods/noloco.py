@@ -139,11 +139,18 @@ class Replica:
     traffic: Traffic = field(default_factory=Traffic)
 
     def __post_init__(self) -> None:
-        self.momentum: list[Tensors] = [[torch.zeros_like(a) for a in avg] for _, avg in self._pairs()]
+        self.momentum: list[Tensors] = [[torch.zeros_like(a) for a in avg] for _, avg in self.averager.tensor_groups()]
         self._received: dict[tuple[int, int, int], torch.Tensor] = {}
 
     def _pairs(self) -> list[tuple[Tensors, Tensors]]:
-        return self.averager.tensor_groups()
+        pairs = self.averager.tensor_groups()
+        if [len(avg) for _, avg in pairs] != [len(m) for m in self.momentum]:
+            raise RuntimeError(
+                "the model's parameters no longer share the flat layout the outer step was built on (moved or "
+                "re-homed after the wrapper or callback was built, e.g. model.to() or share_memory()); build it after "
+                "moving the model"
+            )
+        return pairs
 
     @property
     def world_size(self) -> int:
@@ -220,15 +227,15 @@ class Replica:
             buffer = self._received[key] = torch.empty_like(like)
         return buffer
 
-    def _mean(self, slot: int, mine: Tensors, like: Tensors, theirs: list[Tensors], size: int) -> Tensors:
-        """The mean of ``mine`` and each peer's tensors, in persistent buffers shaped like ``like`` (the slow weights:
-        at least fp32)."""
+    def _mean(self, slot: int, like: Tensors, sources: list[Tensors]) -> Tensors:
+        """The mean of ``sources`` (the group's tensors in rank order, so every member adds in the same order and
+        gets bit-identical results), in persistent buffers shaped like ``like`` (the slow weights: at least fp32)."""
         out = [self._buffer(slot, i, t) for i, t in enumerate(like)]
-        kernels.copy_(out, mine)
-        for tensors in theirs:
+        kernels.copy_(out, sources[0])
+        for tensors in sources[1:]:
             torch._foreach_add_(out, tensors)
-        if size > 1:
-            torch._foreach_div_(out, float(size))
+        if len(sources) > 1:
+            torch._foreach_div_(out, float(len(sources)))
         return out
 
     def _noloco(self, rule: NoLoCoRule) -> None:
@@ -237,9 +244,10 @@ class Replica:
         lives = [t for live, _ in pairs for t in live]
         slows = [t for _, avg in pairs for t in avg]
         received = self._exchange(lives if rule.one_tensor else lives + slows, peers)
-        size = len(peers) + 1
-        theirs_live = [r[: len(lives)] for r in received]
-        mean_theta = self._mean(-2, lives, slows, theirs_live, size)
+        # The group in rank order: this rank's own tensors, or the slot its peer's arrived in.
+        members = sorted([(self.rank, -1), *((peer, slot) for slot, peer in enumerate(peers))])
+        thetas = [lives if slot < 0 else received[slot][: len(lives)] for _, slot in members]
+        mean_theta = self._mean(-2, slows, thetas)
         momentum = [m for group in self.momentum for m in group]
         torch._foreach_mul_(momentum, rule.outer_momentum)
         torch._foreach_add_(momentum, mean_theta, alpha=rule.outer_lr)
@@ -247,7 +255,8 @@ class Replica:
             torch._foreach_add_(momentum, slows, alpha=-rule.outer_lr)
         else:
             mixing = rule.mixing if rule.mixing is not None else rule.outer_lr
-            mean_phi = self._mean(-3, slows, slows, [r[len(lives) :] for r in received], size)
+            phis = [slows if slot < 0 else received[slot][len(lives) :] for _, slot in members]
+            mean_phi = self._mean(-3, slows, phis)
             torch._foreach_add_(momentum, mean_phi, alpha=mixing - rule.outer_lr)
             torch._foreach_add_(momentum, slows, alpha=-mixing)
         torch._foreach_add_(slows, momentum)
