@@ -36,16 +36,16 @@ B. Training and evaluation with mixtures, a 4-block pre-norm ViT encoder (attent
      FLOPs are equal, so mixtures / dense is the overhead of the random partition (permutation, gathers, scatter),
      of the N smaller matmuls, and of the backward through the stacked parameters.
    - eval forward under ``no_grad``, dense vs converted: a mixture in eval mode runs the FFN with the experts' mean
-     (checked equal to ``to_dense``'s model before timing), computed once and reused until an expert tensor changes;
-     the row ``mean_tensors()`` times that computation alone, for every mixture of the model (what each eval forward
-     paid before the cache).
+     (checked equal to ``to_dense``'s model before timing), computed on every call; the row ``mean_tensors()`` times
+     that computation alone, for every mixture of the model.
    - the same rows for one FFN alone (dense MLP vs one mixture), where the overhead is not diluted by attention and
      unconverted blocks.
 
-Recorded figures after the forward became ``unbind`` + cached eval mean, 2026-11-27, ``--threads 1`` (load 1.1 ->
-1.4, the quietest run): A ViT-S ``share_all`` 2.64x floor (1.55x reference), naive loop 14.8x (8.7x); ViT-B 4.53x
-(2.88x), naive 31.5x (20.0x); B encoder forward + backward 0.93, one FFN 1.02; eval 1.01 and 1.20 (best repeats
-1.00 and 1.05); the mean is 0.5% of the encoder's eval forward.
+Recorded figures after the forward became ``unbind``, 2026-11-27, ``--threads 1`` (load 1.1 -> 1.4, the quietest
+run): A ViT-S ``share_all`` 2.64x floor (1.55x reference), naive loop 14.8x (8.7x); ViT-B 4.53x (2.88x), naive 31.5x
+(20.0x); B encoder forward + backward 0.93, one FFN 1.02; eval 1.01 and 1.20 (best repeats 1.00 and 1.05; measured
+while a since-removed cache of the mean was in place, so add the ``mean_tensors()`` row: 0.5% of the encoder's eval
+forward).
 
 Earlier figures (before those two changes), 2-vCPU AMD EPYC VM (32 MB L3), torch 2.13.0+cpu, default sizes. The
 machine was shared and loaded by other jobs throughout (load average 1.8 to 9), which hits 2-thread runs hardest
@@ -359,7 +359,7 @@ def bench_steps(shape: StepShape, runner: Runner) -> list[StepResult]:
         f"mixtures ({where}): forward + backward": train_case(converted, x),
         "dense: eval forward": eval_case(dense_eval, x),
         "mixtures: eval forward": eval_case(converted_eval, x),
-        f"`mean_tensors()` of the {len(names)} mixtures (cached between changes)": mean_case(converted_eval),
+        f"`mean_tensors()` of the {len(names)} mixtures (in every eval forward)": mean_case(converted_eval),
     }
     timings = runner.time(cases)
     keys = list(cases)
