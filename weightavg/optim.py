@@ -162,6 +162,9 @@ class AveragingOptimizer(Optimizer):
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         return None
 
+    def _check_extra_state(self, state: dict[str, Any]) -> None:
+        """Raise if the method's own part of ``state`` cannot be loaded (called before anything is loaded)."""
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         keys = {"optimizer", "averaging", *self._extra_state()}
         if not isinstance(state_dict, dict) or set(state_dict) != keys:
@@ -170,6 +173,7 @@ class AveragingOptimizer(Optimizer):
                 f"{sorted(state_dict) if isinstance(state_dict, dict) else state_dict!r}"
             )
         self.averager.check_state(state_dict["averaging"])  # refuse before touching the inner optimizer
+        self._check_extra_state(state_dict)
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.averager.load_state_dict(state_dict["averaging"])
         self._load_extra_state(state_dict)
@@ -584,6 +588,9 @@ class _OuterOptimizer(AveragingOptimizer):
 
     def _extra_state(self) -> dict[str, Any]:
         return {"outer": self.replica.state_dict()}
+
+    def _check_extra_state(self, state: dict[str, Any]) -> None:
+        self.replica.check_state(state["outer"])
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self.replica.load_state_dict(state["outer"])

@@ -385,3 +385,16 @@ def test_replica_alone_without_the_wrapper() -> None:
     replica = Replica(Averager(list(model.parameters()), Snapshot(), contiguous=True), NoLoCoRule(sync_every=2))
     assert [replica.inner_step() for _ in range(5)] == [False, True, False, True, False]
     assert replica.outer_steps == 2 and replica.traffic.syncs == 2
+
+
+def test_a_state_with_another_seed_is_refused_before_anything_loads() -> None:
+    model = small_model()
+    saved = NoLoCo(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), sync_every=2, seed=3)
+    model(torch.ones(2, model[0].in_features, dtype=torch.float64)).sum().backward()
+    saved.step()
+    state = saved.state_dict()
+    fresh_model = small_model(seed=1)
+    fresh = NoLoCo(torch.optim.SGD(fresh_model.parameters(), lr=0.1, momentum=0.9), sync_every=2, seed=4)
+    with pytest.raises(ValueError, match="saved with seed=3; this replica has seed=4"):
+        fresh.load_state_dict(state)
+    assert fresh.optimizer.state == {} and fresh.replica.inner_steps == 0  # nothing was loaded

@@ -295,20 +295,30 @@ class Replica:
             "inner_steps": self.inner_steps,
             "outer_steps": self.outer_steps,
             "rule": repr(self.rule),
+            "seed": getattr(self.rule, "seed", None),  # NoLoCo's groups: a resumed run must draw the same ones
             "traffic": self.traffic.as_dict(),
         }
 
-    @torch.no_grad()
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def check_state(self, state: Any) -> None:
+        """Raise unless ``state`` (from ``state_dict()``) fits this replica: same method, seed and parameters."""
         if not isinstance(state, dict) or "momentum" not in state:
             raise ValueError("state must come from Replica.state_dict() (it has no 'momentum' entry)")
-        momentum = [m for group in self.momentum for m in group]
         saved_method = str(state.get("rule", "")).split("(")[0]
         method = repr(self.rule).split("(")[0]
         if saved_method and saved_method != method:
             raise ValueError(f"the state is {saved_method}'s ({state['rule']}); this replica runs {self.rule!r}")
+        seed = getattr(self.rule, "seed", None)
+        if state.get("seed", seed) != seed:
+            raise ValueError(f"the state was saved with seed={state['seed']!r}; this replica has seed={seed!r} (its "
+                             "peer groups would differ from the saved run's): build it with the saved seed")
+        momentum = [m for group in self.momentum for m in group]
         if [tuple(m.shape) for m in state["momentum"]] != [tuple(m.shape) for m in momentum]:
             raise ValueError("the saved momentum does not match these parameters (another model or grouping)")
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_state(state)
+        momentum = [m for group in self.momentum for m in group]
         kernels.copy_(momentum, list(state["momentum"]))
         self.inner_steps, self.outer_steps = int(state["inner_steps"]), int(state["outer_steps"])
         traffic = state.get("traffic", {})
