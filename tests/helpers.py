@@ -75,10 +75,19 @@ def trainer(**kwargs: Any) -> pl.Trainer:
     return pl.Trainer(**defaults)
 
 
+#: Variables a launcher reads: a child process must pick its own, not inherit the test process's.
+LAUNCH_VARIABLES = ("MASTER_PORT", "MASTER_ADDR", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE")
+
+
+def clean_environment() -> dict[str, str]:
+    """``os.environ`` without distributed launch variables (a stale MASTER_PORT makes a child's store collide)."""
+    return {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
+
+
 def run_ddp_script(folder: Path, *mode: str) -> str:
     """Run ``tests/faces/ddp_script.py`` with two gloo processes (Lightning relaunches it); return its stdout."""
     script = Path(__file__).parent / "faces" / "ddp_script.py"
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
+    env = {**clean_environment(), "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
     result = subprocess.run(
         [sys.executable, str(script), str(folder), *mode], capture_output=True, text=True, timeout=600,
         cwd=Path(__file__).parents[1], env=env,

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
+from tests.helpers import clean_environment
 from weightavg import load_into_module
 from weightavg.train import Classifier
 
 
 def run_app(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env = {**clean_environment(), "PYTHONWARNINGS": "ignore"}
     command = [sys.executable, "-m", "weightavg.train", f"hydra.run.dir={tmp_path}", *overrides]
     return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
 

@@ -76,12 +76,16 @@ class LocalDDPStrategy(DDPStrategy):
         _sync_module_states(self.model)  # one broadcast from rank 0, as DistributedDataParallel does at wrap time
 
     @override
-    def setup(self, trainer: pl.Trainer) -> None:
-        if self._layer_sync is not None:
+    def setup_environment(self) -> None:
+        if self._layer_sync is not None:  # refused before any process group exists
             raise ValueError(
                 "Trainer(sync_batchnorm=True) all-reduces BatchNorm statistics in every forward pass; strategy="
                 f"{NAME!r} keeps replicas apart between outer steps: use sync_batchnorm=False"
             )
+        super().setup_environment()
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
         super().setup(trainer)
         if self.sigterm == "local":
             loop = trainer.fit_loop.epoch_loop

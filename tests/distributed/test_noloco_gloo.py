@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import torch
 
+from tests.helpers import clean_environment
 from weightavg.methods.noloco import peer_groups
 
 WORKER = Path(__file__).with_name("noloco_worker.py")
@@ -63,7 +64,7 @@ class World:
 def worlds(tmp_path_factory: pytest.TempPathFactory) -> dict[int, World]:
     """Run the worker once for every world size; the tests read what the ranks saved."""
     folder = tmp_path_factory.mktemp("noloco-gloo")
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    env = {**clean_environment(), "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, str(WORKER), str(folder), *map(str, SIZES)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, env=env,
@@ -270,7 +271,7 @@ def test_the_docs_loop_under_torchrun(tmp_path: Path, method: str) -> None:
     after the last sync DiLoCo's replicas are identical while NoLoCo's still differ (a pair shares its mean, not its
     slow weights); ``average_replicas`` gives every rank the mean."""
     output = tmp_path / "reports.json"
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
+    env = {**clean_environment(), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
                str(Path(__file__).with_name("torchrun_loop.py")), method, str(output)]
