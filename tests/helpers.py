@@ -75,12 +75,10 @@ def trainer(**kwargs: Any) -> pl.Trainer:
     return pl.Trainer(**defaults)
 
 
-#: Variables a launcher reads: a child process must pick its own, not inherit the test process's.
-LAUNCH_VARIABLES = ("MASTER_PORT", "MASTER_ADDR", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE")
-
-
 def clean_environment() -> dict[str, str]:
     """``os.environ`` without distributed launch variables (a stale MASTER_PORT makes a child's store collide)."""
+    from tests.conftest import LAUNCH_VARIABLES
+
     return {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
 
 
