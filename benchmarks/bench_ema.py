@@ -120,6 +120,15 @@ class Runner:
         if self.device.type != "cpu":
             torch.accelerator.synchronize(self.device)
 
+    def agree(self, count: int) -> int:
+        """The number of calls per sample to use, given this process's calibration (other processes may need to
+        agree: see ``bench_noloco``)."""
+        return count
+
+    def start_sample(self) -> None:
+        """Called, untimed, right before each timed sample (and warmup call)."""
+        self.sync()
+
     def time(self, cases: dict[str, Case]) -> dict[str, Timing]:
         """Seconds per call of each case, sampled round-robin so that every case sees the same machine noise.
 
@@ -130,12 +139,14 @@ class Runner:
         calls: dict[str, int] = {}
         for name, case in cases.items():
             for _ in range(self.warmup):
-                self.sync()
+                self.start_sample()
                 start = time.perf_counter()
                 case()
                 self.sync()
             # The last warmup call sets how many calls one sample makes.
-            calls[name] = max(1, min(1000, math.ceil(self.min_sample_s / max(time.perf_counter() - start, 1e-9))))
+            calls[name] = self.agree(
+                max(1, min(1000, math.ceil(self.min_sample_s / max(time.perf_counter() - start, 1e-9))))
+            )
         samples: dict[str, list[float]] = {name: [] for name in cases}
         faults = dict.fromkeys(cases, 0)
         names = list(cases)
@@ -146,8 +157,8 @@ class Runner:
                 shift = repeat % len(names)
                 for name in names[shift:] + names[:shift]:
                     case, count = cases[name], calls[name]
+                    self.start_sample()
                     faults_before = minor_page_faults()
-                    self.sync()
                     start = time.perf_counter()
                     for _ in range(count):
                         case()

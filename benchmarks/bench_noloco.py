@@ -67,11 +67,9 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import math
 import os
 import platform
 import socket
-import statistics
 import sys
 import time
 from collections.abc import Iterator
@@ -87,7 +85,7 @@ from torch.multiprocessing.spawn import start_processes
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_ema import TIMING_ALIGN, TIMING_COLUMNS, Case, Timing, minor_page_faults, timing_cells
+from bench_ema import TIMING_ALIGN, TIMING_COLUMNS, Case, Runner, Timing, timing_cells
 
 from weightavg.optim import DiLoCo, NoLoCo
 
@@ -134,57 +132,18 @@ class Settings:
 
 
 # ---------------------------------------------------------------------------------------------------- measurement
-@dataclass(frozen=True)
-class LockstepRunner:
-    """``bench_ema.Runner``'s method for cases that talk to the other rank: both ranks run the same cases the same
-    number of times in the same order, a barrier (untimed) starting every sample."""
+class LockstepRunner(Runner):
+    """``bench_ema.Runner`` for cases that talk to the other rank: both ranks run the same cases the same number of
+    times in the same order, a barrier (untimed) starting every sample."""
 
-    repeats: int
-    warmup: int  # at least 1
-    min_sample_s: float
-
-    @staticmethod
-    def agree(count: int) -> int:
+    def agree(self, count: int) -> int:
         """The larger of the two ranks' call counts, so that both make the same calls."""
         value = torch.tensor([count], dtype=torch.int64)
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return int(value.item())
 
-    def time(self, cases: dict[str, Case]) -> dict[str, Timing]:
-        calls: dict[str, int] = {}
-        for name, case in cases.items():
-            elapsed = 0.0
-            for _ in range(self.warmup):
-                dist.barrier()
-                start = time.perf_counter()
-                case()
-                elapsed = time.perf_counter() - start
-            calls[name] = self.agree(max(1, min(1000, math.ceil(self.min_sample_s / max(elapsed, 1e-9)))))
-        samples: dict[str, list[float]] = {name: [] for name in cases}
-        faults = dict.fromkeys(cases, 0)
-        names = list(cases)
-        gc.collect()
-        gc.disable()
-        try:
-            for repeat in range(self.repeats):
-                shift = repeat % len(names)
-                for name in names[shift:] + names[:shift]:
-                    case, count = cases[name], calls[name]
-                    dist.barrier()
-                    faults_before = minor_page_faults()
-                    start = time.perf_counter()
-                    for _ in range(count):
-                        case()
-                    samples[name].append((time.perf_counter() - start) / count)
-                    faults[name] += (minor_page_faults() or 0) - (faults_before or 0)
-        finally:
-            gc.enable()
-        timings = {}
-        for name, values in samples.items():
-            quartiles = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
-            per_call = None if minor_page_faults() is None else faults[name] / (calls[name] * self.repeats)
-            timings[name] = Timing(statistics.median(values), quartiles[0], quartiles[2], min(values), per_call)
-        return timings
+    def start_sample(self) -> None:
+        dist.barrier()
 
 
 # ---------------------------------------------------------------------------------------------------- implementations
@@ -346,7 +305,7 @@ def worker(rank: int, settings: Settings) -> None:
     torch.set_flush_denormal(True)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=PEER_TIMEOUT)
     try:
-        runner = LockstepRunner(settings.repeats, settings.warmup, settings.min_sample_s)
+        runner = LockstepRunner(torch.device("cpu"), settings.repeats, settings.warmup, settings.min_sample_s)
         for shape in settings.shapes:
             rows, wait_s = bench_shape(shape, runner, rank)
             medians: list[dict[str, float] | None] = [None] * WORLD
