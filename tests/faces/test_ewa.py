@@ -15,7 +15,7 @@ from torch import nn
 from tests.helpers import DigitsModule, digits_loaders, run_ddp_script, trainer
 from weightavg.callbacks import EMA, EWA
 from weightavg.core.io import read_weights
-from weightavg.ewa import mixtures
+from weightavg.ewa import mixtures, to_moe
 from weightavg.train import ViT
 
 
@@ -133,3 +133,15 @@ def test_with_ema_ewa_merges_the_average_and_must_come_last() -> None:
 
 def test_ddp_two_gloo_processes_merge_to_the_same_model(tmp_path: Path) -> None:
     assert "DDP EWA OK" in run_ddp_script(tmp_path, "ewa")
+
+
+def test_a_model_converted_beforehand_is_used_as_it_is() -> None:
+    torch.set_num_threads(1)
+    pl.seed_everything(0, verbose=False)
+    model = DigitsModule()
+    to_moe(model, "net.0", num_experts=2, seed=5)
+    layer = mixtures(model)[0]
+    ewa = EWA(beta=0.5, num_experts=2, select="nothing.matches.this")
+    trainer(max_epochs=1, callbacks=[ewa], limit_train_batches=3).fit(model, digits_loaders()[0])
+    assert ewa.converted == [] and layer.seed == 5  # the callback kept the user's mixture (and its seed)
+    assert type(model.net[0]) is nn.Linear and not mixtures(model)  # merged at the end of fit
