@@ -111,7 +111,8 @@ class AveragingCallback(Callback):
             "contiguous": contiguous,
         }
         self.averager: Averager | None = None
-        self._pending_state: dict[str, Any] | None = None
+        # Checkpoint states restored before fit binds what they belong to (key -> state), applied when it binds.
+        self._pending: dict[str, Any] = {}
         self._validates = False
         self._owns_model = False
         self._swapped_for_validation = False
@@ -169,9 +170,12 @@ class AveragingCallback(Callback):
         self._applied = False
         self._fitting = True
         self.check_model(trainer, pl_module)
-        if self._pending_state is not None:
-            self.averager.load_state_dict(self._pending_state)
-            self._pending_state = None
+        self.bind_extra(trainer, pl_module)
+        self._apply_pending()
+
+    def bind_extra(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Bind a method's own state beyond the average (ZSCL's teacher, NoLoCo's outer state) when fit starts,
+        before any restored checkpoint state is loaded into it."""
 
     def check_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Refuse, when fit starts, what this averager could only fail on at the end of fit."""
@@ -264,20 +268,35 @@ class AveragingCallback(Callback):
         """Last work on the average before it is exported and applied (SWA recomputes BatchNorm statistics)."""
 
     # ------------------------------------------------------------------ checkpoints
+    def _state_keys(self) -> set[str]:
+        """The checkpoint entries this callback owns (a method with state beyond the average adds its own)."""
+        return {"averaging"}
+
+    def _bound_parts(self) -> dict[str, Any]:
+        """Key -> the bound object (with ``state_dict``/``load_state_dict``) holding that entry's state, for the
+        entries whose object exists now (they are bound when fit starts)."""
+        return {} if self.averager is None else {"averaging": self.averager}
+
+    def _apply_pending(self) -> None:
+        """Load the states restored before their objects were bound (called once each is bound)."""
+        for key, part in self._bound_parts().items():
+            if key in self._pending:
+                part.load_state_dict(self._pending.pop(key))
+
     @override
     def state_dict(self) -> dict[str, Any]:
-        if self.averager is None:
-            return {"averaging": self._pending_state} if self._pending_state is not None else {}
-        return {"averaging": self.averager.state_dict()}
+        return {**self._pending, **{key: part.state_dict() for key, part in self._bound_parts().items()}}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "averaging" not in state_dict or not self._accept_state:
+        if not self._accept_state:
             return  # validate/test/predict from a checkpoint need no averaging state
-        if self._fitting and self.averager is not None:
-            self.averager.load_state_dict(state_dict["averaging"])  # strategies that restore after setup
-        else:
-            self._pending_state = state_dict["averaging"]  # applied when fit binds a fresh averager
+        bound = self._bound_parts() if self._fitting else {}
+        for key in self._state_keys() & set(state_dict):
+            if key in bound:
+                bound[key].load_state_dict(state_dict[key])  # strategies that restore after setup
+            else:
+                self._pending[key] = state_dict[key]  # applied when fit binds its object
 
     @override
     def on_save_checkpoint(
@@ -554,7 +573,7 @@ class WiSEFT(AveragingCallback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        restoring = self._pending_state is not None
+        restoring = "averaging" in self._pending
         super().on_fit_start(trainer, pl_module)
         if not restoring and self.anchor is not None:
             self._bound().load_weights(self.anchor, argument="anchor")
@@ -845,18 +864,13 @@ class ZSCL(AveragingCallback):
         if teacher is not None and reference is None:
             raise ValueError("teacher= is the distillation teacher; give reference= inputs to distill on too")
         self.teacher = teacher
-        self._pending_distillation: dict[str, Any] | None = None
         self._trainer: pl.Trainer | None = None
 
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)
+    def bind_extra(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trainer = trainer
         if self.distillation is not None:
             self.distillation.bind(pl_module, self.teacher)
-            if self._pending_distillation is not None:
-                self.distillation.load_state_dict(self._pending_distillation)
-                self._pending_distillation = None
 
     def loss(self) -> torch.Tensor:
         """``distill_weight * KD`` on the next reference batch (moved and converted like training batches)."""
@@ -888,23 +902,15 @@ class ZSCL(AveragingCallback):
         return torch.stack(losses).sum() if len(losses) > 1 else losses[0]
 
     @override
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        if self.distillation is not None and self.distillation.teacher is not None:
-            state["distillation"] = self.distillation.state_dict()
-        elif self._pending_distillation is not None:
-            state["distillation"] = self._pending_distillation
-        return state
+    def _state_keys(self) -> set[str]:
+        return super()._state_keys() | ({"distillation"} if self.distillation is not None else set())
 
     @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        if "distillation" not in state_dict or not self._accept_state or self.distillation is None:
-            return
-        if self._fitting and self.distillation.teacher is not None:
-            self.distillation.load_state_dict(state_dict["distillation"])
-        else:
-            self._pending_distillation = state_dict["distillation"]
+    def _bound_parts(self) -> dict[str, Any]:
+        parts = super()._bound_parts()
+        if self.distillation is not None and self.distillation.teacher is not None:
+            parts["distillation"] = self.distillation
+        return parts
 
 
 class LCSC(AveragingCallback):
@@ -1303,7 +1309,6 @@ class _OuterStep(AveragingCallback):
         self.average_at_end = average_at_end
         self.log_traffic = log_traffic
         self.replica: Replica | None = None
-        self._pending_outer: dict[str, Any] | None = None
         self._last_step = -1
 
     @override
@@ -1318,12 +1323,8 @@ class _OuterStep(AveragingCallback):
             )
 
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)  # binds the slow weights (a copy of the synced start)
-        self.replica = Replica(self._bound(), self.outer_rule)
-        if self._pending_outer is not None:
-            self.replica.load_state_dict(self._pending_outer)
-            self._pending_outer = None
+    def bind_extra(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.replica = Replica(self._bound(), self.outer_rule)  # on the slow weights: a copy of the synced start
         self._last_step = trainer.global_step
 
     def _replica(self) -> Replica:
@@ -1355,23 +1356,15 @@ class _OuterStep(AveragingCallback):
         super().on_train_end(trainer, pl_module)
 
     @override
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        if self.replica is not None:
-            state["outer"] = self.replica.state_dict()
-        elif self._pending_outer is not None:
-            state["outer"] = self._pending_outer
-        return state
+    def _state_keys(self) -> set[str]:
+        return super()._state_keys() | {"outer"}
 
     @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        if "outer" not in state_dict or not self._accept_state:
-            return
-        if self._fitting and self.replica is not None:
-            self.replica.load_state_dict(state_dict["outer"])
-        else:
-            self._pending_outer = state_dict["outer"]
+    def _bound_parts(self) -> dict[str, Any]:
+        parts = super()._bound_parts()
+        if self.replica is not None:
+            parts["outer"] = self.replica
+        return parts
 
 
 class NoLoCo(_OuterStep):
