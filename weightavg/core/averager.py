@@ -341,8 +341,9 @@ class Averager:
     def update(self, weight: float) -> None:
         """``avg <- avg + weight * (live - avg)`` for averaged tensors; copied tensors take the live value.
 
-        One batched launch per group (two where the average's dtype differs from the live one); ``weight`` is a
-        Python float, so nothing waits on the device.
+        One batched ``lerp_`` per group; where the average's dtype differs from the live one (an fp32 average of
+        bf16 weights), the live values are cast into a bounded staging buffer first, so the update is a true fp32
+        ``lerp_`` (``kernels.lerp_``). ``weight`` is a Python float, so nothing waits on the device.
         """
         if self._saved is not None:
             raise RuntimeError("cannot update the average while it is swapped into the model; swap back first")
