@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 from pathlib import Path
 
 import pytest
@@ -628,3 +629,73 @@ def test_state_without_last_update_keys_still_loads() -> None:
     fresh = Averager(nn.Linear(2, 1), EMA(decay=0.9))
     fresh.load_state_dict(state)
     assert fresh.clock.last_update_step == 3
+
+
+# ---------------------------------------------------------------------------------------------- non-finite weights
+def nan_run(nonfinite: str, contiguous: bool = False, bad_step: int = 3) -> tuple[nn.Module, Averager, dict]:
+    """EMA(0.5) over 5 drifts of an MLP with BatchNorm; at ``bad_step`` the live weights hold a NaN and an inf.
+    Returns the model, the averager and the float64 reference that leaves the bad update out."""
+    model = mlp(0, batchnorm=True)
+    averager = Averager(model, EMA(decay=0.5, warmup="none"), contiguous=contiguous, nonfinite=nonfinite)  # type: ignore[arg-type]
+    reference = {name: t.detach().double().clone() for name, t in averager.live_tensors().items()}
+    for step in range(1, 6):
+        drift(model, seed=step)
+        if step == bad_step:
+            with torch.no_grad():
+                model[0].weight[0, 0] = float("nan")
+                model[3].bias[1] = float("inf")
+        averager.step()
+        if step != bad_step:
+            for name, tensor in averager.live_tensors().items():
+                if tensor.is_floating_point() and name.endswith(("weight", "bias", "running_mean", "running_var")):
+                    reference[name].lerp_(tensor.double(), 0.5)
+                else:
+                    reference[name] = tensor.double().clone()
+        if step == bad_step:
+            with torch.no_grad():
+                model[0].weight[0, 0] = 0.0
+                model[3].bias[1] = 0.0
+    return model, averager, reference
+
+
+@pytest.mark.parametrize("contiguous", [False, True])
+def test_nonfinite_skip_leaves_the_bad_update_out_and_warns_once(contiguous: bool) -> None:
+    _, averager, reference = nan_run("skip", contiguous)
+    averages = averager.averaged_tensors()
+    for name, expected in reference.items():
+        torch.testing.assert_close(averages[name].double(), expected, rtol=1e-6, atol=1e-6, msg=name)
+    with pytest.warns(RuntimeWarning, match=r"EMA\(decay=0.5.*first in '0.weight'.*left the average unchanged"):
+        averager.state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        averager.state_dict()  # once
+
+
+def test_nonfinite_error_raises_at_the_next_check_with_the_average_intact(tmp_path: Path) -> None:
+    _, averager, reference = nan_run("error")
+    for check in (averager.state_dict, averager.refresh, lambda: averager.save(tmp_path / "avg.safetensors")):
+        with pytest.raises(FloatingPointError, match=r"first in '0.weight'.*nonfinite='error'"):
+            check()
+    with pytest.raises(FloatingPointError), averager.averaged():
+        pass
+    assert not averager.is_swapped
+    for name, tensor in averager.averaged_tensors().items():
+        torch.testing.assert_close(tensor.double(), reference[name], rtol=1e-6, atol=1e-6, msg=name)
+    assert not (tmp_path / "avg.safetensors").exists()
+
+
+def test_nonfinite_warn_keeps_the_update_path_and_warns_once_at_a_check() -> None:
+    _, averager, _ = nan_run("warn", bad_step=5)  # the last update poisons the average
+    assert torch.isnan(averager.averaged_tensors()["0.weight"][0, 0])
+    assert all(seen is None for seen in averager._seen_nonfinite), "warn adds nothing to the update path"
+    with pytest.warns(RuntimeWarning, match=r"first in '0.weight'.*nonfinite='skip'"), averager.averaged():
+        pass
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        averager.refresh()
+        averager.state_dict()
+
+
+def test_nonfinite_must_be_a_known_policy() -> None:
+    with pytest.raises(ValueError, match=r"nonfinite='ignore'.*'warn', 'skip', 'error'"):
+        Averager(mlp(), EMA(), nonfinite="ignore")  # type: ignore[arg-type]
