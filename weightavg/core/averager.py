@@ -706,12 +706,14 @@ class Averager:
 
     # ------------------------------------------------------------------ safetensors
     def save(self, path: str | os.PathLike[str], *, dtype: torch.dtype | None = None) -> Path:
-        """Export the averaged weights as safetensors, atomically. ``dtype`` casts floating tensors on the way out."""
+        """Export the averaged weights as safetensors, atomically. ``dtype`` casts floating tensors on the way out.
+
+        Peak memory: the engine's own tensors are streamed to the file (``io.save_safetensors``) with no copy when
+        they are contiguous host tensors (flat-buffer views too); a cast (``dtype=``) or an accelerator average is
+        converted one tensor at a time, so the transient peak is the largest tensor, not the model.
+        """
         self.check_finite()
-        tensors = {
-            name: tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
-            for name, tensor in self.averaged_tensors().items()
-        }
+        tensors = io.CastView(self.averaged_tensors(), dtype)
         return io.save_safetensors(tensors, path, metadata=io.aliases_metadata(self.aliases()))
 
     def save_model(self, path: str | os.PathLike[str], *, dtype: torch.dtype | None = None) -> Path:
