@@ -29,7 +29,7 @@ from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from weightavg.core.averager import Averager
+from weightavg.core.averager import NONFINITE, Averager, NonFinite
 from weightavg.core.binding import BufferPolicy, check_buffer_policy
 from weightavg.core.call import Forward, eval_mode
 from weightavg.core.checks import check_choice, check_device, check_number
@@ -72,6 +72,8 @@ class AveragingCallback(Callback):
             refuses two callbacks with one ``state_key`` when the Trainer is built.
         buffers, include, exclude, device, dtype, contiguous: as for ``weightavg.Averager`` (``contiguous=True``:
             one update kernel per dtype group instead of one per tensor; single-process runs only).
+        nonfinite: ``"warn"``, ``"skip"`` or ``"error"`` when the live weights hold NaN or inf (as for
+            ``weightavg.Averager``; checked at each validation swap and checkpoint).
     """
 
     def __init__(
@@ -88,6 +90,7 @@ class AveragingCallback(Callback):
         device: torch.device | str | None = None,
         dtype: torch.dtype | str | None = None,
         contiguous: bool = False,
+        nonfinite: NonFinite = "warn",
     ) -> None:
         # Everything that can be checked before training is checked here, not after hours of it.
         if not isinstance(rule, Rule):
@@ -95,6 +98,7 @@ class AveragingCallback(Callback):
         check_choice("validate_with", validate_with, ("average", "live"))
         check_buffer_policy(buffers)
         check_device(device)
+        check_choice("nonfinite", nonfinite, NONFINITE)
         if export_path is not None and not isinstance(export_path, (str, os.PathLike)):
             raise TypeError(f"export_path={export_path!r} must be a path (str or os.PathLike) or None")
         if not isinstance(apply_at_end, bool):
@@ -108,7 +112,7 @@ class AveragingCallback(Callback):
         self.name = name or repr(rule)
         self._engine_kwargs: dict[str, Any] = {
             "buffers": buffers, "include": include, "exclude": exclude, "device": device, "dtype": dtype,
-            "contiguous": contiguous,
+            "contiguous": contiguous, "nonfinite": nonfinite,
         }
         self.averager: Averager | None = None
         # Checkpoint states restored before fit binds what they belong to (key -> state), applied when it binds.
@@ -167,6 +171,7 @@ class AveragingCallback(Callback):
         total = trainer.estimated_stepping_batches
         total_steps = int(total) if math.isfinite(total) else None
         self.averager = Averager(pl_module, self.rule, total_steps=total_steps, **self._engine_kwargs)
+        self.averager.label = self.name
         self._applied = False
         self._fitting = True
         self.check_model(trainer, pl_module)

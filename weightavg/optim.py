@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from weightavg.core.averager import Averager
+from weightavg.core.averager import Averager, NonFinite
 from weightavg.core.binding import BufferPolicy
 from weightavg.core.call import Forward, to_device
 from weightavg.core.checks import check_number
@@ -46,6 +46,8 @@ class AveragingOptimizer(Optimizer):
             (under ``buffers``). Without it only the optimizer's parameters are averaged, named by position.
         buffers, include, exclude, device, dtype, total_steps, contiguous: as for ``weightavg.Averager``
             (``contiguous=True`` makes each update one kernel per dtype group instead of one per tensor).
+        nonfinite: ``"warn"``, ``"skip"`` or ``"error"`` when the live weights hold NaN or inf (as for
+            ``weightavg.Averager``; checked in ``averaged()`` and ``state_dict()``).
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class AveragingOptimizer(Optimizer):
         dtype: torch.dtype | str | None = None,
         total_steps: int | None = None,
         contiguous: bool = False,
+        nonfinite: NonFinite = "warn",
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -81,6 +84,7 @@ class AveragingOptimizer(Optimizer):
             dtype=dtype,
             total_steps=total_steps,
             contiguous=contiguous,
+            nonfinite=nonfinite,
         )
         self.averager = self._bind()
         # Optimizer.__init__ sets up the hook registries; the groups and state are then the inner optimizer's own.

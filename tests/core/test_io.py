@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -163,7 +166,7 @@ def test_failed_write_leaves_the_old_file_intact(
             handle.write(b"partial")
         raise failure
 
-    monkeypatch.setattr(io, "save_file", write_half_then_fail)
+    monkeypatch.setattr(io, "_write_safetensors", write_half_then_fail)
     with pytest.raises(type(failure)):
         changed.save(path)
     assert path.read_bytes() == old_bytes
@@ -185,3 +188,50 @@ def test_check_keys_lists_every_problem() -> None:
     assert "unexpected keys ['d']" in message
     assert "mis-shaped keys [b: expected (3, 1), found (3,)]" in message
     io.check_keys(expected, dict(expected), source="here")
+
+
+SAVE_PEAK = r"""
+import json, sys, torch
+from pathlib import Path
+from torch import nn
+from weightavg import EMA, Averager
+torch.set_num_threads(1)
+
+
+def status(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+
+
+model = nn.Sequential(nn.Linear(2000, 2500), nn.Linear(2500, 2000))  # 40 MB of fp32
+averager = Averager(model, EMA(decay=0.5), contiguous=sys.argv[2] == "1")
+averager.step()
+averager.save(sys.argv[1] + ".warm")  # first use of every code path
+Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+start = status("VmRSS")
+averager.save(sys.argv[1])
+size = sum(t.numel() * t.element_size() for t in averager.averaged_tensors().values())
+print(json.dumps({"growth": status("VmHWM") - start, "average_bytes": size}))
+"""
+
+
+@pytest.mark.parametrize("contiguous", [False, True])
+def test_save_streams_the_average_without_a_model_sized_copy(tmp_path: Path, contiguous: bool) -> None:
+    """The peak RSS of ``Averager.save`` of a 40 MB CPU average grows by well under the average's size (it used to
+    copy every tensor, then safetensors turned each into bytes: about two averages more); the file still loads."""
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux /proc to read and reset the peak RSS")
+    path = tmp_path / "avg.safetensors"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(Path(__file__).parents[2])}
+    done = subprocess.run([sys.executable, "-c", SAVE_PEAK, str(path), str(int(contiguous))], capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    measured = json.loads(done.stdout)
+    assert measured["average_bytes"] > 39e6
+    assert measured["growth"] < 0.25 * measured["average_bytes"], measured
+    loaded = load_file(str(path))
+    assert sorted(loaded) == ["0.bias", "0.weight", "1.bias", "1.weight"]
+    assert loaded["0.weight"].shape == (2500, 2000) and loaded["0.weight"].dtype == torch.float32
+    path.unlink()
+    Path(str(path) + ".warm").unlink()

@@ -95,3 +95,49 @@ def test_empty_lists_are_a_no_op(foreach: bool) -> None:
     kernels.lerp_([], [], 0.5, foreach=foreach)
     kernels.lerp_([], [], 1.0, foreach=foreach)
     kernels.copy_([], [], foreach=foreach)
+
+
+MIXED_PAIRS = [pair for pair in DTYPE_PAIRS if pair[0] != pair[1]]
+
+
+@pytest.mark.parametrize(("target_dtype", "source_dtype"), MIXED_PAIRS)
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("stage", [None, 7])
+def test_mixed_dtype_lerp_is_torch_lerp_against_the_exact_upcast(
+    target_dtype: torch.dtype, source_dtype: torch.dtype, foreach: bool, stage: int | None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An fp32 average of bf16 weights is updated by a true ``lerp_`` in fp32 (the upcast is exact), bit for bit;
+    ``stage=7`` makes the staging buffer smaller than most tensors, so they are split across batches."""
+    if stage is not None:
+        monkeypatch.setattr(kernels, "STAGE_ELEMENTS_CPU", stage)
+    targets, sources = tensors(target_dtype, seed=7), tensors(source_dtype, seed=8)
+    sources.append(torch.randn(6, 4, dtype=torch.float64).to(source_dtype).t())  # non-contiguous: staged whole
+    targets.append(torch.randn(4, 6, dtype=torch.float64).to(target_dtype))
+    expected = [t.clone().lerp_(s.to(target_dtype), 1e-3) for t, s in zip(targets, sources, strict=True)]
+    kernels.lerp_(targets, sources, 1e-3, foreach=foreach)
+    for target, exact in zip(targets, expected, strict=True):
+        assert torch.equal(target, exact)
+
+
+@pytest.mark.parametrize(("target_dtype", "source_dtype"), DTYPE_PAIRS)
+@pytest.mark.parametrize("weight", [1e-3, 0.7, 1.0])
+def test_guarded_lerp_skips_on_the_device_and_otherwise_equals_lerp(
+    target_dtype: torch.dtype, source_dtype: torch.dtype, weight: float
+) -> None:
+    """``enabled=False`` leaves the targets bit-identical even when the sources hold NaN and inf; ``enabled=True``
+    is the unguarded kernel; foreach and loop agree."""
+    sources = tensors(source_dtype, seed=9)
+    sources[1][0, 0], sources[2][1, 1, 1] = float("nan"), float("inf")
+    for flag in (False, True):
+        results = []
+        for foreach in (True, False):
+            targets = tensors(target_dtype, seed=10)
+            kernels.lerp_(targets, sources, weight, foreach=foreach, enabled=torch.tensor(flag))
+            results.append(targets)
+        unguarded = tensors(target_dtype, seed=10)
+        if flag:
+            kernels.lerp_(unguarded, sources, weight)
+        for fast, slow, expected in zip(*results, unguarded, strict=True):
+            torch.testing.assert_close(fast, slow, rtol=0, atol=0, equal_nan=True)
+            torch.testing.assert_close(fast, expected, rtol=0, atol=0, equal_nan=True)

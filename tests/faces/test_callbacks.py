@@ -391,3 +391,22 @@ def test_evaluating_a_checkpoint_after_fit_and_fitting_again(tmp_path: Path) -> 
     fit([recorder, fresh_ema], epochs=1)  # a plain fit: starts from its own weights, not the checkpoint's state
     assert fresh_ema._bound().num_updates == 1 + recorder.steps[-1]
     assert_close(fresh_ema._bound().averaged_tensors(), ema_reference(recorder, 0.9), rtol=1e-5, atol=1e-6)
+
+
+def test_nonfinite_policy_is_checked_at_construction_and_reaches_the_engine() -> None:
+    with pytest.raises(ValueError, match=r"nonfinite='never'"):
+        EMA(nonfinite="never")
+    model = DigitsModule()
+    callback = EMA(decay=0.5, nonfinite="error", name="guarded", apply_at_end=False)
+    fit_trainer = pl.Trainer(
+        max_steps=2, callbacks=[callback], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        limit_val_batches=0,
+    )
+    train, _ = digits_loaders()
+    fit_trainer.fit(model, train)
+    assert callback.averager is not None and callback.averager.nonfinite == "error"
+    with torch.no_grad():
+        model.net[0].weight[0, 0] = float("nan")
+    callback.averager.step()
+    with pytest.raises(FloatingPointError, match=r"guarded.*first in 'net.0.weight'"):
+        callback.averager.state_dict()

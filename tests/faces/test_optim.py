@@ -344,3 +344,17 @@ print("averaged", opt.averager.num_updates)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "averaged 4"
+
+
+def test_nonfinite_policy_reaches_the_engine_and_skips_the_bad_step() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = weightavg.optim.EMA(torch.optim.SGD(model.parameters(), lr=0.0), decay=0.5, nonfinite="skip")
+    before = {k: v.clone() for k, v in opt.averager.averaged_tensors().items()}
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    opt.step()
+    for name, tensor in opt.averager.averaged_tensors().items():
+        assert torch.equal(tensor, before[name]), name
+    with pytest.raises(ValueError, match=r"nonfinite='drop'"):
+        weightavg.optim.EMA(torch.optim.SGD(model.parameters(), lr=0.1), nonfinite="drop")

@@ -35,6 +35,7 @@ class AveragingConfig:
     device: str | None = None
     dtype: str | None = None
     contiguous: bool = False
+    nonfinite: str = "warn"
 
 
 @dataclass

@@ -12,17 +12,21 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from weightavg.core import io, kernels
 from weightavg.core.binding import BufferPolicy, Entry, bind_module, bind_tensors
-from weightavg.core.checks import check_device, check_number
+from weightavg.core.checks import check_choice, check_device, check_number
 from weightavg.core.rule import Clock, Event, Rule
 
 STATE_VERSION = 1
+
+#: What an averager does when the live weights hold NaN or inf (see ``Averager``'s ``nonfinite``).
+NonFinite = Literal["warn", "skip", "error"]
+NONFINITE: tuple[NonFinite, ...] = ("warn", "skip", "error")
 
 
 @dataclass
@@ -105,6 +109,20 @@ def _flat_intact(group: _Group) -> bool:
     return False
 
 
+def _nonfinite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """A bool device tensor, one entry per tensor: whether it holds NaN or inf (its max-norm is not finite; empty
+    tensors, which have no max-norm, are finite)."""
+    filled = [t.detach() for t in tensors if t.numel()]
+    flags = ~torch.isfinite(torch.stack(torch._foreach_norm(filled, ord=float("inf")))) if filled else None
+    if len(filled) == len(tensors) and flags is not None:
+        return flags
+    # Empty tensors among them (rare): scatter by a host-built index (a small copy to the device).
+    full = torch.zeros(len(tensors), dtype=torch.bool, device=tensors[0].device)
+    if flags is not None:
+        full[[i for i, t in enumerate(tensors) if t.numel()]] = flags
+    return full
+
+
 def _placement(requested: torch.device | None, live: torch.device) -> torch.device:
     """Where an average lives: ``live`` unless another device was asked for (``"cuda"`` and ``"cuda:0"`` on a
     ``cuda:0`` tensor, or ``"cpu:0"`` on a CPU tensor, are the same place)."""
@@ -154,6 +172,16 @@ class Averager:
             ``lerp_`` per group instead of one kernel per tensor (the per-tensor cost of foreach on CPU). Opt-in: it
             changes where the model's tensors live; bind after moving the model and before wrapping it for DDP.
             If the model's tensors are re-homed later (``model.to()``), updates fall back to per-tensor ones.
+        nonfinite: what to do when the live weights hold NaN or inf, which would poison the average for good.
+            Checks read the device back only where the host waits anyway: ``refresh()`` (before the faces' swaps),
+            ``averaged()``, ``state_dict()`` and ``save()``. ``"warn"`` (default): the update path is unchanged; a
+            check that finds a non-finite average warns once, naming the averager and the first such tensor.
+            ``"skip"``: each update first reduces the live weights to a finite flag on the device and, where it is
+            false, leaves the whole average (copied buffers included) as it was, with no host sync; a check warns
+            once. The step still counts (``num_updates`` is a host counter), so for SWA a skipped sample's share
+            goes to the samples before it. ``"error"``: as ``"skip"``, and the next check raises
+            ``FloatingPointError`` (the average saved so far stays finite). Both cost one extra read of the live
+            weights per update.
 
     Example:
         >>> model = nn.Linear(4, 2)
@@ -178,6 +206,7 @@ class Averager:
         dtype: torch.dtype | str | None = None,
         total_steps: int | None = None,
         contiguous: bool = False,
+        nonfinite: NonFinite = "warn",
     ) -> None:
         if not isinstance(rule, Rule):
             raise TypeError(f"rule={rule!r} must be an averaging rule such as weightavg.methods.EMA(...)")
@@ -203,8 +232,15 @@ class Averager:
         if not isinstance(contiguous, bool):
             raise TypeError(f"contiguous={contiguous!r} must be a bool")
         self.contiguous = contiguous
+        check_choice("nonfinite", nonfinite, NONFINITE)
+        self.nonfinite: NonFinite = nonfinite
+        #: How warnings and errors name this averager; the faces set their own names.
+        self.label = repr(rule)
+        self._nonfinite_reported = False
         self.dtype = dtype
         self._groups = self._make_groups(entries)
+        # With nonfinite="skip"/"error": per group, a device flag per floating live tensor, set once it held NaN/inf.
+        self._seen_nonfinite: list[torch.Tensor | None] = [None] * len(self._groups)
         # Entries in group order, for swaps and state; built once.
         self._live = [t for g in self._groups for t in g.live]
         self._avg = [t for g in self._groups for t in g.avg]
@@ -341,24 +377,82 @@ class Averager:
     def update(self, weight: float) -> None:
         """``avg <- avg + weight * (live - avg)`` for averaged tensors; copied tensors take the live value.
 
-        One batched launch per group (two where the average's dtype differs from the live one); ``weight`` is a
-        Python float, so nothing waits on the device.
+        One batched ``lerp_`` per group; where the average's dtype differs from the live one (an fp32 average of
+        bf16 weights), the live values are cast into a bounded staging buffer first, so the update is a true fp32
+        ``lerp_`` (``kernels.lerp_``). ``weight`` is a Python float, so nothing waits on the device.
         """
         if self._saved is not None:
             raise RuntimeError("cannot update the average while it is swapped into the model; swap back first")
+        enabled = self._live_finite() if self.nonfinite != "warn" else None
         for group in self._groups:
+            guard = None if enabled is None else enabled.to(group.avg[0].device, non_blocking=True)
             if group.flat is not None and _flat_intact(group):
                 flat_avg, flat_live = group.flat
-                kernels.lerp_([flat_avg], [flat_live], weight)
+                kernels.lerp_([flat_avg], [flat_live], weight, enabled=guard)
                 continue
             sources = group.live
             if group.staging is not None:
                 kernels.copy_(group.staging, group.live)
                 sources = group.staging
             if group.averaged:
-                kernels.lerp_(group.avg, sources, weight)
+                kernels.lerp_(group.avg, sources, weight, enabled=guard)
+            elif guard is not None:
+                kernels.lerp_(group.avg, sources, 1.0, enabled=guard)  # a guarded copy
             else:
                 kernels.copy_(group.avg, sources)
+
+    def _live_finite(self) -> torch.Tensor:
+        """A 0-dim bool device tensor: whether every floating live tensor is finite now; records which were not.
+        The max-norm of a tensor is finite exactly when all its values are (and cannot overflow)."""
+        flags = []
+        for index, group in enumerate(self._groups):
+            if not group.live[0].is_floating_point():
+                continue
+            bad = _nonfinite(group.live)
+            seen = self._seen_nonfinite[index]
+            self._seen_nonfinite[index] = bad if seen is None else seen | bad
+            flags.append(bad.any())
+        if not flags:
+            return torch.ones((), dtype=torch.bool, device=self._groups[0].live[0].device)
+        first = flags[0].device
+        return ~torch.stack([flag.to(first, non_blocking=True) for flag in flags]).any()
+
+    def check_finite(self) -> None:
+        """Apply the ``nonfinite`` policy now (this reads the device): warn once, or raise, if NaN/inf entered the
+        average (``"warn"``) or an update was skipped for it (``"skip"``, ``"error"``). Called by ``refresh()``,
+        ``averaged()``, ``state_dict()`` and ``save()``.
+
+        Raises:
+            FloatingPointError: with ``nonfinite="error"``, once the live weights held NaN or inf at an update.
+        """
+        name = self._first_nonfinite()
+        if name is None:
+            return
+        what, fix = (
+            ("entered the average", "its values are NaN/inf from now on; nonfinite='skip' leaves such updates out")
+            if self.nonfinite == "warn" else
+            ("was in the live weights at an update", "that update left the average unchanged")
+        )
+        message = f"weightavg: {self.label}: a non-finite value (NaN or inf) {what}, first in {name!r}; {fix}"
+        if self.nonfinite == "error":
+            raise FloatingPointError(f"{message} (nonfinite='error')")
+        if not self._nonfinite_reported:
+            self._nonfinite_reported = True
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def _first_nonfinite(self) -> str | None:
+        """The first tensor (engine order) recorded non-finite by guarded updates, else the first averaged tensor
+        holding NaN/inf."""
+        for group, seen in zip(self._groups, self._seen_nonfinite, strict=True):
+            if seen is not None and bool(seen.any()):
+                return group.names[int(seen.nonzero()[0, 0])]
+        for group in self._groups:
+            if not (group.averaged and group.avg[0].is_floating_point()):
+                continue
+            bad = _nonfinite(group.avg)
+            if bool(bad.any()):
+                return group.names[int(bad.nonzero()[0, 0])]
+        return None
 
     def refresh(self) -> None:
         """Look buffers up again in their modules: ``Module.to()``/``.cpu()`` replace buffer objects (parameters keep
@@ -369,6 +463,7 @@ class Averager:
         """
         if self._saved is not None:
             return
+        self.check_finite()
         changed = False
         for group in self._groups:
             for index, owner in enumerate(group.owners):
@@ -420,6 +515,7 @@ class Averager:
         if self._saved is not None:
             yield
             return
+        self.check_finite()
         self.swap()
         try:
             yield
@@ -564,6 +660,7 @@ class Averager:
 
         Tensors are the engine's own (not copies), like ``nn.Module.state_dict()``.
         """
+        self.check_finite()
         return {
             "version": STATE_VERSION,
             "rule": repr(self.rule),
@@ -609,11 +706,14 @@ class Averager:
 
     # ------------------------------------------------------------------ safetensors
     def save(self, path: str | os.PathLike[str], *, dtype: torch.dtype | None = None) -> Path:
-        """Export the averaged weights as safetensors, atomically. ``dtype`` casts floating tensors on the way out."""
-        tensors = {
-            name: tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
-            for name, tensor in self.averaged_tensors().items()
-        }
+        """Export the averaged weights as safetensors, atomically. ``dtype`` casts floating tensors on the way out.
+
+        Peak memory: the engine's own tensors are streamed to the file (``io.save_safetensors``) with no copy when
+        they are contiguous host tensors (flat-buffer views too); a cast (``dtype=``) or an accelerator average is
+        converted one tensor at a time, so the transient peak is the largest tensor, not the model.
+        """
+        self.check_finite()
+        tensors = io.CastView(self.averaged_tensors(), dtype)
         return io.save_safetensors(tensors, path, metadata=io.aliases_metadata(self.aliases()))
 
     def save_model(self, path: str | os.PathLike[str], *, dtype: torch.dtype | None = None) -> Path:

@@ -7,11 +7,11 @@ import os
 import pickle
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 ALIASES_KEY = "weightavg.aliases"
 
@@ -22,20 +22,17 @@ def save_safetensors(
 ) -> Path:
     """Write ``tensors`` to ``path`` atomically: a temporary file in the same folder, fsync, then rename.
 
-    A crash mid-write leaves any earlier file at ``path`` intact. Tensors are copied to CPU and made contiguous
-    (``copy=False``: the caller passes contiguous host tensors that share no storage, written as they are).
+    A crash mid-write leaves any earlier file at ``path`` intact. The file is streamed one tensor at a time from the
+    tensors' own memory: contiguous host tensors (views of one flat buffer included) are written without any copy;
+    others (on an accelerator, non-contiguous) are copied to host one at a time, so the transient peak is the largest
+    such tensor, never the model. ``copy`` is kept for callers' compatibility and no longer changes anything.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Copies: averages may be views of one flat buffer, and safetensors refuses tensors that share storage.
-    cpu = (
-        {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in tensors.items()} if copy
-        else dict(tensors)  # the caller's own contiguous host tensors, sharing no storage
-    )
     handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(handle)
     try:
-        save_file(cpu, temporary, metadata=dict(metadata or {}))
+        _write_safetensors(tensors, temporary, metadata=dict(metadata or {}))
         with open(temporary, "rb") as written:
             os.fsync(written.fileno())
         umask = os.umask(0)
@@ -46,6 +43,63 @@ def save_safetensors(
         Path(temporary).unlink(missing_ok=True)
         raise
     return target
+
+
+class CastView(Mapping[str, torch.Tensor]):
+    """``tensors`` with floating ones cast to ``dtype`` lazily, as each is read (so a writer streaming them holds
+    one cast tensor at a time)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> None:
+        self._tensors, self._dtype = tensors, dtype
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        tensor = self._tensors[name]
+        return tensor.to(self._dtype) if self._dtype is not None and tensor.is_floating_point() else tensor
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        """The dtype ``self[name]`` will have, without casting."""
+        tensor = self._tensors[name]
+        return self._dtype if self._dtype is not None and tensor.is_floating_point() else tensor.dtype
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
+_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+def _write_safetensors(tensors: Mapping[str, torch.Tensor], path: str, *, metadata: dict[str, str]) -> None:
+    """Write the safetensors format (8-byte header size, JSON header padded to 8 bytes, raw little-endian data) by
+    streaming each tensor's bytes. ``safetensors.torch.save_file`` would first turn every tensor into ``bytes`` (a
+    second model-sized copy) and refuses tensors that share storage (views of a flat buffer)."""
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name in tensors:
+        # A CastView tells the dtype it will give without casting; the shape is the source's either way.
+        source = tensors._tensors[name] if isinstance(tensors, CastView) else tensors[name]
+        dtype = tensors.dtype_of(name) if isinstance(tensors, CastView) else source.dtype
+        if dtype not in _DTYPES:
+            raise TypeError(f"tensor {name!r} has dtype {dtype}, which safetensors export does not support")
+        size = source.numel() * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _DTYPES[dtype], "shape": list(source.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as file:
+        file.write(len(encoded).to_bytes(8, "little"))
+        file.write(encoded)
+        for tensor in tensors.values():
+            host = tensor.detach()
+            if host.device.type != "cpu" or not host.is_contiguous():
+                host = host.to("cpu").contiguous()  # one tensor at a time
+            if host.numel():
+                file.write(host.reshape(-1).view(torch.uint8).numpy().data)
 
 
 def write_text_atomically(path: str | os.PathLike[str], text: str) -> Path:
