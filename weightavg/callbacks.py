@@ -27,6 +27,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, Checkpoint, EarlyStopping
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
 from typing_extensions import override
 
 from weightavg.core.averager import Averager
@@ -586,6 +587,10 @@ class WiSEFT(AveragingCallback):
                 raise ValueError("figure_path= draws the sweep, which needs monitor= or metric=")
             _require_matplotlib("figure_path")
             check_output_file("figure_path", figure_path)
+        if anchor is not None and not isinstance(anchor, (nn.Module, Mapping, str, os.PathLike)):
+            raise TypeError(
+                f"anchor={anchor!r} must be a module, a state dict, a safetensors or checkpoint path, or None"
+            )
         if isinstance(anchor, (str, os.PathLike)) and not os.path.isfile(anchor):
             raise FileNotFoundError(f"anchor={str(anchor)!r}: no such file")
         self.select_on = select_on
@@ -1052,6 +1057,7 @@ class LCSC(AveragingCallback):
             check_bool(flag, value)
         check_directory("directory", directory)
         check_callable("forward", forward)
+        check_callable("metric", metric)
         if every_n_steps is not None and every_n_epochs is not None:
             raise ValueError(
                 f"give every_n_steps={every_n_steps!r} or every_n_epochs={every_n_epochs!r}, not both (when to "

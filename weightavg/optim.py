@@ -18,7 +18,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from weightavg.core.averager import Averager
-from weightavg.core.binding import BufferPolicy
+from weightavg.core.binding import BufferPolicy, check_buffer_policy
 from weightavg.core.call import Forward, to_device
 from weightavg.core.checks import check_bool, check_directory, check_number
 from weightavg.core.io import WeightSource
@@ -75,6 +75,7 @@ class AveragingOptimizer(Optimizer):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         check_module("module", module, optional=True)
+        check_buffer_policy(buffers)  # checked even without module=, where no buffer is followed
         self.optimizer = optimizer
         self.module = module
         params = [p for group in optimizer.param_groups for p in group["params"]]
