@@ -344,3 +344,20 @@ print("averaged", opt.averager.num_updates)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "averaged 4"
+
+
+def test_swa_without_a_start_averages_from_the_first_step_like_averaged_model() -> None:
+    """``optim.SWA(opt)`` needs no ``start``: it matches torch's ``AveragedModel`` updated after every step."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    reference = torch.optim.swa_utils.AveragedModel(model)  # copies the weights; first update_parameters copies
+    opt = weightavg.optim.SWA(torch.optim.SGD(model.parameters(), lr=0.1))
+    for _ in range(5):
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        reference.update_parameters(model)
+    with opt.averaged():
+        ours = {k: v.clone() for k, v in model.state_dict().items()}
+    for key, value in reference.module.state_dict().items():
+        torch.testing.assert_close(ours[key], value)
