@@ -500,10 +500,13 @@ class WiSEFT(AveragingCallback):
     ``apply_at_end=True`` to interpolate toward that average instead of the live weights.
 
     Args:
-        alphas: the grid to evaluate (default 0, 0.1, ..., 1).
+        alphas: the grid to evaluate (default 0, 0.1, ..., 1); another grid needs ``monitor`` or ``metric`` (without
+            them nothing is evaluated, so it is refused: give ``alpha=``).
         alpha: a fixed choice (evaluated with the grid when a metric is given); default: the best on ``select_on``,
             or 0.5 (the paper's choice without tuning) when there is no ``monitor``/``metric`` to sweep with.
-        select_on: the validation dataloader (index, or a name from ``dataloader_names``) whose metric picks alpha.
+        select_on: the validation dataloader (index, or a name from ``dataloader_names``) whose metric picks alpha
+            (not 0 only with ``monitor``/``metric``; ``dataloader_names`` and ``forward`` without them are warned
+            about as ignored).
         monitor: the metric the module logs in ``validation_step`` (e.g. ``"val_acc"``); the sweep runs Lightning's
             validation loop once per alpha. Other weightavg callbacks stay out of these runs, and loggers receive
             only this callback's ``wiseft/...`` metrics.
@@ -895,7 +898,9 @@ class ZSCL(AveragingCallback):
 
     Args:
         every_n_steps: merge interval I (100 in the paper's multi-domain setting).
-        reference: unlabeled reference inputs (a DataLoader; ``(inputs, labels)`` batches give their inputs; see
+        reference: unlabeled reference inputs (``distill_weight``, ``temperature``, ``forward`` and
+            ``reference_input`` act only with it: set without it they are warned about as ignored) (a DataLoader;
+            ``(inputs, labels)`` batches give their inputs; see
             ``reference_input``), cycled; ``None`` disables distillation.
         distill_weight: lambda (1; 5 in the paper's class-incremental setting).
         temperature: T (2).
