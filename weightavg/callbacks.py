@@ -27,18 +27,30 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, Checkpoint, EarlyStopping
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
 from typing_extensions import override
 
 from weightavg.core.averager import NONFINITE, Averager, NonFinite
 from weightavg.core.binding import BufferPolicy, check_buffer_policy
+from weightavg.core.binding import _patterns as check_patterns
 from weightavg.core.call import Forward, eval_mode
-from weightavg.core.checks import check_choice, check_device, check_number
+from weightavg.core.checks import (
+    check_bool,
+    check_callable,
+    check_choice,
+    check_device,
+    check_directory,
+    check_name,
+    check_number,
+    check_output_file,
+    resolve_dtype,
+)
 from weightavg.core.io import WeightSource, save_safetensors
 from weightavg.core.rule import Rule, Snapshot
 from weightavg.core.schedules import StartUnit, Unit, Warmup
 from weightavg.core.snapshots import SnapshotStore
 from weightavg.methods.ema import EMA as EMARule
-from weightavg.methods.ewa import linear_ramp, share_all, to_dense, to_moe
+from weightavg.methods.ewa import check_selector, linear_ramp, share_all, to_dense, to_moe
 from weightavg.methods.ewa import mixtures as ewa_mixtures
 from weightavg.methods.lcsc import METHODS as COMBINATIONS
 from weightavg.methods.lcsc import Combiner, Method, SearchResult, SearchSettings, combine_dtype
@@ -46,7 +58,7 @@ from weightavg.methods.noloco import DiLoCoRule, NoLoCoRule, Replica, average_re
 from weightavg.methods.swa import SWA as SWARule
 from weightavg.methods.wiseft import ALPHAS, check_alphas, choose_alpha
 from weightavg.methods.zscl import ZSCL as ZSCLRule
-from weightavg.methods.zscl import Distillation
+from weightavg.methods.zscl import Distillation, check_distillation_knobs
 from weightavg.strategies import NAME as LOCAL_DDP
 from weightavg.strategies import LocalDDPStrategy
 
@@ -97,14 +109,16 @@ class AveragingCallback(Callback):
             raise TypeError(f"rule={rule!r} must be an averaging rule such as weightavg.methods.EMA(...)")
         check_choice("validate_with", validate_with, ("average", "live"))
         check_buffer_policy(buffers)
+        check_patterns(include, "include")
+        check_patterns(exclude, "exclude")
         check_device(device)
         check_choice("nonfinite", nonfinite, NONFINITE)
-        if export_path is not None and not isinstance(export_path, (str, os.PathLike)):
-            raise TypeError(f"export_path={export_path!r} must be a path (str or os.PathLike) or None")
-        if not isinstance(apply_at_end, bool):
-            raise TypeError(f"apply_at_end={apply_at_end!r} must be a bool")
-        if name is not None and (not isinstance(name, str) or not name):
-            raise ValueError(f"name={name!r} must be a non-empty string or None")
+        if dtype is not None:
+            resolve_dtype(dtype, extra=("live",))
+        check_bool("contiguous", contiguous)
+        check_output_file("export_path", export_path)
+        check_bool("apply_at_end", apply_at_end)
+        check_name(name)
         self.rule = rule
         self.validate_with = validate_with
         self.apply_at_end = apply_at_end
@@ -420,6 +434,8 @@ class SWA(AveragingCallback):
         super().__init__(SWARule(start=start, start_unit=start_unit, every=every, every_unit=every_unit), **options)
         if bn_batches is not None:
             check_number("bn_batches", bn_batches, low=1, integer=True)
+        check_bool("recompute_bn", recompute_bn)
+        check_callable("bn_input", bn_input)
         self.recompute_bn = recompute_bn
         self.bn_input = bn_input
         self.bn_batches = bn_batches
@@ -428,6 +444,7 @@ class SWA(AveragingCallback):
     def check_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.recompute_bn or not self._bound().check_update_bn(pl_module):
             return
+        check_forward(pl_module, "SWA(recompute_bn=True)")
         if self.bn_batches is None and not math.isfinite(trainer.num_training_batches):
             raise ValueError(
                 "SWA(recompute_bn=True) needs bn_batches=... when the training data has no length "
@@ -438,6 +455,16 @@ class SWA(AveragingCallback):
     def finalize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.recompute_bn:
             recompute_batchnorm(trainer, pl_module, self._bound(), self.bn_input, self.bn_batches)
+
+
+def check_forward(pl_module: pl.LightningModule, who: str) -> None:
+    """Refuse at fit start a BatchNorm recomputation that could only fail after training: it calls the module
+    (``torch.optim.swa_utils.update_bn``), so the LightningModule must define ``forward``."""
+    if getattr(pl_module.forward, "__func__", None) is pl.LightningModule.forward:  # not overridden
+        raise ValueError(
+            f"{who} recomputes BatchNorm statistics by calling the model on training batches, but "
+            f"{type(pl_module).__name__} defines no forward(): define forward(), or pass recompute_bn=False"
+        )
 
 
 def recompute_batchnorm(
@@ -478,10 +505,13 @@ class WiSEFT(AveragingCallback):
     ``apply_at_end=True`` to interpolate toward that average instead of the live weights.
 
     Args:
-        alphas: the grid to evaluate (default 0, 0.1, ..., 1).
+        alphas: the grid to evaluate (default 0, 0.1, ..., 1); another grid needs ``monitor`` or ``metric`` (without
+            them nothing is evaluated, so it is refused: give ``alpha=``).
         alpha: a fixed choice (evaluated with the grid when a metric is given); default: the best on ``select_on``,
             or 0.5 (the paper's choice without tuning) when there is no ``monitor``/``metric`` to sweep with.
-        select_on: the validation dataloader (index, or a name from ``dataloader_names``) whose metric picks alpha.
+        select_on: the validation dataloader (index, or a name from ``dataloader_names``) whose metric picks alpha
+            (not 0 only with ``monitor``/``metric``; ``dataloader_names`` and ``forward`` without them are warned
+            about as ignored).
         monitor: the metric the module logs in ``validation_step`` (e.g. ``"val_acc"``); the sweep runs Lightning's
             validation loop once per alpha. Other weightavg callbacks stay out of these runs, and loggers receive
             only this callback's ``wiseft/...`` metrics.
@@ -525,11 +555,15 @@ class WiSEFT(AveragingCallback):
         exclude: str | Sequence[str] | None = None,
         device: torch.device | str | None = None,
     ) -> None:
+        check_name(name)
         super().__init__(
             Snapshot(), validate_with="live", apply_at_end=False, export_path=export_path, name=name or "WiSEFT",
             buffers=buffers, include=include, exclude=exclude, device=device, dtype="live",
         )
         grid = check_alphas(alphas)
+        check_bool("apply_at_end", apply_at_end)
+        check_callable("forward", forward)
+        self._check_sweep_arguments(grid, select_on, monitor, metric, forward, dataloader_names)
         if monitor is None and metric is None and alpha is None:
             alpha = 0.5  # nothing to measure alphas with: the paper's choice without tuning
         if alpha is not None:
@@ -560,6 +594,11 @@ class WiSEFT(AveragingCallback):
             if monitor is None and metric is None:
                 raise ValueError("figure_path= draws the sweep, which needs monitor= or metric=")
             _require_matplotlib("figure_path")
+            check_output_file("figure_path", figure_path)
+        if anchor is not None and not isinstance(anchor, (nn.Module, Mapping, str, os.PathLike)):
+            raise TypeError(
+                f"anchor={anchor!r} must be a module, a state dict, a safetensors or checkpoint path, or None"
+            )
         if isinstance(anchor, (str, os.PathLike)) and not os.path.isfile(anchor):
             raise FileNotFoundError(f"anchor={str(anchor)!r}: no such file")
         self.select_on = select_on
@@ -575,6 +614,35 @@ class WiSEFT(AveragingCallback):
         self.alpha: float | None = None
         self._logged: dict[float, dict[str, Any]] = {}
         self._monitor_seen = False
+
+    @staticmethod
+    def _check_sweep_arguments(
+        grid: tuple[float, ...], select_on: Any, monitor: str | None, metric: Any, forward: Forward | None,
+        dataloader_names: Sequence[str] | None,
+    ) -> None:
+        """Refuse sweep arguments that a run without ``monitor``/``metric`` would ignore where they change which
+        alpha the user expects (``alphas``, ``select_on``); warn where the run is the same without them."""
+        if monitor is None and metric is None:
+            if grid != ALPHAS:
+                raise ValueError(
+                    f"alphas={list(grid)!r} is a grid to sweep, which needs monitor= (a metric validation_step logs) "
+                    "or metric=; without them no alpha is evaluated: give alpha= for a fixed interpolation"
+                )
+            if select_on != 0:
+                raise ValueError(
+                    f"select_on={select_on!r} picks the dataloader whose metric chooses alpha, which needs monitor= "
+                    "or metric=; without them alpha is fixed (alpha=, default 0.5)"
+                )
+            if dataloader_names is not None:
+                warnings.warn(
+                    f"WiSEFT: dataloader_names={dataloader_names!r} is ignored without monitor= or metric= (no sweep "
+                    "runs; alpha is fixed)", UserWarning, stacklevel=3,
+                )
+        if forward is not None and metric is None:
+            warnings.warn(
+                "WiSEFT: forward= is ignored without metric= (it computes the outputs that metric scores; with "
+                "monitor= the module's own validation_step runs)", UserWarning, stacklevel=3,
+            )
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -835,7 +903,9 @@ class ZSCL(AveragingCallback):
 
     Args:
         every_n_steps: merge interval I (100 in the paper's multi-domain setting).
-        reference: unlabeled reference inputs (a DataLoader; ``(inputs, labels)`` batches give their inputs; see
+        reference: unlabeled reference inputs (``distill_weight``, ``temperature``, ``forward`` and
+            ``reference_input`` act only with it: set without it they are warned about as ignored) (a DataLoader;
+            ``(inputs, labels)`` batches give their inputs; see
             ``reference_input``), cycled; ``None`` disables distillation.
         distill_weight: lambda (1; 5 in the paper's class-incremental setting).
         temperature: T (2).
@@ -860,6 +930,7 @@ class ZSCL(AveragingCallback):
         **options: Any,
     ) -> None:
         super().__init__(ZSCLRule(every_n_steps=every_n_steps), **options)
+        check_distillation_knobs(reference, distill_weight, temperature, forward, reference_input)
         self.distillation = (
             None if reference is None else Distillation(
                 reference, weight=distill_weight, temperature=temperature, forward=forward,
@@ -986,10 +1057,17 @@ class LCSC(AveragingCallback):
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
     ) -> None:
+        check_name(name)
         super().__init__(
             Snapshot(), validate_with="live", apply_at_end=False, export_path=export_path, name=name or "LCSC",
             buffers=buffers, include=include, exclude=exclude, dtype="live",
         )
+        for flag, value in (("background", background), ("apply_at_end", apply_at_end), ("progress", progress),
+                            ("recompute_bn", recompute_bn)):
+            check_bool(flag, value)
+        check_directory("directory", directory)
+        check_callable("forward", forward)
+        check_callable("metric", metric)
         if every_n_steps is not None and every_n_epochs is not None:
             raise ValueError(
                 f"give every_n_steps={every_n_steps!r} or every_n_epochs={every_n_epochs!r}, not both (when to "
@@ -1215,8 +1293,13 @@ class EWA(Callback):
         check_number("num_experts", num_experts, low=2, integer=True)
         check_number("beta", beta, low=0.0, high=(num_experts - 1) / num_experts)
         check_number("ramp_steps", ramp_steps, low=0, integer=True)
-        if export_path is not None and not isinstance(export_path, (str, os.PathLike)):
-            raise TypeError(f"export_path={export_path!r} must be a path or None")
+        check_selector(select)
+        if seed is not None:
+            check_number("seed", seed, integer=True)
+        check_bool("merge_at_end", merge_at_end)
+        check_bool("log_spread", log_spread)
+        check_name(name)
+        check_output_file("export_path", export_path)
         if export_path is not None and not merge_at_end:
             raise ValueError(f"export_path={export_path!r} needs merge_at_end=True: the export is the merged model")
         self.beta, self.ramp_steps = beta, ramp_steps
@@ -1306,10 +1389,12 @@ class _OuterStep(AveragingCallback):
         name: str | None = None,
         dtype: torch.dtype | str | None = None,
     ) -> None:
+        check_name(name)
         super().__init__(Snapshot(), validate_with=validate_with, apply_at_end=False, export_path=export_path,
                          name=name or repr(rule), buffers="ignore", dtype=dtype, contiguous=True)
         if not isinstance(average_at_end, bool):
             raise TypeError(f"average_at_end={average_at_end!r} must be a bool")
+        check_bool("log_traffic", log_traffic)
         self.outer_rule = rule
         self.average_at_end = average_at_end
         self.log_traffic = log_traffic
@@ -1406,6 +1491,7 @@ class NoLoCo(_OuterStep):
         dtype: torch.dtype | str | None = None,
     ) -> None:
         rule = NoLoCoRule(sync_every, outer_lr, outer_momentum, mixing, group_size, seed)
+        check_name(name)
         super().__init__(rule, average_at_end=average_at_end, log_traffic=log_traffic, validate_with=validate_with,
                          export_path=export_path, name=name or "NoLoCo", dtype=dtype)
 
@@ -1434,5 +1520,6 @@ class DiLoCo(_OuterStep):
         dtype: torch.dtype | str | None = None,
     ) -> None:
         rule = DiLoCoRule(sync_every, outer_lr, outer_momentum, nesterov)
+        check_name(name)
         super().__init__(rule, average_at_end=average_at_end, log_traffic=log_traffic, validate_with=validate_with,
                          export_path=export_path, name=name or "DiLoCo", dtype=dtype)

@@ -18,9 +18,9 @@ from torch import nn
 from torch.optim import Optimizer
 
 from weightavg.core.averager import Averager, NonFinite
-from weightavg.core.binding import BufferPolicy
+from weightavg.core.binding import BufferPolicy, check_buffer_policy
 from weightavg.core.call import Forward, to_device
-from weightavg.core.checks import check_number
+from weightavg.core.checks import check_bool, check_directory, check_number
 from weightavg.core.io import WeightSource
 from weightavg.core.rule import Rule, Snapshot
 from weightavg.core.schedules import StartUnit, Unit, Warmup
@@ -32,7 +32,17 @@ from weightavg.methods.noloco import DiLoCoRule, NoLoCoRule, Replica, Traffic, a
 from weightavg.methods.swa import SWA as SWARule
 from weightavg.methods.wiseft import ALPHAS, check_alphas
 from weightavg.methods.zscl import ZSCL as ZSCLRule
-from weightavg.methods.zscl import Distillation
+from weightavg.methods.zscl import Distillation, check_distillation_knobs
+
+
+def check_module(name: str, value: Any, *, optional: bool = False) -> None:
+    """Raise ``TypeError`` unless ``value`` is an ``nn.Module`` (or ``None`` when ``optional``): a string or a number
+    would otherwise fail deep inside binding (a string even iterates, as characters)."""
+    if value is None and optional:
+        return
+    if not isinstance(value, nn.Module):
+        allowed = "an nn.Module or None" if optional else "an nn.Module"
+        raise TypeError(f"{name}={value!r} must be the model ({allowed}), got {type(value).__name__}")
 
 
 class AveragingOptimizer(Optimizer):
@@ -67,6 +77,8 @@ class AveragingOptimizer(Optimizer):
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        check_module("module", module, optional=True)
+        check_buffer_policy(buffers)  # checked even without module=, where no buffer is followed
         self.optimizer = optimizer
         self.module = module
         params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -222,8 +234,11 @@ class EMA(AveragingOptimizer):
 class SWA(AveragingOptimizer):
     """``optimizer`` plus a stochastic weight average of its parameters (``weightavg.methods.SWA``).
 
-    ``start`` is required: a fraction of ``total_steps`` (pass ``total_steps=``), or steps/epochs with
-    ``start_unit``. In a plain loop the natural unit is the step, so ``every_unit`` defaults to ``"step"`` here
+    ``SWA(opt)`` averages from the first step on, as ``torch.optim.swa_utils.AveragedModel`` does when updated after
+    every step: ``start`` defaults to 0 (a fraction of 0 needs no ``total_steps``). Give a later start as a fraction
+    of ``total_steps`` (pass ``total_steps=``), or in steps/epochs with ``start_unit``. The Lightning callback's
+    default is 0.75 of the run (the paper's last quarter) because a Trainer knows the run's length; a plain loop's
+    wrapper does not. In a plain loop the natural unit is the step, so ``every_unit`` defaults to ``"step"`` here
     (the Lightning callback samples per epoch by default): ``SWA(opt, start=1000, start_unit="step", every=100)``.
     With ``every_unit="epoch"``, call ``opt.epoch_end()`` at the end of each epoch. Pair with
     ``torch.optim.swa_utils.SWALR`` on the inner optimizer for the SWA learning rate; the wrapper never changes it.
@@ -232,7 +247,7 @@ class SWA(AveragingOptimizer):
     def __init__(
         self,
         optimizer: Optimizer,
-        start: float,
+        start: float = 0.0,
         *,
         start_unit: StartUnit = "fraction",
         every: int = 1,
@@ -334,6 +349,7 @@ class ZSCL(AveragingOptimizer):
         **engine: Any,
     ) -> None:
         super().__init__(optimizer, ZSCLRule(every_n_steps=every_n_steps), **engine)
+        check_distillation_knobs(reference, distill_weight, temperature, forward, reference_input)
         self.distillation: Distillation | None = None
         if reference is not None:
             if self.module is None:
@@ -432,6 +448,7 @@ class LCSC(AveragingOptimizer):
         if not isinstance(module, nn.Module):
             raise TypeError(f"module={module!r} must be the model (an nn.Module): snapshots are taken by name")
         check_number("every_n_steps", every_n_steps, low=1, integer=True)
+        check_directory("directory", directory)
         super().__init__(
             optimizer, Snapshot(), module=module, buffers=buffers, include=include, exclude=exclude, dtype="live"
         )
@@ -504,6 +521,7 @@ class EWA(Optimizer):
     def __init__(self, optimizer: Optimizer, model: nn.Module, *, beta: float = 0.3, ramp_steps: int = 0) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        check_module("model", model)
         layers = mixtures(model)
         if not layers:
             raise ValueError("model has no mixture to average: convert it first with weightavg.ewa.to_moe(model)")
@@ -548,6 +566,20 @@ class EWA(Optimizer):
         self.state = self.optimizer.state
 
 
+def check_process_group(process_group: Any) -> None:
+    """Raise ``TypeError`` unless ``process_group`` is ``None`` (the world) or a ``torch.distributed`` group: in one
+    process nothing would use it, so a wrong value would pass unnoticed until a multi-process run."""
+    import torch.distributed as dist
+
+    if process_group is None:
+        return
+    if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
+        raise TypeError(
+            f"process_group={process_group!r} must be a torch.distributed process group (e.g. "
+            f"torch.distributed.new_group(ranks)) or None for the world, got {type(process_group).__name__}"
+        )
+
+
 class _OuterOptimizer(AveragingOptimizer):
     """NoLoCo and DiLoCo: the inner optimizer's steps, and every ``sync_every`` of them an outer step on slow weights
     that the engine holds (at least fp32, one flat buffer per dtype group; the model's tensors are re-homed into
@@ -562,6 +594,8 @@ class _OuterOptimizer(AveragingOptimizer):
         broadcast_start: bool = True,
         dtype: torch.dtype | str | None = None,
     ) -> None:
+        check_process_group(process_group)
+        check_bool("broadcast_start", broadcast_start)
         super().__init__(optimizer, Snapshot(), dtype=dtype, contiguous=True)
         self.replica = Replica(self.averager, rule, process_group)
         if broadcast_start:

@@ -358,3 +358,20 @@ def test_nonfinite_policy_reaches_the_engine_and_skips_the_bad_step() -> None:
         assert torch.equal(tensor, before[name]), name
     with pytest.raises(ValueError, match=r"nonfinite='drop'"):
         weightavg.optim.EMA(torch.optim.SGD(model.parameters(), lr=0.1), nonfinite="drop")
+
+
+def test_swa_without_a_start_averages_from_the_first_step_like_averaged_model() -> None:
+    """``optim.SWA(opt)`` needs no ``start``: it matches torch's ``AveragedModel`` updated after every step."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    reference = torch.optim.swa_utils.AveragedModel(model)  # copies the weights; first update_parameters copies
+    opt = weightavg.optim.SWA(torch.optim.SGD(model.parameters(), lr=0.1))
+    for _ in range(5):
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        reference.update_parameters(model)
+    with opt.averaged():
+        ours = {k: v.clone() for k, v in model.state_dict().items()}
+    for key, value in reference.module.state_dict().items():
+        torch.testing.assert_close(ours[key], value)

@@ -19,7 +19,7 @@ from torch import nn
 
 from weightavg.core import io, kernels
 from weightavg.core.binding import BufferPolicy, Entry, bind_module, bind_tensors
-from weightavg.core.checks import check_choice, check_device, check_number
+from weightavg.core.checks import check_choice, check_device, check_number, resolve_dtype
 from weightavg.core.rule import Clock, Event, Rule
 
 STATE_VERSION = 1
@@ -144,14 +144,7 @@ def _average_dtype(live: torch.dtype, requested: torch.dtype | str | None, avera
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str | None:
     """``None``, ``"live"`` (each tensor's own dtype), a floating ``torch.dtype``, or its name (``"float32"``, as Hydra
     configs write it)."""
-    if dtype is None or dtype == "live":
-        return dtype
-    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-        raise ValueError(
-            f"dtype={dtype!r} must be a floating torch.dtype or its name (e.g. 'float32'), 'live', or None"
-        )
-    return resolved
+    return None if dtype is None else resolve_dtype(dtype, extra=("live",))
 
 
 class Averager:

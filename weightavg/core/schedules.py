@@ -49,6 +49,8 @@ def reached(start: float, unit: StartUnit, clock: Clock) -> bool:
         return clock.epoch >= start
     if unit == "step":
         return clock.step >= start
+    if start == 0:
+        return True  # 0 of any run is its first step: no total needed (optim.SWA(opt) averages from the start)
     if clock.total_steps is None:
         raise ValueError(
             f"start={start!r} with start_unit='fraction' needs the run's total optimizer steps: pass total_steps=... "

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from weightavg.core.checks import check_choice, check_number
+from weightavg.core.checks import check_bool, check_choice, check_number
 from weightavg.core.rule import Clock, Event, compact_repr
 from weightavg.core.schedules import WARMUPS, Warmup, decay_from_half_life, warmed_decay
 
@@ -63,6 +63,7 @@ class EMA:
         check_number("power", self.power, low=0.0, low_open=True)
         check_number("every_n_steps", self.every_n_steps, low=1, integer=True)
         check_number("start_step", self.start_step, low=0, integer=True)
+        check_bool("scale_decay", self.scale_decay)
 
     @property
     def base_decay(self) -> float:

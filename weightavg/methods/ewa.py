@@ -157,6 +157,16 @@ def default_ffn_names(model: nn.Module) -> list[str]:
     return found[1::2]
 
 
+def check_selector(select: Any) -> None:
+    """Raise ``TypeError`` unless ``select`` is ``None``, a glob pattern, a list of them, or a predicate (checked when
+    a face is built, before the model it selects from is known)."""
+    if select is None or isinstance(select, str) or (callable(select) and not isinstance(select, type)):
+        return
+    patterns = list(select) if isinstance(select, Iterable) else []
+    if not patterns or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"select={select!r} must be a glob pattern, a list of them, or a predicate")
+
+
 def to_moe(
     model: nn.Module, select: Selector | None = None, *, num_experts: int = 4, seed: int | None = 0
 ) -> list[str]:

@@ -19,6 +19,7 @@ Metrics over a task sequence come from the accuracy matrix ``A[stage][task]`` (`
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +31,7 @@ from torch import nn
 from weightavg.core import io
 from weightavg.core.averager import Averager
 from weightavg.core.call import Forward, call_with, eval_mode
-from weightavg.core.checks import check_number
+from weightavg.core.checks import check_callable, check_number
 from weightavg.core.rule import Clock, Event, Snapshot, compact_repr
 
 
@@ -83,6 +84,28 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 2
 
 def _first(batch: Any) -> Any:
     return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
+def check_distillation_knobs(
+    reference: Any, distill_weight: Any, temperature: Any, forward: Any, reference_input: Any
+) -> None:
+    """Check ZSCL's distillation arguments whether or not they are used, and warn about those that only act with
+    ``reference=`` when it is missing (the ensemble alone is a sensible run, e.g. an ablation, so no refusal)."""
+    check_number("distill_weight", distill_weight, low=0.0)
+    check_number("temperature", temperature, low=0.0, low_open=True)
+    check_callable("forward", forward)
+    check_callable("reference_input", reference_input)
+    if reference is not None:
+        return
+    given = {"distill_weight": distill_weight != 1.0, "temperature": temperature != 2.0,
+             "forward": forward is not None, "reference_input": reference_input is not None}
+    ignored = [name for name, set_ in given.items() if set_]
+    if ignored:
+        warnings.warn(
+            f"ZSCL: {', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored without reference= "
+            "(they configure the distillation, which needs reference inputs); only the weight ensemble runs",
+            UserWarning, stacklevel=3,
+        )
 
 
 class Distillation:
