@@ -164,9 +164,20 @@ class AveragingCallback(Callback):
                 f"wrapped the model; it is not supported under {type(trainer.strategy).__name__}, which wraps the "
                 "model (DDP registers its gradient buckets at wrap time): use contiguous=False"
             )
+        # Lightning reports inf for endless runs and -1 (its max_steps) for data without a length and no max_steps.
         total = trainer.estimated_stepping_batches
-        total_steps = int(total) if math.isfinite(total) else None
-        self.averager = Averager(pl_module, self.rule, total_steps=total_steps, **self._engine_kwargs)
+        total_steps = int(total) if math.isfinite(total) and total > 0 else None
+        try:
+            self.averager = Averager(pl_module, self.rule, total_steps=total_steps, **self._engine_kwargs)
+        except ValueError as error:
+            if total_steps is not None or "total optimizer steps" not in str(error):
+                raise
+            raise ValueError(
+                f"{self.name}: the Trainer cannot tell this run's total optimizer steps (the training data has no "
+                "length, e.g. an IterableDataset, and max_steps is not set), which a start given as a fraction of "
+                "training needs: set Trainer(max_steps=...) or give the start in steps or epochs "
+                "(start_unit='step' or 'epoch')"
+            ) from error
         self._applied = False
         self._fitting = True
         self.check_model(trainer, pl_module)
