@@ -27,6 +27,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, Checkpoint, EarlyStopping
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from weightavg.core.averager import Averager
@@ -121,6 +122,10 @@ class AveragingCallback(Callback):
         self._accept_state = True  # whether a checkpoint being restored is for fitting (else its state is ignored)
         self._peers: list[AveragingCallback] = []
         self._suspended = False  # set while a peer evaluates its own weights (WiSEFT's sweep)
+        # Set when weights are loaded into the model outside fit (trainer.test(ckpt_path=...)): evaluation then
+        # uses them as they are.
+        self._loaded_over = False
+        self._load_hook: RemovableHandle | None = None
 
     @property
     @override
@@ -180,9 +185,25 @@ class AveragingCallback(Callback):
             ) from error
         self._applied = False
         self._fitting = True
+        self._loaded_over = False
+        if self._load_hook is not None:
+            self._load_hook.remove()
+        self._load_hook = pl_module.register_load_state_dict_pre_hook(  # type: ignore[no-untyped-call]
+            self._before_model_load
+        )
         self.check_model(trainer, pl_module)
         self.bind_extra(trainer, pl_module)
         self._apply_pending()
+
+    def _before_model_load(self, module: torch.nn.Module, *args: Any) -> None:
+        """Runs before anything is loaded into the model (Lightning's checkpoint restore, ``load_state_dict``): the
+        loaded weights must land in the model's own storage, never in an average that is swapped in by pointer."""
+        peers = self._peers or [self]
+        for peer in reversed(peers):  # swaps nest in callback order
+            peer._swap_back_after_evaluation()
+            if not peer._fitting:
+                peer._loaded_over = True
+        _unshare_from_averages(module, [peer.averager for peer in peers if peer.averager is not None])
 
     def bind_extra(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Bind a method's own state beyond the average (ZSCL's teacher, NoLoCo's outer state) when fit starts,
@@ -232,9 +253,14 @@ class AveragingCallback(Callback):
             self._bound().swap()
             self._swapped_for_validation = False
 
+    def _evaluates_the_model_as_it_is(self) -> bool:
+        # After fit, evaluate what the model ends with; after a load into the model (trainer.test(ckpt_path=...)),
+        # exactly the loaded weights.
+        return self._loaded_over or any(peer._applied for peer in self._peers)
+
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not any(peer._applied for peer in self._peers):  # after fit, validate what the model ends with
+        if not self._evaluates_the_model_as_it_is():
             self._swap_in_for_evaluation()
 
     @override
@@ -245,7 +271,7 @@ class AveragingCallback(Callback):
 
     @override
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not any(peer._applied for peer in self._peers):  # after fit, test what the model ends with
+        if not self._evaluates_the_model_as_it_is():
             self._swap_in_for_evaluation()
 
     @override
@@ -365,6 +391,18 @@ class AveragingCallback(Callback):
             # The Trainer has just loaded state_dict (an average) into the model; put the live weights back. The
             # first averager does it whatever the names, so training never continues from an average by mistake.
             pl_module.load_state_dict(live)
+
+
+def _unshare_from_averages(module: torch.nn.Module, averagers: Sequence[Averager]) -> None:
+    """Give the model's tensors that hold an averager's own storage (an average swapped in by pointer, e.g. applied
+    at the end of fit) a copy of it, so that writing into the model cannot change the average."""
+    owned = {t.untyped_storage().data_ptr() for a in averagers for t in a.averaged_tensors().values()}
+    if not owned:
+        return
+    with torch.no_grad():
+        for tensor in (*module.parameters(), *module.buffers()):
+            if tensor.untyped_storage().data_ptr() in owned:
+                tensor.data = tensor.data.clone()
 
 
 class EMA(AveragingCallback):
