@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
@@ -14,7 +15,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from tests.faces.test_callbacks import Recorder, assert_close, ema_reference, fit, swa_reference
 from tests.helpers import DigitsModule, digits_loaders, digits_tensors, trainer
-from weightavg.callbacks import EMA, SWA
+from weightavg.callbacks import EMA, LIVE_KEY, MARKER_KEY, SWA
 
 
 class DigitsStream(IterableDataset):  # type: ignore[type-arg]
@@ -102,3 +103,80 @@ def test_testing_a_checkpoint_after_fit_uses_its_weights_and_keeps_the_average(
     model.load_state_dict(saved)  # and a plain load_state_dict
     for name, value in averager.averaged_tensors().items():
         assert torch.equal(value, before[name]), f"the average's {name} changed"
+
+
+class LossModule(DigitsModule):
+    """Logs the validation loss, a metric that tells any two sets of weights apart."""
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.cross_entropy(self(x), y))
+
+
+def fit_loss(callbacks: list[pl.Callback], epochs: int = 3, ckpt_path: str | None = None,
+             **kwargs: Any) -> tuple[pl.Trainer, LossModule]:
+    pl.seed_everything(0, verbose=False)
+    model = LossModule()
+    train, val = digits_loaders()
+    run = trainer(max_epochs=epochs, callbacks=callbacks, **kwargs)
+    run.fit(model, train, val, ckpt_path=ckpt_path)
+    return run, model
+
+
+def revalidated_loss(path: str) -> float:
+    fresh = LossModule()
+    fresh.load_state_dict(torch.load(path, weights_only=False)["state_dict"])
+    _, val = digits_loaders()
+    return float(trainer().validate(fresh, val, verbose=False)[0]["val_loss"])
+
+
+@pytest.mark.parametrize("validate_with", ["average", "live"])
+def test_the_best_checkpoint_scores_what_model_checkpoint_recorded(tmp_path: Path, validate_with: str) -> None:
+    best = ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", mode="min", save_top_k=1)
+    weights = "average" if validate_with == "average" else "live"
+    ema = EMA(decay=0.9, warmup="none", apply_at_end=False, validate_with=validate_with,  # type: ignore[arg-type]
+              checkpoint_weights=weights)
+    fit_loss([ema, best], enable_checkpointing=True)
+    torch.testing.assert_close(revalidated_loss(best.best_model_path), float(best.best_model_score), rtol=1e-6,
+                               atol=1e-7)
+    marker = torch.load(best.best_model_path, weights_only=False)[MARKER_KEY]
+    assert marker["state_dict"] == ("average" if validate_with == "average" else "live")
+
+
+def test_a_monitor_on_other_weights_than_saved_is_warned_at_fit_start(tmp_path: Path) -> None:
+    best = ModelCheckpoint(dirpath=tmp_path, monitor="val_loss")
+    with pytest.warns(UserWarning, match=r"measured on EMA.*average but the checkpoints' state_dict holds the live"):
+        fit_loss([EMA(decay=0.9, checkpoint_weights="live"), best], epochs=1, enable_checkpointing=True)
+
+
+def test_checkpoint_weights_live_resumes_without_the_callback_from_the_live_weights(tmp_path: Path) -> None:
+    live = Recorder()
+    ema = EMA(decay=0.9, warmup="none", validate_with="live", checkpoint_weights="live")
+    fit_loss([live, ema, ModelCheckpoint(dirpath=tmp_path, save_last=True)], epochs=1, enable_checkpointing=True)
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert saved[MARKER_KEY]["state_dict"] == "live"
+    for name, value in saved["state_dict"].items():
+        assert torch.equal(value.double(), live.weights[-1][name]), name
+    averaged = saved["callbacks"][ema.state_key]["averaging"]["averaged"]
+    for name, value in ema._bound().averaged_tensors().items():
+        assert torch.equal(averaged[name], value), name
+
+
+def test_a_checkpoint_with_an_average_but_no_live_weights_is_refused(tmp_path: Path) -> None:
+    fit_loss([EMA(decay=0.9), ModelCheckpoint(dirpath=tmp_path, save_last=True)], epochs=2,
+             enable_checkpointing=True)
+    # Written during fit: state_dict holds the average. Drop its live weights.
+    state = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    stripped = tmp_path / "stripped.ckpt"
+    assert state[MARKER_KEY]["state_dict"] == "average"
+    del state[LIVE_KEY]
+    torch.save(state, stripped)
+    recorder = Recorder()
+    with pytest.raises(ValueError, match=LIVE_KEY):
+        fit_loss([recorder, EMA(decay=0.9)], epochs=3, ckpt_path=str(stripped))
+    fit_loss([EMA(decay=0.9, resume_from_average=True)], epochs=3, ckpt_path=str(stripped))  # opted in
+
+    del state["callbacks"][EMA(decay=0.9).state_key]["averaging"]
+    torch.save(state, stripped)
+    with pytest.warns(UserWarning, match=r"holds no \['averaging'\] state"):
+        fit_loss([EMA(decay=0.9, resume_from_average=True)], epochs=3, ckpt_path=str(stripped))
