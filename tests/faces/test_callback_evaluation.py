@@ -146,7 +146,7 @@ def test_the_best_checkpoint_scores_what_model_checkpoint_recorded(tmp_path: Pat
 def test_a_monitor_on_other_weights_than_saved_is_warned_at_fit_start(tmp_path: Path) -> None:
     best = ModelCheckpoint(dirpath=tmp_path, monitor="val_loss")
     with pytest.warns(UserWarning, match=r"measured on EMA.*average but the checkpoints' state_dict holds the live"):
-        fit_loss([EMA(decay=0.9, checkpoint_weights="live"), best], epochs=1, enable_checkpointing=True)
+        fit_loss([EMA(decay=0.9, warmup="none", checkpoint_weights="live"), best], epochs=1, enable_checkpointing=True)
 
 
 def test_checkpoint_weights_live_resumes_without_the_callback_from_the_live_weights(tmp_path: Path) -> None:
@@ -163,7 +163,7 @@ def test_checkpoint_weights_live_resumes_without_the_callback_from_the_live_weig
 
 
 def test_a_checkpoint_with_an_average_but_no_live_weights_is_refused(tmp_path: Path) -> None:
-    fit_loss([EMA(decay=0.9), ModelCheckpoint(dirpath=tmp_path, save_last=True)], epochs=2,
+    fit_loss([EMA(decay=0.9, warmup="none"), ModelCheckpoint(dirpath=tmp_path, save_last=True)], epochs=2,
              enable_checkpointing=True)
     # Written during fit: state_dict holds the average. Drop its live weights.
     state = torch.load(tmp_path / "last.ckpt", weights_only=False)
@@ -173,10 +173,38 @@ def test_a_checkpoint_with_an_average_but_no_live_weights_is_refused(tmp_path: P
     torch.save(state, stripped)
     recorder = Recorder()
     with pytest.raises(ValueError, match=LIVE_KEY):
-        fit_loss([recorder, EMA(decay=0.9)], epochs=3, ckpt_path=str(stripped))
-    fit_loss([EMA(decay=0.9, resume_from_average=True)], epochs=3, ckpt_path=str(stripped))  # opted in
+        fit_loss([recorder, EMA(decay=0.9, warmup="none")], epochs=3, ckpt_path=str(stripped))
+    fit_loss([EMA(decay=0.9, warmup="none", resume_from_average=True)], epochs=3, ckpt_path=str(stripped))  # opted in
 
-    del state["callbacks"][EMA(decay=0.9).state_key]["averaging"]
+    del state["callbacks"][EMA(decay=0.9, warmup="none").state_key]["averaging"]
     torch.save(state, stripped)
     with pytest.warns(UserWarning, match=r"holds no \['averaging'\] state"):
-        fit_loss([EMA(decay=0.9, resume_from_average=True)], epochs=3, ckpt_path=str(stripped))
+        fit_loss([EMA(decay=0.9, warmup="none", resume_from_average=True)], epochs=3, ckpt_path=str(stripped))
+
+
+def test_ema_warms_up_by_default_in_every_face() -> None:
+    """The default EMA is ema-pytorch's power warmup (gamma=1, power=2/3) up to decay 0.999, in every face; the
+    callback's average matches that schedule written plainly in float64."""
+    import hydra.utils
+    from omegaconf import OmegaConf
+
+    import weightavg.optim
+    from weightavg.config import EMAConfig
+    from weightavg.methods import EMA as EMARule
+
+    assert EMARule().warmup == "power"
+    assert EMA().rule == EMARule()
+    model = torch.nn.Linear(2, 2)
+    wrapper = weightavg.optim.EMA(torch.optim.SGD(model.parameters(), lr=0.1))
+    assert wrapper.averager.rule == EMARule()
+    built = hydra.utils.instantiate(OmegaConf.structured(EMAConfig()))
+    assert built.rule == EMARule()
+
+    recorder, ema = Recorder(), EMA(apply_at_end=False)
+    fit([recorder, ema], epochs=2)
+    avg = {k: v.clone() for k, v in recorder.weights[0].items()}
+    for t, weights in enumerate(recorder.weights[1:], start=1):
+        decay = min(0.999, 1 - (1 + t) ** (-2 / 3))
+        for k, v in weights.items():
+            avg[k] = decay * avg[k] + (1 - decay) * v if v.is_floating_point() else v.clone()
+    assert_close(ema._bound().averaged_tensors(), avg, rtol=1e-5, atol=1e-6)

@@ -35,6 +35,8 @@ class AveragingConfig:
     device: str | None = None
     dtype: str | None = None
     contiguous: bool = False
+    checkpoint_weights: str = "average"
+    resume_from_average: bool = False
 
 
 @dataclass
@@ -44,7 +46,7 @@ class EMAConfig(AveragingConfig):
     _target_: str = "weightavg.callbacks.EMA"
     decay: float | None = None
     half_life: float | None = None
-    warmup: str = "none"
+    warmup: str = "power"
     gamma: float = 1.0
     power: float = 2 / 3
     every_n_steps: int = 1
