@@ -6,9 +6,12 @@ ends, validation, checkpoints, the end of fit). The averaging math lives in ``we
 Several averagers may share a run. Two roles go to one callback each, by their order in ``Trainer(callbacks=...)``:
 
 - the *validator*, the first callback with ``validate_with="average"``: validation runs on its average;
-- the *owner*, the first callback with ``apply_at_end=True``: its average goes into the checkpoint's ``state_dict``
-  and into the model at the end of fit; the live weights are saved beside it (checkpoint key ``LIVE_KEY``) and put
-  back on resume.
+- the *owner*, the first callback with ``apply_at_end=True``: its average goes into the model at the end of fit.
+
+The checkpoint's ``state_dict`` holds the validator's average (without a validator, the owner's; see
+``checkpoint_weights``), so that ``ModelCheckpoint(monitor=...)`` saves the weights it measured; the live weights are
+saved beside it (checkpoint key ``LIVE_KEY``) and put back on resume, and ``MARKER_KEY`` says what ``state_dict``
+holds. Loading weights into the model never writes into an average.
 """
 
 from __future__ import annotations

@@ -446,7 +446,7 @@ def test_the_sweep_neither_checkpoints_nor_moves_early_stopping(tmp_path: Path) 
 
 def test_wiseft_before_an_applying_average_is_refused_and_evaluation_after_fit_sees_the_final_model() -> None:
     with pytest.raises(ValueError, match=r"WiSEFT comes before EMA\(decay=0.9\)"):
-        fit_wiseft([WiSEFT(alpha=0.5), EMA(decay=0.9, warmup="none")], epochs=1)
+        fit_wiseft([WiSEFT(alpha=0.5), EMA(decay=0.9)], epochs=1)
 
     from tests.faces.test_callbacks import ValidationWeights
 

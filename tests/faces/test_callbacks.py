@@ -97,7 +97,7 @@ def fit(callbacks: list[pl.Callback], epochs: int = 3, seed: int = 0, ckpt_path:
 
 def test_several_averagers_match_references_and_keep_separate_state(tmp_path: Path) -> None:
     recorder, live = Recorder(), LiveAtEnd()
-    fast, slow, swa = EMA(decay=0.9, warmup="none"), EMA(decay=0.99), SWA(start=0.5, every_unit="epoch")
+    fast, slow, swa = EMA(decay=0.9, warmup="none"), EMA(decay=0.99, warmup="none"), SWA(start=0.5, every_unit="epoch")
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     _run, model = fit([live, recorder, fast, slow, swa, checkpoint], epochs=4, enable_checkpointing=True)
 
@@ -258,8 +258,8 @@ def test_bad_arguments_name_the_argument() -> None:
     with pytest.raises(ValueError, match="start=-1"):
         SWA(start=-1, start_unit="step")
     with pytest.raises(RuntimeError, match="state_key"):
-        fit([EMA(decay=0.9, warmup="none"), EMA(decay=0.9)], epochs=1)
-    fit([EMA(decay=0.9, warmup="none"), EMA(decay=0.9, name="twin")], epochs=1)  # distinct names coexist
+        fit([EMA(decay=0.9), EMA(decay=0.9)], epochs=1)
+    fit([EMA(decay=0.9), EMA(decay=0.9, name="twin")], epochs=1)  # distinct names coexist
 
 
 def test_resume_with_changed_arguments_continues_from_live_weights(tmp_path: Path) -> None:

@@ -119,7 +119,7 @@ def test_transformer_default_selection_validation_sees_the_merged_model() -> Non
 def test_with_ema_ewa_merges_the_average_and_must_come_last() -> None:
     torch.set_num_threads(1)
     with pytest.raises(ValueError, match=r"EMA\(decay=0.5\) comes after EWA"):
-        fit([EWA(select="net.0", num_experts=2), EMA(decay=0.5, warmup="none")], epochs=1)
+        fit([EWA(select="net.0", num_experts=2), EMA(decay=0.5)], epochs=1)
 
     class Keep(pl.Callback):  # the EMA's averaged stacks, read just before EWA merges them
         def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
