@@ -277,7 +277,7 @@ def hand_mixed_precision(module: nn.Module) -> Case:
 
 
 def weightavg_step(module: nn.Module, contiguous: bool = False) -> tuple[weightavg.Averager, Case]:
-    averager = weightavg.Averager(module, weightavg.EMA(decay=DECAY), contiguous=contiguous)
+    averager = weightavg.Averager(module, weightavg.EMA(decay=DECAY, warmup="none"), contiguous=contiguous)
     return averager, averager.step
 
 

@@ -22,7 +22,7 @@ from weightavg import Averager, Clock, Snapshot
 from weightavg.core.rule import Rule
 
 RULES: dict[str, Callable[[], Rule]] = {
-    "ema": lambda: methods.EMA(decay=0.9, every_n_steps=2),
+    "ema": lambda: methods.EMA(decay=0.9, warmup="none", every_n_steps=2),
     "ema_warmup": lambda: methods.EMA(decay=0.99, warmup="power", power=0.75),
     "swa": lambda: methods.SWA(start=3, start_unit="step", every=2, every_unit="step"),
     "swa_epoch": lambda: methods.SWA(start=1, start_unit="epoch", every=1, every_unit="epoch"),

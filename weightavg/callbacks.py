@@ -6,9 +6,12 @@ ends, validation, checkpoints, the end of fit). The averaging math lives in ``we
 Several averagers may share a run. Two roles go to one callback each, by their order in ``Trainer(callbacks=...)``:
 
 - the *validator*, the first callback with ``validate_with="average"``: validation runs on its average;
-- the *owner*, the first callback with ``apply_at_end=True``: its average goes into the checkpoint's ``state_dict``
-  and into the model at the end of fit; the live weights are saved beside it (checkpoint key ``LIVE_KEY``) and put
-  back on resume.
+- the *owner*, the first callback with ``apply_at_end=True``: its average goes into the model at the end of fit.
+
+The checkpoint's ``state_dict`` holds the validator's average (without a validator, the owner's; see
+``checkpoint_weights``), so that ``ModelCheckpoint(monitor=...)`` saves the weights it measured; the live weights are
+saved beside it (checkpoint key ``LIVE_KEY``) and put back on resume, and ``MARKER_KEY`` says what ``state_dict``
+holds. Loading weights into the model never writes into an average.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from lightning.pytorch.callbacks import Callback, Checkpoint, EarlyStopping
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from weightavg.core.averager import NONFINITE, Averager, NonFinite
@@ -63,8 +67,12 @@ from weightavg.strategies import NAME as LOCAL_DDP
 from weightavg.strategies import LocalDDPStrategy
 
 ValidateWith = Literal["average", "live"]
+CheckpointWeights = Literal["average", "live"]
 #: Checkpoint key of the live weights, saved beside a ``state_dict`` that holds an average.
 LIVE_KEY = "weightavg_live_weights"
+#: Top-level checkpoint key saying what ``state_dict`` holds (``{"state_dict": "average" | "live", "averager": name,
+#: "live_key": LIVE_KEY}``), for code that resumes or loads the checkpoint without the weightavg callbacks.
+MARKER_KEY = "weightavg"
 
 
 class AveragingCallback(Callback):
@@ -79,6 +87,15 @@ class AveragingCallback(Callback):
             With several averagers the first one with ``apply_at_end=True`` does it, and its average is also what
             checkpoints hold under ``state_dict``.
         export_path: write the averaged weights as safetensors here at the end of fit (global rank 0).
+        checkpoint_weights: what a checkpoint's ``state_dict`` holds when this callback writes it (the callback
+            validation uses, else the one with ``apply_at_end=True``): ``"average"`` (``load_from_checkpoint`` gives
+            the averaged model; a resume without the weightavg callback would train on from the average) or
+            ``"live"`` (``state_dict`` holds the training weights; the average stays in the callback state). Either
+            way the checkpoint says which under its top-level ``MARKER_KEY`` entry, and ``ModelCheckpoint(monitor=...)``
+            is warned about at fit start when its metric would be measured on other weights than it saves.
+        resume_from_average: let ``trainer.fit(ckpt_path=...)`` continue from a checkpoint whose ``state_dict``
+            holds an average but whose live weights (``LIVE_KEY``) are missing; refused by default, since training
+            would silently continue from the average with the live trajectory's optimizer state.
         name: a unique name for this averager (its checkpoint ``state_key`` is ``weightavg[<name>]``); default: the
             rule's compact repr, e.g. ``EMA(decay=0.999)``. Two identical averagers need distinct names: Lightning
             refuses two callbacks with one ``state_key`` when the Trainer is built.
@@ -103,11 +120,18 @@ class AveragingCallback(Callback):
         dtype: torch.dtype | str | None = None,
         contiguous: bool = False,
         nonfinite: NonFinite = "warn",
+        checkpoint_weights: CheckpointWeights = "average",
+        resume_from_average: bool = False,
     ) -> None:
         # Everything that can be checked before training is checked here, not after hours of it.
         if not isinstance(rule, Rule):
             raise TypeError(f"rule={rule!r} must be an averaging rule such as weightavg.methods.EMA(...)")
         check_choice("validate_with", validate_with, ("average", "live"))
+        check_choice("checkpoint_weights", checkpoint_weights, ("average", "live"))
+        if not isinstance(resume_from_average, bool):
+            raise TypeError(f"resume_from_average={resume_from_average!r} must be a bool")
+        self.checkpoint_weights = checkpoint_weights
+        self.resume_from_average = resume_from_average
         check_buffer_policy(buffers)
         check_patterns(include, "include")
         check_patterns(exclude, "exclude")
@@ -133,12 +157,17 @@ class AveragingCallback(Callback):
         self._pending: dict[str, Any] = {}
         self._validates = False
         self._owns_model = False
+        self._writes_checkpoint = False  # whether this callback decides what checkpoints hold under state_dict
         self._swapped_for_validation = False
         self._applied = False
         self._fitting = False  # between on_fit_start and the end of training: the averager belongs to this fit
         self._accept_state = True  # whether a checkpoint being restored is for fitting (else its state is ignored)
         self._peers: list[AveragingCallback] = []
         self._suspended = False  # set while a peer evaluates its own weights (WiSEFT's sweep)
+        # Set when weights are loaded into the model outside fit (trainer.test(ckpt_path=...)): evaluation then
+        # uses them as they are.
+        self._loaded_over = False
+        self._load_hook: RemovableHandle | None = None
 
     @property
     @override
@@ -155,6 +184,7 @@ class AveragingCallback(Callback):
             cb._peers = ours
             cb._validates = cb is validator
             cb._owns_model = cb is owner
+            cb._writes_checkpoint = cb is (validator or owner)
         interpolators = [cb for cb in ours if cb._finishes_model()]
         if owner is not None and interpolators and ours.index(interpolators[0]) < ours.index(owner):
             raise ValueError(
@@ -162,6 +192,8 @@ class AveragingCallback(Callback):
                 f"{owner.name} would replace the interpolated model when fit ends. Put {interpolators[0].name} after "
                 "it to interpolate toward its average, or set apply_at_end=False on one of them"
             )
+        if stage == "fit" and self is ours[0]:
+            _warn_on_checkpoint_mismatch(trainer, validator, validator or owner)
         if len(ours) > 1 and self is ours[0]:
             ends = owner.name if owner else "the live weights"
             if interpolators:
@@ -182,15 +214,42 @@ class AveragingCallback(Callback):
                 f"wrapped the model; it is not supported under {type(trainer.strategy).__name__}, which wraps the "
                 "model (DDP registers its gradient buckets at wrap time): use contiguous=False"
             )
+        # Lightning reports inf for endless runs and -1 (its max_steps) for data without a length and no max_steps.
         total = trainer.estimated_stepping_batches
-        total_steps = int(total) if math.isfinite(total) else None
-        self.averager = Averager(pl_module, self.rule, total_steps=total_steps, **self._engine_kwargs)
+        total_steps = int(total) if math.isfinite(total) and total > 0 else None
+        try:
+            self.averager = Averager(pl_module, self.rule, total_steps=total_steps, **self._engine_kwargs)
+        except ValueError as error:
+            if total_steps is not None or "total optimizer steps" not in str(error):
+                raise
+            raise ValueError(
+                f"{self.name}: the Trainer cannot tell this run's total optimizer steps (the training data has no "
+                "length, e.g. an IterableDataset, and max_steps is not set), which a start given as a fraction of "
+                "training needs: set Trainer(max_steps=...) or give the start in steps or epochs "
+                "(start_unit='step' or 'epoch')"
+            ) from error
         self.averager.label = self.name
         self._applied = False
         self._fitting = True
+        self._loaded_over = False
+        if self._load_hook is not None:
+            self._load_hook.remove()
+        self._load_hook = pl_module.register_load_state_dict_pre_hook(  # type: ignore[no-untyped-call]
+            self._before_model_load
+        )
         self.check_model(trainer, pl_module)
         self.bind_extra(trainer, pl_module)
         self._apply_pending()
+
+    def _before_model_load(self, module: torch.nn.Module, *args: Any) -> None:
+        """Runs before anything is loaded into the model (Lightning's checkpoint restore, ``load_state_dict``): the
+        loaded weights must land in the model's own storage, never in an average that is swapped in by pointer."""
+        peers = self._peers or [self]
+        for peer in reversed(peers):  # swaps nest in callback order
+            peer._swap_back_after_evaluation()
+            if not peer._fitting:
+                peer._loaded_over = True
+        _unshare_from_averages(module, [peer.averager for peer in peers if peer.averager is not None])
 
     def bind_extra(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Bind a method's own state beyond the average (ZSCL's teacher, NoLoCo's outer state) when fit starts,
@@ -240,9 +299,14 @@ class AveragingCallback(Callback):
             self._bound().swap()
             self._swapped_for_validation = False
 
+    def _evaluates_the_model_as_it_is(self) -> bool:
+        # After fit, evaluate what the model ends with; after a load into the model (trainer.test(ckpt_path=...)),
+        # exactly the loaded weights.
+        return self._loaded_over or any(peer._applied for peer in self._peers)
+
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not any(peer._applied for peer in self._peers):  # after fit, validate what the model ends with
+        if not self._evaluates_the_model_as_it_is():
             self._swap_in_for_evaluation()
 
     @override
@@ -253,7 +317,7 @@ class AveragingCallback(Callback):
 
     @override
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not any(peer._applied for peer in self._peers):  # after fit, test what the model ends with
+        if not self._evaluates_the_model_as_it_is():
             self._swap_in_for_evaluation()
 
     @override
@@ -321,10 +385,22 @@ class AveragingCallback(Callback):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        if self is (self._peers[0] if self._peers else self):
+        peers = self._peers or [self]
+        if self is peers[0]:
             self._save_live_weights(pl_module, checkpoint)
+            writer = next((p for p in peers if p._writes_checkpoint), None)
+            holds = "average" if writer is not None and writer._writes_average() else "live"
+            if any(p._applied for p in peers):
+                holds = "the model at the end of fit"
+            checkpoint[MARKER_KEY] = {
+                "state_dict": holds, "averager": None if writer is None else writer.name, "live_key": LIVE_KEY,
+            }
+            if holds == "live" and LIVE_KEY in checkpoint:  # an average is swapped in for validation right now
+                checkpoint["state_dict"].update(
+                    {k: v for k, v in checkpoint[LIVE_KEY].items() if k in checkpoint["state_dict"]}
+                )
         averager = self.averager
-        if not self._owns_model or averager is None or not averager.has_average or self._applied:
+        if not self._writes_checkpoint or averager is None or not self._writes_average() or self._applied:
             return  # after fit the model itself holds this average (and whatever was done to it since)
         # The model's state_dict gets this average (so load_from_checkpoint gives the averaged model), whether or
         # not some average is swapped in right now.
@@ -336,6 +412,9 @@ class AveragingCallback(Callback):
                 if key in model_state:
                     model_state[key] = tensor.detach().to(dtype=current[key].dtype, device=current[key].device)
 
+    def _writes_average(self) -> bool:
+        return self.checkpoint_weights == "average" and self.averager is not None and self.averager.has_average
+
     def _save_live_weights(self, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         """Save the live model state beside a ``state_dict`` that holds (or may hold) an average.
 
@@ -344,7 +423,7 @@ class AveragingCallback(Callback):
         """
         # Swaps nest in callback order (the first to swap holds the true live weights), so the first one writes last.
         swapped = [p.averager for p in reversed(self._peers) if p.averager is not None and p.averager.is_swapped]
-        owner_writes = any(p._owns_model and p.averager is not None and p.averager.has_average for p in self._peers)
+        owner_writes = any(p._writes_checkpoint and p._writes_average() for p in self._peers)
         if not swapped and not owner_writes:
             return
         live = dict(pl_module.state_dict())
@@ -369,10 +448,59 @@ class AveragingCallback(Callback):
                 "starts afresh. Give averagers a fixed name=... to resume them after changing their arguments."
             )
         live = checkpoint.get(LIVE_KEY)
+        marker = checkpoint.get(MARKER_KEY)
+        holds = marker.get("state_dict") if isinstance(marker, dict) else None
+        if live is None and holds not in (None, "live") and not self.resume_from_average:
+            raise ValueError(
+                f"the checkpoint's state_dict holds an average ({MARKER_KEY}={marker!r}) but its live weights "
+                f"({LIVE_KEY!r}) are missing: training would continue from the average. Restore {LIVE_KEY!r}, or "
+                f"pass resume_from_average=True to {self.name} to continue from the average on purpose"
+            )
+        if saved and self.state_key in saved:
+            missing = sorted(self._state_keys() - set(checkpoint["callbacks"][self.state_key]))
+            if missing:
+                rank_zero_warn(
+                    f"weightavg: the checkpoint's {self.state_key} holds no {missing} state; those parts of "
+                    f"{self.name} start afresh"
+                )
+        elif not saved and (live is not None or marker is not None):
+            rank_zero_warn(
+                f"weightavg: the checkpoint was written with weightavg but holds no state for {self.state_key} (no "
+                "'weightavg[...]' callback state at all); this averager starts afresh"
+            )
         if live is not None and self is (self._peers[0] if self._peers else self):
             # The Trainer has just loaded state_dict (an average) into the model; put the live weights back. The
             # first averager does it whatever the names, so training never continues from an average by mistake.
             pl_module.load_state_dict(live)
+
+
+def _warn_on_checkpoint_mismatch(
+    trainer: pl.Trainer, validator: AveragingCallback | None, writer: AveragingCallback | None
+) -> None:
+    """Warn when a ``ModelCheckpoint(monitor=...)`` would rank checkpoints by a metric measured on other weights
+    than the ones they save (the validated average but live weights saved, or the reverse)."""
+    monitors = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "monitor", None) is not None]
+    saves_average = writer is not None and writer.checkpoint_weights == "average"
+    measured = f"{validator.name}'s average" if validator is not None else "the live weights"
+    saved = f"{writer.name}'s average" if saves_average and writer is not None else "the live weights"
+    if monitors and measured != saved:
+        rank_zero_warn(
+            f"weightavg: ModelCheckpoint(monitor={monitors[0].monitor!r}) ranks by a metric measured on {measured} "  # type: ignore[attr-defined]
+            f"but the checkpoints' state_dict holds {saved}. Validate on what you save (validate_with='average' "
+            "with checkpoint_weights='average', or validate_with='live' with checkpoint_weights='live')"
+        )
+
+
+def _unshare_from_averages(module: torch.nn.Module, averagers: Sequence[Averager]) -> None:
+    """Give the model's tensors that hold an averager's own storage (an average swapped in by pointer, e.g. applied
+    at the end of fit) a copy of it, so that writing into the model cannot change the average."""
+    owned = {t.untyped_storage().data_ptr() for a in averagers for t in a.averaged_tensors().values()}
+    if not owned:
+        return
+    with torch.no_grad():
+        for tensor in (*module.parameters(), *module.buffers()):
+            if tensor.untyped_storage().data_ptr() in owned:
+                tensor.data = tensor.data.clone()
 
 
 class EMA(AveragingCallback):
@@ -387,7 +515,7 @@ class EMA(AveragingCallback):
         decay: float | None = None,
         *,
         half_life: float | None = None,
-        warmup: Warmup = "none",
+        warmup: Warmup = "power",
         gamma: float = 1.0,
         power: float = 2 / 3,
         every_n_steps: int = 1,

@@ -50,7 +50,7 @@ def drift(model: nn.Module, seed: int) -> None:
 
 def drifted(model_dtype: torch.dtype = torch.float32, steps: int = 3, **engine: object) -> tuple[nn.Module, Averager]:
     model = mlp(0, batchnorm=True).to(model_dtype)
-    averager = Averager(model, EMA(decay=0.5), **engine)  # type: ignore[arg-type]
+    averager = Averager(model, EMA(decay=0.5, warmup="none"), **engine)  # type: ignore[arg-type]
     for step in range(1, steps + 1):
         drift(model, seed=step)
         averager.step()
@@ -74,7 +74,7 @@ def test_ema_trajectory_matches_float64_loop_and_torch_averaged_model() -> None:
     decay = 0.95
     model = mlp(0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
-    averager = Averager(model, EMA(decay=decay))
+    averager = Averager(model, EMA(decay=decay, warmup="none"))
     torch_ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
     torch_ema.update_parameters(model)  # torch's first update copies, as binding does here
     reference = {name: p.detach().double().clone() for name, p in model.named_parameters()}
@@ -124,7 +124,7 @@ def bf16_anchor_run(dtype: torch.dtype | None) -> tuple[Averager, float]:
     """ANCHORS.md: parameter = bf16(p0 + 1e-3 t), t = 1..1000, decay 0.9999, p0 = 1.0."""
     decay, p0, steps = 0.9999, 1.0, 1000
     parameter = nn.Parameter(torch.full((8,), p0, dtype=torch.bfloat16))
-    averager = Averager([parameter], EMA(decay=decay), dtype=dtype)
+    averager = Averager([parameter], EMA(decay=decay, warmup="none"), dtype=dtype)
     held = [p0]
     for t in range(1, steps + 1):
         with torch.no_grad():
@@ -246,8 +246,8 @@ def test_update_and_swap_do_not_sync_with_the_host() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cpu_average_of_a_gpu_model() -> None:
     model = mlp(0, batchnorm=True).cuda()
-    on_cpu = Averager(model, EMA(decay=0.5), device="cpu")
-    on_gpu = Averager(model, EMA(decay=0.5))
+    on_cpu = Averager(model, EMA(decay=0.5, warmup="none"), device="cpu")
+    on_gpu = Averager(model, EMA(decay=0.5, warmup="none"))
     for step in range(1, 4):
         drift(model, seed=step)
         on_cpu.step()
@@ -447,7 +447,7 @@ def test_repeated_epoch_value_is_ignored() -> None:
 def test_start_step_copies_then_averages() -> None:
     decay = 0.5
     value = nn.Parameter(torch.zeros(3))
-    averager = Averager([value], EMA(decay=decay, start_step=3))
+    averager = Averager([value], EMA(decay=decay, warmup="none", start_step=3))
     assert not averager.has_average
     for step in range(1, 6):
         with torch.no_grad():
@@ -545,8 +545,8 @@ def test_contiguous_layout_matches_the_per_tensor_path_bit_for_bit(tmp_path: Pat
     torch.manual_seed(0)
     reference = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Linear(7, 3))
     flat_model = copy.deepcopy(reference)
-    plain = Averager(reference, EMA(decay=0.8))
-    flat = Averager(flat_model, EMA(decay=0.8), contiguous=True)
+    plain = Averager(reference, EMA(decay=0.8, warmup="none"))
+    flat = Averager(flat_model, EMA(decay=0.8, warmup="none"), contiguous=True)
     assert any(group.flat is not None for group in flat._groups)
     for model in (reference, flat_model):  # the re-homed model still computes the same function
         model.eval()
@@ -564,7 +564,7 @@ def test_contiguous_layout_matches_the_per_tensor_path_bit_for_bit(tmp_path: Pat
         assert torch.equal(flat_model[0].weight, plain.averaged_tensors()["0.weight"])
     flat.save(tmp_path / "flat.safetensors")  # averages share one buffer: the export must still work
     plain.load(tmp_path / "flat.safetensors")
-    resumed = Averager(copy.deepcopy(flat_model), EMA(decay=0.8), contiguous=True)
+    resumed = Averager(copy.deepcopy(flat_model), EMA(decay=0.8, warmup="none"), contiguous=True)
     resumed.load_state_dict(flat.state_dict())
     for name, tensor in flat.averaged_tensors().items():
         assert torch.equal(tensor, resumed.averaged_tensors()[name]), name
@@ -572,7 +572,7 @@ def test_contiguous_layout_matches_the_per_tensor_path_bit_for_bit(tmp_path: Pat
 
 def test_contiguous_layout_falls_back_when_the_model_is_re_homed() -> None:
     model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
-    averager = Averager(model, EMA(decay=0.5), contiguous=True)
+    averager = Averager(model, EMA(decay=0.5, warmup="none"), contiguous=True)
     model.to(torch.float64).to(torch.float32)  # parameters get new storage
     with torch.no_grad():
         for parameter in model.parameters():
@@ -586,7 +586,7 @@ def test_contiguous_layout_falls_back_when_the_model_is_re_homed() -> None:
 
 def test_two_contiguous_averagers_share_one_layout() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
-    first = Averager(model, EMA(decay=0.5), contiguous=True)
+    first = Averager(model, EMA(decay=0.5, warmup="none"), contiguous=True)
     pointers = [p.data_ptr() for p in model.parameters()]
     second = Averager(model, SWA(start=0, start_unit="step", every_unit="step"), contiguous=True)
     assert [p.data_ptr() for p in model.parameters()] == pointers  # not re-homed a second time
@@ -606,9 +606,9 @@ def test_two_contiguous_averagers_share_one_layout() -> None:
 
 def test_import_counts_as_an_update_and_steps_cannot_go_back(tmp_path: Path) -> None:
     model = nn.Linear(2, 1, bias=False)
-    averager = Averager(model, EMA(decay=0.99))
+    averager = Averager(model, EMA(decay=0.99, warmup="none"))
     averager.save(tmp_path / "a.safetensors")
-    fresh = Averager(model, EMA(decay=0.99))
+    fresh = Averager(model, EMA(decay=0.99, warmup="none"))
     fresh.step(1000)
     fresh.load(tmp_path / "a.safetensors")
     with torch.no_grad():
@@ -622,11 +622,11 @@ def test_import_counts_as_an_update_and_steps_cannot_go_back(tmp_path: Path) -> 
 
 def test_state_without_last_update_keys_still_loads() -> None:
     model = nn.Linear(2, 1)
-    averager = Averager(model, EMA(decay=0.9))
+    averager = Averager(model, EMA(decay=0.9, warmup="none"))
     averager.step(3)
     state = averager.state_dict()
     del state["last_update_step"], state["last_update_epoch"]
-    fresh = Averager(nn.Linear(2, 1), EMA(decay=0.9))
+    fresh = Averager(nn.Linear(2, 1), EMA(decay=0.9, warmup="none"))
     fresh.load_state_dict(state)
     assert fresh.clock.last_update_step == 3
 

@@ -57,7 +57,7 @@ def test_tied_parameters_are_followed_once_with_every_name() -> None:
     assert entries["embed.weight"].tensor is model.head.weight
     assert "head.weight" not in entries
 
-    averager = Averager(model, EMA(decay=0.5))
+    averager = Averager(model, EMA(decay=0.5, warmup="none"))
     assert averager.aliases()["embed.weight"] == ("head.weight",)
     assert averager.names.count("embed.weight") == 1 and "head.weight" not in averager.names
     before = model.embed.weight.detach().clone()
@@ -103,7 +103,7 @@ def test_buffer_policy_ignore() -> None:
 
 def test_buffer_policies_in_the_engine() -> None:
     """'average' averages float buffers, 'copy' takes the live value; integer buffers are copied and stay integer."""
-    rule = EMA(decay=0.75)
+    rule = EMA(decay=0.75, warmup="none")
     model = TiedNet()
     averaging = Averager(model, rule, buffers="average")
     copying = Averager(model, rule, buffers="copy")

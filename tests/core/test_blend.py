@@ -201,7 +201,7 @@ def test_apply_blend_takes_a_blend_out_first() -> None:
 
 def test_update_is_refused_while_blended() -> None:
     model = bn_net(0)
-    averager = Averager(model, EMA(decay=0.5))
+    averager = Averager(model, EMA(decay=0.5, warmup="none"))
     drift(model, seed=1)
     averager.blend(0.5)
     with pytest.raises(RuntimeError, match="swap"):
@@ -343,7 +343,7 @@ def test_load_weights_from_files(tmp_path: Path) -> None:
     source = other_weights()
     expected = source.state_dict()
 
-    ema = Averager(source, EMA(decay=0.5))
+    ema = Averager(source, EMA(decay=0.5, warmup="none"))
     saved = ema.save(tmp_path / "average.safetensors")
     model_file = ema.save_model(tmp_path / "model.safetensors")
     torch.save(expected, tmp_path / "weights.pt")
@@ -501,7 +501,7 @@ def test_read_weights_detects_safetensors_by_content_and_loads_checkpoints_with_
     import argparse
 
     model = nn.Linear(3, 2)
-    averager = Averager(model, EMA(decay=0.9))
+    averager = Averager(model, EMA(decay=0.9, warmup="none"))
     averager.save(tmp_path / "average.bin")  # any suffix
     loaded = nn.Linear(3, 2)
     load_into_module(loaded, tmp_path / "average.bin")

@@ -41,7 +41,7 @@ def drift(model: nn.Module, seed: int) -> None:
 
 def averaged_model(tied: bool = True, **engine: object) -> tuple[nn.Module, Averager]:
     model = TiedNet(tied)
-    averager = Averager(model, EMA(decay=0.5), **engine)  # type: ignore[arg-type]
+    averager = Averager(model, EMA(decay=0.5, warmup="none"), **engine)  # type: ignore[arg-type]
     for step in range(1, 4):
         drift(model, step)
         averager.step()
@@ -57,7 +57,7 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     for name, tensor in averager.averaged_tensors().items():
         assert torch.equal(on_disk[name], tensor)
 
-    fresh = Averager(TiedNet(), EMA(decay=0.5, start_step=100))
+    fresh = Averager(TiedNet(), EMA(decay=0.5, warmup="none", start_step=100))
     assert not fresh.has_average
     fresh.load(path)
     assert fresh.has_average

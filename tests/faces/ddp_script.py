@@ -68,7 +68,7 @@ def main() -> None:
     model = DigitsModule()
     train, val = digits_loaders()
     recorder = Recorder()
-    ema = EMA(decay=0.9, apply_at_end=False, export_path=str(Path(sys.argv[1]) / "ema.safetensors"))
+    ema = EMA(decay=0.9, warmup="none", apply_at_end=False, export_path=str(Path(sys.argv[1]) / "ema.safetensors"))
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, callbacks=[recorder, ema], logger=False,
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,

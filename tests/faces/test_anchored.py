@@ -108,7 +108,7 @@ def test_wiseft_fixed_alpha_without_metric_and_without_apply() -> None:
 
 def test_wiseft_interpolates_toward_an_average_that_applies_first_and_validators_stay_out() -> None:
     recorder = Recorder()
-    ema = EMA(decay=0.8)
+    ema = EMA(decay=0.8, warmup="none")
     wiseft = WiSEFT(monitor="val_acc", alphas=(0.0, 0.5, 1.0))
     _, model = fit_wiseft([recorder, ema, wiseft])
     theta_1 = {k: v.double() for k, v in ema._bound().averaged_tensors().items()}
@@ -451,7 +451,7 @@ def test_wiseft_before_an_applying_average_is_refused_and_evaluation_after_fit_s
     from tests.faces.test_callbacks import ValidationWeights
 
     seen = ValidationWeights()
-    run, model = fit_wiseft([EMA(decay=0.9, apply_at_end=False), WiSEFT(alpha=0.5), seen], epochs=1)
+    run, model = fit_wiseft([EMA(decay=0.9, warmup="none", apply_at_end=False), WiSEFT(alpha=0.5), seen], epochs=1)
     final = {k: v.clone() for k, v in model.state_dict().items()}
     _, val = digits_loaders()
     run.validate(model, val)

@@ -97,7 +97,7 @@ def fit(callbacks: list[pl.Callback], epochs: int = 3, seed: int = 0, ckpt_path:
 
 def test_several_averagers_match_references_and_keep_separate_state(tmp_path: Path) -> None:
     recorder, live = Recorder(), LiveAtEnd()
-    fast, slow, swa = EMA(decay=0.9), EMA(decay=0.99), SWA(start=0.5, every_unit="epoch")
+    fast, slow, swa = EMA(decay=0.9, warmup="none"), EMA(decay=0.99, warmup="none"), SWA(start=0.5, every_unit="epoch")
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     _run, model = fit([live, recorder, fast, slow, swa, checkpoint], epochs=4, enable_checkpointing=True)
 
@@ -123,7 +123,7 @@ def test_validation_uses_the_average_and_live_weights_before_the_first_update() 
     seen = ValidationWeights()
     recorder = Recorder()
     # start_step beyond the first epoch: the first validation must see live weights, later ones the average.
-    ema = EMA(decay=0.9, start_step=10, apply_at_end=False)
+    ema = EMA(decay=0.9, warmup="none", start_step=10, apply_at_end=False)
     fit([recorder, ema, seen], epochs=2)
     first_epoch_end = recorder.weights[recorder.steps.index(8)]
     assert_close(seen.seen[0], first_epoch_end, rtol=0, atol=0)
@@ -135,7 +135,7 @@ def test_validation_uses_the_average_and_live_weights_before_the_first_update() 
 
 def test_validate_with_live_and_apply_at_end_off() -> None:
     seen, recorder = ValidationWeights(), Recorder()
-    ema = EMA(decay=0.9, validate_with="live", apply_at_end=False)
+    ema = EMA(decay=0.9, warmup="none", validate_with="live", apply_at_end=False)
     _, model = fit([recorder, ema, seen], epochs=1)
     assert_close(seen.seen[0], recorder.weights[-1], rtol=0, atol=0)
     assert_close(model.state_dict(), recorder.weights[-1], rtol=0, atol=0)
@@ -183,11 +183,11 @@ class SaveWhileSwapped(pl.Callback):
 
 
 def test_resume_from_checkpoint_written_while_swapped(tmp_path: Path) -> None:
-    _resume_pair(tmp_path, lambda: [EMA(decay=0.95)], saver=SaveWhileSwapped(tmp_path))
+    _resume_pair(tmp_path, lambda: [EMA(decay=0.95, warmup="none")], saver=SaveWhileSwapped(tmp_path))
 
 
 def test_checkpoint_state_dict_holds_the_average(tmp_path: Path) -> None:
-    ema = EMA(decay=0.9)
+    ema = EMA(decay=0.9, warmup="none")
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     live = LiveAtEnd()
     fit([live, ema, checkpoint], epochs=2, enable_checkpointing=True)
@@ -202,7 +202,7 @@ def test_checkpoint_state_dict_holds_the_average(tmp_path: Path) -> None:
 
 def test_gradient_accumulation_counts_optimizer_steps() -> None:
     recorder = Recorder()
-    ema = EMA(decay=0.9)
+    ema = EMA(decay=0.9, warmup="none")
     fit([recorder, ema], epochs=2, accumulate_grad_batches=3)
     # 8 batches per epoch -> 3 optimizer steps per epoch (the last one flushes a partial accumulation).
     assert recorder.steps[-1] == 6
@@ -213,7 +213,7 @@ def test_gradient_accumulation_counts_optimizer_steps() -> None:
 @pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
 def test_bf16_precisions(precision: str) -> None:
     recorder = Recorder()
-    ema = EMA(decay=0.9, apply_at_end=False)
+    ema = EMA(decay=0.9, warmup="none", apply_at_end=False)
     _, model = fit([recorder, ema], epochs=1, precision=precision)
     averaged = ema._bound().averaged_tensors()
     assert averaged["net.0.weight"].dtype == torch.float32
@@ -224,7 +224,7 @@ def test_bf16_precisions(precision: str) -> None:
 
 def test_export_path_writes_the_average(tmp_path: Path) -> None:
     path = tmp_path / "ema.safetensors"
-    ema = EMA(decay=0.9, export_path=str(path))
+    ema = EMA(decay=0.9, warmup="none", export_path=str(path))
     _, model = fit([ema], epochs=1)
     fresh = DigitsModule()
     load_into_module(fresh, path)
@@ -250,9 +250,9 @@ def test_swa_recomputes_batchnorm_statistics_on_the_average() -> None:
 
 def test_bad_arguments_name_the_argument() -> None:
     with pytest.raises(ValueError, match=r"decay=1\.5.*\[0, 1\)"):
-        EMA(decay=1.5)
+        EMA(decay=1.5, warmup="none")
     with pytest.raises(ValueError, match="validate_with='both'"):
-        EMA(decay=0.9, validate_with="both")  # type: ignore[arg-type]
+        EMA(decay=0.9, warmup="none", validate_with="both")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="every_n_steps=0"):
         EMA(every_n_steps=0)
     with pytest.raises(ValueError, match="start=-1"):
@@ -286,11 +286,11 @@ def test_resume_from_swapped_checkpoint_without_an_owner(tmp_path: Path) -> None
 
 def test_checkpoint_saved_after_fit_resumes_exactly(tmp_path: Path) -> None:
     live_a = LiveAtEnd()
-    fit([live_a, EMA(decay=0.95)], epochs=4)
-    first, _ = fit([EMA(decay=0.95)], epochs=2)
+    fit([live_a, EMA(decay=0.95, warmup="none")], epochs=4)
+    first, _ = fit([EMA(decay=0.95, warmup="none")], epochs=2)
     first.save_checkpoint(tmp_path / "after.ckpt")  # the model holds the average now
     live_b = LiveAtEnd()
-    fit([live_b, EMA(decay=0.95)], epochs=4, ckpt_path=str(tmp_path / "after.ckpt"))
+    fit([live_b, EMA(decay=0.95, warmup="none")], epochs=4, ckpt_path=str(tmp_path / "after.ckpt"))
     for key, value in live_a.state.items():
         assert torch.equal(value, live_b.state[key]), key
 
@@ -304,19 +304,19 @@ class SeenAtTest(pl.Callback):
 
 
 def test_test_and_validate_from_a_checkpoint_use_the_average(tmp_path: Path) -> None:
-    ema = EMA(decay=0.9)
+    ema = EMA(decay=0.9, warmup="none")
     fit([ema, ModelCheckpoint(dirpath=tmp_path, save_last=True)], epochs=2, enable_checkpointing=True)
     averaged = ema._bound().averaged_tensors()
     model = DigitsModule()
     seen = SeenAtTest()
     _, val = digits_loaders()
-    trainer(callbacks=[EMA(decay=0.9), seen]).test(model, val, ckpt_path=str(tmp_path / "last.ckpt"))
+    trainer(callbacks=[EMA(decay=0.9, warmup="none"), seen]).test(model, val, ckpt_path=str(tmp_path / "last.ckpt"))
     for name, value in averaged.items():
         torch.testing.assert_close(seen.seen[name], value)
 
 
 def test_test_after_fit_without_apply_uses_the_average() -> None:
-    ema, seen = EMA(decay=0.9, apply_at_end=False), SeenAtTest()
+    ema, seen = EMA(decay=0.9, warmup="none", apply_at_end=False), SeenAtTest()
     run, model = fit([ema, seen], epochs=1)
     _, val = digits_loaders()
     run.test(model, val)
@@ -344,14 +344,14 @@ class EpochEndProbe(DigitsModule):
 
 def test_module_hooks_see_the_validated_weights_and_interruptions_restore_live() -> None:
     pl.seed_everything(0, verbose=False)
-    model, ema = EpochEndProbe(), EMA(decay=0.9, apply_at_end=False)
+    model, ema = EpochEndProbe(), EMA(decay=0.9, warmup="none", apply_at_end=False)
     seen = ValidationWeights()
     train, val = digits_loaders()
     trainer(max_epochs=1, callbacks=[ema, seen]).fit(model, train, val)
     torch.testing.assert_close(model.at_epoch_end[0], seen.seen[0]["net.0.weight"])
 
     pl.seed_everything(0, verbose=False)
-    model, ema = EpochEndProbe(fail_at_epoch=1), EMA(decay=0.9, apply_at_end=False)
+    model, ema = EpochEndProbe(fail_at_epoch=1), EMA(decay=0.9, warmup="none", apply_at_end=False)
     live = Recorder()
     with pytest.raises(RuntimeError, match="interrupted during validation"):
         trainer(max_epochs=3, callbacks=[live, ema]).fit(model, train, val)
@@ -367,7 +367,7 @@ def test_swa_refuses_a_batchnorm_recompute_it_cannot_do_before_training() -> Non
 
 
 def test_contiguous_layout_in_a_trainer() -> None:
-    recorder, ema = Recorder(), EMA(decay=0.9, contiguous=True, apply_at_end=False)
+    recorder, ema = Recorder(), EMA(decay=0.9, warmup="none", contiguous=True, apply_at_end=False)
     fit([recorder, ema], epochs=2)
     assert any(group.flat is not None for group in ema._bound()._groups)
     assert_close(ema._bound().averaged_tensors(), ema_reference(recorder, 0.9), rtol=1e-5, atol=1e-6)
@@ -376,7 +376,7 @@ def test_contiguous_layout_in_a_trainer() -> None:
 def test_evaluating_a_checkpoint_after_fit_and_fitting_again(tmp_path: Path) -> None:
     """After fit (the average swapped in for good), Lightning restores callbacks for validate/test too: their
     averaging state must be ignored there, and must not leak into a later, fresh fit."""
-    ema, seen = EMA(decay=0.9), SeenAtTest()
+    ema, seen = EMA(decay=0.9, warmup="none"), SeenAtTest()
     run, model = fit([ema, seen, ModelCheckpoint(dirpath=tmp_path, save_last=True)], epochs=2,
                      enable_checkpointing=True)
     saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
@@ -386,7 +386,7 @@ def test_evaluating_a_checkpoint_after_fit_and_fitting_again(tmp_path: Path) -> 
     for name, value in saved.items():
         assert torch.equal(seen.seen[name], value), name
 
-    fresh_ema, recorder = EMA(decay=0.9, apply_at_end=False), Recorder()
+    fresh_ema, recorder = EMA(decay=0.9, warmup="none", apply_at_end=False), Recorder()
     trainer(callbacks=[fresh_ema]).validate(DigitsModule(), val, ckpt_path=str(tmp_path / "last.ckpt"))
     fit([recorder, fresh_ema], epochs=1)  # a plain fit: starts from its own weights, not the checkpoint's state
     assert fresh_ema._bound().num_updates == 1 + recorder.steps[-1]

@@ -126,7 +126,7 @@ def test_with_ema_ewa_merges_the_average_and_must_come_last() -> None:
             self.stacks = [s.detach().clone() for s in mixtures(module)[0].stacks()]
 
     keep = Keep()
-    _, model = fit([EMA(decay=0.5), keep, EWA(select="net.0", num_experts=2, beta=0.1)], epochs=1)
+    _, model = fit([EMA(decay=0.5, warmup="none"), keep, EWA(select="net.0", num_experts=2, beta=0.1)], epochs=1)
     weight, bias = (stack.mean(0) for stack in keep.stacks)
     assert torch.equal(model.net[0].weight, weight) and torch.equal(model.net[0].bias, bias)
 

@@ -44,7 +44,7 @@ def sgd(model: nn.Module) -> torch.optim.SGD:
 def test_param_groups_and_state_are_shared_with_the_inner_optimizer() -> None:
     model = mlp()
     inner = sgd(model)
-    opt = weightavg.optim.EMA(inner, decay=0.9)
+    opt = weightavg.optim.EMA(inner, decay=0.9, warmup="none")
     assert opt.param_groups is inner.param_groups
     assert opt.state is inner.state
 
@@ -92,7 +92,7 @@ def test_zero_grad_closure_and_add_param_group() -> None:
     with pytest.raises(NotImplementedError, match=r"add the parameter group to the inner optimizer"):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(1))]})
     with pytest.raises(TypeError, match=r"optimizer must be a torch.optim.Optimizer, got list"):
-        weightavg.optim.EMA(list(model.parameters()), decay=0.9)  # type: ignore[arg-type]
+        weightavg.optim.EMA(list(model.parameters()), decay=0.9, warmup="none")  # type: ignore[arg-type]
     assert repr(opt).startswith("EMA(EMA(decay=0.9), SGD (")
 
 
@@ -122,7 +122,7 @@ def test_trajectory_equals_plain_sgd_with_a_float64_hand_ema() -> None:
     train(plain_model, plain, steps, hand_ema)
 
     model = mlp()
-    wrapped = weightavg.optim.EMA(sgd(model), decay=decay, module=model, buffers="ignore")
+    wrapped = weightavg.optim.EMA(sgd(model), decay=decay, warmup="none", module=model, buffers="ignore")
     train(model, wrapped, steps)
 
     for name, p in model.named_parameters():
@@ -135,7 +135,7 @@ def test_trajectory_equals_plain_sgd_with_a_float64_hand_ema() -> None:
 
 def test_without_module_parameters_are_named_by_position() -> None:
     model = mlp(batchnorm=False)
-    opt = weightavg.optim.EMA(sgd(model), decay=0.5)
+    opt = weightavg.optim.EMA(sgd(model), decay=0.5, warmup="none")
     assert opt.averager.names == ["0", "1", "2", "3"]
     assert [t.data_ptr() for t in opt.averager.live_tensors().values()] == [p.data_ptr() for p in model.parameters()]
 
@@ -143,7 +143,7 @@ def test_without_module_parameters_are_named_by_position() -> None:
 # ---------------------------------------------------------------------------------------------- averaged weights
 def test_averaged_evaluates_the_average_and_restores_live() -> None:
     model = mlp()
-    opt = weightavg.optim.EMA(sgd(model), decay=0.8, module=model)
+    opt = weightavg.optim.EMA(sgd(model), decay=0.8, warmup="none", module=model)
     train(model, opt, 5)
     model.eval()
     x = batch(0)[0]
@@ -159,7 +159,7 @@ def test_averaged_evaluates_the_average_and_restores_live() -> None:
 
 def test_averaged_before_the_first_update_warns_and_uses_live_weights() -> None:
     model = mlp()
-    opt = weightavg.optim.EMA(sgd(model), decay=0.8, start_step=5)
+    opt = weightavg.optim.EMA(sgd(model), decay=0.8, warmup="none", start_step=5)
     train(model, opt, 2)
     live = model[0].weight.detach().clone()
     with pytest.warns(UserWarning, match=r"no averaging update has happened yet"), opt.averaged():
@@ -169,7 +169,7 @@ def test_averaged_before_the_first_update_warns_and_uses_live_weights() -> None:
 def test_module_includes_buffers_under_state_dict_names() -> None:
     decay = 0.7
     model = mlp()
-    opt = weightavg.optim.EMA(sgd(model), decay=decay, module=model)
+    opt = weightavg.optim.EMA(sgd(model), decay=decay, warmup="none", module=model)
     assert set(opt.averager.names) == set(model.state_dict())
     hand = {name: t.double().clone() for name, t in model.state_dict().items() if t.is_floating_point()}
 
@@ -202,7 +202,7 @@ def test_update_bn_equals_torch_update_bn_on_a_copy_with_the_average() -> None:
 
 def test_copy_to_model_and_save_averaged(tmp_path: Path) -> None:
     model = mlp()
-    opt = weightavg.optim.EMA(sgd(model), decay=0.8, module=model)
+    opt = weightavg.optim.EMA(sgd(model), decay=0.8, warmup="none", module=model)
     train(model, opt, 4)
     opt.save_averaged(str(tmp_path / "ema.safetensors"))
     on_disk = load_file(tmp_path / "ema.safetensors")
@@ -295,7 +295,7 @@ def test_state_dict_round_trip_continues_bit_identically(resume_at: int, schedul
 def test_groups_and_state_stay_shared_after_load_state_dict() -> None:
     model = mlp()
     inner = sgd(model)
-    opt = weightavg.optim.EMA(inner, decay=0.9)
+    opt = weightavg.optim.EMA(inner, decay=0.9, warmup="none")
     opt.load_state_dict(opt.state_dict())
     assert opt.param_groups is inner.param_groups
     assert opt.state is inner.state
@@ -303,7 +303,7 @@ def test_groups_and_state_stay_shared_after_load_state_dict() -> None:
 
 def test_load_state_dict_with_wrong_keys() -> None:
     model = mlp()
-    opt = weightavg.optim.EMA(sgd(model), decay=0.9)
+    opt = weightavg.optim.EMA(sgd(model), decay=0.9, warmup="none")
     expected = r"EMA.state_dict\(\) \(keys \['averaging', 'optimizer'\]\), got keys \['optimizer'\]"
     with pytest.raises(ValueError, match=expected):
         opt.load_state_dict({"optimizer": opt.optimizer.state_dict()})
@@ -316,7 +316,7 @@ def test_load_state_dict_with_wrong_keys() -> None:
 
 def test_refused_state_leaves_the_optimizer_untouched() -> None:
     model = mlp()
-    opt = weightavg.optim.EMA(sgd(model), decay=0.9)
+    opt = weightavg.optim.EMA(sgd(model), decay=0.9, warmup="none")
     named = weightavg.optim.EMA(torch.optim.SGD(model.parameters(), lr=0.05), decay=0.9, module=model).state_dict()
     with pytest.raises(ValueError, match=r"missing keys"):
         opt.load_state_dict(named)
@@ -330,7 +330,7 @@ import sys
 import torch
 import weightavg.optim
 model = torch.nn.Linear(3, 1)
-opt = weightavg.optim.EMA(torch.optim.SGD(model.parameters(), lr=0.1), decay=0.9, module=model)
+opt = weightavg.optim.EMA(torch.optim.SGD(model.parameters(), lr=0.1), decay=0.9, warmup="none", module=model)
 for _ in range(3):
     opt.zero_grad()
     model(torch.ones(4, 3)).pow(2).mean().backward()

@@ -56,12 +56,12 @@ def test_power_warmup_closed_form(t: int) -> None:
 def test_tf_warmup_closed_form(t: int) -> None:
     rule = EMA(decay=0.999, warmup="tf")
     assert rule.decay_at(t) == pytest.approx(min(0.999, (1 + t) / (10 + t)), rel=1e-12)
-    assert EMA(decay=0.999).decay_at(t) == 0.999
+    assert EMA(decay=0.999, warmup="none").decay_at(t) == 0.999
 
 
 @pytest.mark.parametrize("half_life", [1, 10, 693.5, 1e4])
 def test_half_life(half_life: float) -> None:
-    rule = EMA(half_life=half_life)
+    rule = EMA(half_life=half_life, warmup="none")
     assert rule.base_decay == pytest.approx(0.5 ** (1 / half_life), rel=1e-12)
     # The weight of a sample halves every half_life steps.
     assert rule.base_decay**half_life == pytest.approx(0.5, rel=1e-9)
@@ -69,7 +69,7 @@ def test_half_life(half_life: float) -> None:
 
 def test_default_decay() -> None:
     assert EMA().base_decay == 0.999
-    assert EMA(decay=0.0).base_decay == 0.0
+    assert EMA(decay=0.0, warmup="none").base_decay == 0.0
 
 
 def test_warmup_counts_steps_from_the_start_step() -> None:
@@ -81,12 +81,12 @@ def test_warmup_counts_steps_from_the_start_step() -> None:
 @pytest.mark.parametrize(
     "rule",
     [
-        EMA(decay=0.9),
+        EMA(decay=0.9, warmup="none"),
         EMA(decay=0.97, warmup="power"),
         EMA(decay=0.97, warmup="power", gamma=3.0, power=0.75),
         EMA(decay=0.95, warmup="tf"),
-        EMA(half_life=7),
-        EMA(decay=0.9, start_step=10),
+        EMA(half_life=7, warmup="none"),
+        EMA(decay=0.9, warmup="none", start_step=10),
         EMA(decay=0.95, warmup="tf", start_step=4),
     ],
     ids=repr,
@@ -111,16 +111,16 @@ def test_every_n_steps_keeps_the_time_constant(every: int) -> None:
     """Live weights jump from p0 to c after binding: every-step EMA gives c + (p0 - c) d^s after s steps; updating
     every n steps with d^n lands on the same value at each update."""
     decay, p0, c, steps = 0.97, 2.0, -1.0, 40
-    averager, updated = run(EMA(decay=decay, every_n_steps=every), [p0] + [c] * steps)
+    averager, updated = run(EMA(decay=decay, warmup="none", every_n_steps=every), [p0] + [c] * steps)
     assert updated == [step % every == 0 for step in range(1, steps + 1)]
     last_update = steps - steps % every
     assert average(averager) == pytest.approx(c + (p0 - c) * decay**last_update, rel=1e-12)
-    unscaled, _ = run(EMA(decay=decay, every_n_steps=every, scale_decay=False), [p0] + [c] * steps)
+    unscaled, _ = run(EMA(decay=decay, warmup="none", every_n_steps=every, scale_decay=False), [p0] + [c] * steps)
     assert average(unscaled) == pytest.approx(c + (p0 - c) * decay ** (last_update // every), rel=1e-12)
 
 
 def test_every_n_steps_counts_from_the_last_update() -> None:
-    rule = EMA(decay=0.5, every_n_steps=3, start_step=4)
+    rule = EMA(decay=0.5, warmup="none", every_n_steps=3, start_step=4)
     _, updated = run(rule, [0.0] * 13)
     # 12 steps: copy at step 4 (the start), then every third step after it: 7, 10.
     assert [step for step, done in enumerate(updated, start=1) if done] == [4, 7, 10]
@@ -130,7 +130,7 @@ def test_a_jumping_step_counter_keeps_the_time_constant() -> None:
     """Two optimizers stepping per batch advance the step counter by 2: each update then decays by decay**2."""
     decay = 0.9
     model = nn.Linear(1, 1, bias=False)
-    averager = Averager(model, EMA(decay=decay))
+    averager = Averager(model, EMA(decay=decay, warmup="none"))
     expected = float(model.weight)
     for k in range(1, 11):
         with torch.no_grad():
@@ -141,13 +141,13 @@ def test_a_jumping_step_counter_keeps_the_time_constant() -> None:
 
 
 def test_start_step_rule_weights() -> None:
-    rule = EMA(decay=0.9, start_step=3)
+    rule = EMA(decay=0.9, warmup="none", start_step=3)
     assert rule.weight("bind", Clock(0, 0), 0) is None
     assert rule.weight("step", Clock(2, 0), 0) is None
     assert rule.weight("step", Clock(3, 0), 0) == 1.0  # the first update copies
     assert rule.weight("step", Clock(4, 0, last_update_step=3), 1) == pytest.approx(1 - 0.9)
     assert rule.weight("epoch", Clock(4, 1), 1) is None
-    immediate = EMA(decay=0.9)
+    immediate = EMA(decay=0.9, warmup="none")
     assert immediate.weight("bind", Clock(0, 0), 0) == 1.0
     assert immediate.weight("bind", Clock(0, 0), 1) is None
 

@@ -36,6 +36,8 @@ class AveragingConfig:
     dtype: str | None = None
     contiguous: bool = False
     nonfinite: str = "warn"
+    checkpoint_weights: str = "average"
+    resume_from_average: bool = False
 
 
 @dataclass
@@ -45,7 +47,7 @@ class EMAConfig(AveragingConfig):
     _target_: str = "weightavg.callbacks.EMA"
     decay: float | None = None
     half_life: float | None = None
-    warmup: str = "none"
+    warmup: str = "power"
     gamma: float = 1.0
     power: float = 2 / 3
     every_n_steps: int = 1

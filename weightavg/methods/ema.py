@@ -42,7 +42,7 @@ class EMA:
 
     decay: float | None = None
     half_life: float | None = None
-    warmup: Warmup = "none"
+    warmup: Warmup = "power"
     gamma: float = 1.0
     power: float = 2 / 3
     every_n_steps: int = 1
