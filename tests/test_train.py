@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.helpers import clean_environment
@@ -19,10 +20,19 @@ def run_app(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess[str]
     return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
 
 
-def accuracy_table(stdout: str) -> dict[str, float]:
+def accuracy_table(stdout: str, column: int = 0) -> dict[str, float]:
+    """Row -> test accuracy; ``column=1``: on the original domain (printed after ``|`` for a shifted run)."""
     rows = stdout.split("test accuracy", 1)[1].splitlines()[1:]
-    return {line.rsplit(maxsplit=1)[0]: float(line.rsplit(maxsplit=1)[1]) for line in rows if line[:1].isalnum()
-            and not line.startswith(("averaged weights", "merged model", "final model"))}
+    table = {}
+    for line in rows:
+        if not line[:1].isalnum() or line.startswith(("averaged weights", "merged model", "final model")):
+            continue
+        if ":" in line.split("  ", 1)[0]:  # a note line ("averaging: ..."), not a row
+            continue
+        first, *rest = line.split(" | ")
+        key, value = first.rsplit(maxsplit=1)
+        table[key] = float(([value, *rest])[column])
+    return table
 
 
 def test_app_trains_with_several_averagers_and_writes_them(tmp_path: Path) -> None:
@@ -38,6 +48,60 @@ def test_app_trains_with_several_averagers_and_writes_them(tmp_path: Path) -> No
         model = Classifier(64, 10)
         load_into_module(model, tmp_path / f"{name}.safetensors")
         assert torch.isfinite(model.net[0].weight).all()
+
+
+def run_pretrained_on_original(weights: Path) -> float:
+    from weightavg.train import accuracy, load_dataset
+
+    model = Classifier(64, 10)
+    load_into_module(model, weights)
+    return accuracy(model, load_dataset("digits")[2])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("averaging.dtype=float8", "averaging: dtype='float8'"),
+        ("averaging.device=tpu9", "averaging: device='tpu9'"),
+        ("averaging.export_path=/nonexistent/dir/x.safetensors", "export_path='/nonexistent/dir/x.safetensors'"),
+        ("trainer.threads=0", "trainer.threads=0"),
+    ],
+)
+def test_every_bad_value_is_one_line_before_training(tmp_path: Path, override: str, message: str) -> None:
+    """The real command: non-zero exit, one clear line, no traceback, and nothing trained (no metrics written)."""
+    result = run_app(tmp_path, override, "trainer.max_epochs=1")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = [line for line in result.stderr.splitlines() if "invalid configuration" in line]
+    assert len(lines) == 1 and message in lines[0], result.stderr[-3000:]
+    assert not (tmp_path / "metrics.csv").exists() or "train_loss" not in (tmp_path / "metrics.csv").read_text()
+    assert not Path("/nonexistent/dir").exists()
+
+
+def test_help_describes_every_field() -> None:
+    from omegaconf import OmegaConf
+
+    from weightavg.train import TrainConfig
+
+    result = subprocess.run([sys.executable, "-m", "weightavg.train", "--help"], capture_output=True, text=True,
+                            timeout=300, env={**clean_environment(), "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = OmegaConf.structured(TrainConfig)
+    names = [k for k in config if k != "defaults"]
+    fields = [f"{group}.{key}" for group in ("data", "model", "trainer") for key in config[group]]
+    for name in [*names, *fields]:
+        if name in ("data", "model", "trainer"):
+            continue
+        described = [line for line in result.stdout.splitlines() if line.split()[:1] == [name]]
+        assert described and len(described[0].split()) > 2, f"--help does not describe {name}"
+
+
+def test_threads_progress_and_metrics_log(tmp_path: Path) -> None:
+    result = run_app(tmp_path, "averaging=none", "trainer.max_epochs=1", "trainer.threads=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 torch thread(s) (trainer.threads)" in result.stdout
+    header, *rows = (tmp_path / "metrics.csv").read_text().splitlines()  # Lightning's CSV logger in the run folder
+    assert {"train_loss", "val_acc", "epoch", "step"} <= set(header.split(",")) and rows
 
 
 def test_invalid_value_exits_nonzero_naming_the_field(tmp_path: Path) -> None:
@@ -76,6 +140,14 @@ def test_wiseft_and_zscl_from_a_pretrained_run_on_a_shifted_domain(tmp_path: Pat
     table = accuracy_table(wiseft.stdout)
     chosen = next(key for key in table if key.startswith("averaging WiSEFT(alpha="))
     assert "averaging WiSE-FT anchor (alpha=0)" in table and chosen
+    # WiSE-FT's point is the original domain: every row is scored there too, and the anchor (the pretrained
+    # weights) is far above chance on it (it scored 0.011 on the inverted digits alone: the table's old anchor row).
+    original = accuracy_table(wiseft.stdout, column=1)
+    assert set(original) == set(table)
+    pretrained_score = run_pretrained_on_original(pretrained)
+    anchor = original["averaging WiSE-FT anchor (alpha=0)"]
+    assert anchor == pytest.approx(pretrained_score, abs=5e-5)  # printed to 4 places
+    assert original["averaging WiSE-FT anchor (alpha=0)"] > 0.5
     assert (tmp_path / "wiseft" / "averaging.png").is_file()
     assert "val_original" in wiseft.stderr + wiseft.stdout  # the sweep reports both validation sets
 

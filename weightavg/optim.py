@@ -50,7 +50,8 @@ class AveragingOptimizer(Optimizer):
 
     Args:
         optimizer: the inner optimizer; its ``param_groups`` and ``state`` are shared, so LR schedulers, gradient
-            clipping, ``zero_grad`` and ``add_param_group`` keep acting on it.
+            clipping and ``zero_grad`` keep acting on it. ``add_param_group`` raises: add groups to the inner
+            optimizer before wrapping (the average is bound to the parameters present when the wrapper is built).
         rule: the averaging rule.
         module: the model; when given, tensors are named as in its ``state_dict`` and its buffers are followed too
             (under ``buffers``). Without it only the optimizer's parameters are averaged, named by position.

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import gzip
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,12 +31,14 @@ import hydra
 import lightning.pytorch as pl
 import torch
 from hydra.core.config_store import ConfigStore
+from lightning.pytorch.loggers import CSVLogger
 from omegaconf import MISSING, DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from weightavg.callbacks import EWA, LCSC, ZSCL, AveragingCallback, DiLoCo, NoLoCo, WiSEFT
 from weightavg.config import ConfigError, instantiate_averaging, register_configs
+from weightavg.core.averager import _resolve_dtype
 from weightavg.core.io import read_weights, save_safetensors
 from weightavg.ewa import mixtures, to_dense
 
@@ -71,11 +74,15 @@ class TrainerConfig:
     precision: str = "32-true"
     accumulate_grad_batches: int = 1
     check_val_every_n_epoch: int = 1
+    threads: int = 1  # torch.set_num_threads at start: small models run fastest on one, and results depend on it
+    progress_bar: bool | None = None  # Lightning's progress bar; None: on when stderr is a terminal
 
 
 @dataclass
 class TrainConfig:
-    defaults: list[Any] = field(default_factory=lambda: ["_self_", {"averaging": "ema"}])
+    defaults: list[Any] = field(
+        default_factory=lambda: ["_self_", {"averaging": "ema"}, {"override hydra/help": "weightavg_train"}]
+    )
     averaging: Any = MISSING
     extra_averaging: dict[str, Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
@@ -241,6 +248,34 @@ class _LiveSnapshot(pl.Callback):
 
 Averaging = AveragingCallback | EWA
 
+#: Config fields that name files the app writes after training: checked before it starts.
+OUTPUT_FIELDS = ("export_path", "figure_path", "result_path")
+
+
+def check_output_path(where: str, key: str, value: Any) -> None:
+    """Refuse an output file the app could not write after training: a folder, a missing or unwritable parent."""
+    path = Path(str(value))
+    problem = None
+    if path.is_dir():
+        problem = "is a directory"
+    elif not path.parent.is_dir():
+        problem = f"has no parent folder {str(path.parent)!r} (create it first)"
+    elif not os.access(path.parent, os.W_OK):
+        problem = f"is in a folder this process cannot write ({str(path.parent)!r})"
+    if problem is not None:
+        raise ConfigError(f"{where}: {key}={str(value)!r} {problem}; give a file path in a writable folder")
+
+
+class _FitProgress(pl.Callback):
+    """Records whether training took its first step, so errors raised before it are reported as configuration."""
+
+    def __init__(self) -> None:
+        self.started = False
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self.started = True
+
 
 def build_averagers(
     cfg: DictConfig, output_dir: Path, reference: DataLoader[Any] | None = None, val_names: list[str] | None = None
@@ -265,6 +300,14 @@ def build_averagers(
             overrides["monitor"] = "val_acc"
         if target.endswith(".ZSCL") and node.get("reference") is None and reference is not None:
             overrides["reference"] = reference
+        for key in OUTPUT_FIELDS:
+            if node is not None and node.get(key) is not None:
+                check_output_path(where, key, node.get(key))
+        if node is not None and node.get("dtype") is not None:
+            try:  # the averagers resolve their dtype when fit binds them: check it before any training
+                _resolve_dtype(node.get("dtype"))
+            except (TypeError, ValueError) as error:
+                raise ConfigError(f"{where}: {error}") from error
         callback = instantiate_averaging(node, where=where, **overrides)
         if callback is None:
             continue
@@ -278,8 +321,14 @@ def build_averagers(
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train as configured; return test accuracy of the live weights and of each average."""
+    trainer_options: dict[str, Any] = OmegaConf.to_container(cfg.trainer)  # type: ignore[assignment]
+    threads, progress_bar = trainer_options.pop("threads"), trainer_options.pop("progress_bar")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ConfigError(f"trainer.threads={threads!r} must be a whole number of threads >= 1")
+    torch.set_num_threads(threads)
     pl.seed_everything(cfg.seed, verbose=False)
     output_dir = Path(cfg.output_dir)
+    print(f"weightavg.train: {threads} torch thread(s) (trainer.threads), run folder {output_dir}")
     try:
         train, val, test = load_dataset(cfg.data.name)
     except (ValueError, FileNotFoundError) as error:
@@ -289,7 +338,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     # Unlabeled reference inputs for ZSCL: the original domain's training inputs (only with pretrained weights:
     # distilling toward a random initialisation would only hold training back).
     reference_x = train[0][-cfg.data.reference_size :] if cfg.data.reference_size > 0 else None
-    original_val = val
+    original_val, original_test = val, test
     if cfg.data.shift == "invert":
         train, val, test = ((1.0 - x, y) for x, y in (train, val, test))
     if cfg.data.train_size is not None:
@@ -321,51 +370,71 @@ def run(cfg: DictConfig) -> dict[str, float]:
             model.load_state_dict(read_weights(init_from, argument="model.init_from"))
         except (FileNotFoundError, ValueError, RuntimeError) as error:
             raise ConfigError(str(error)) from error
-    snapshot = _LiveSnapshot()
+    snapshot, progress = _LiveSnapshot(), _FitProgress()
     trainer = pl.Trainer(
-        **OmegaConf.to_container(cfg.trainer),  # type: ignore[arg-type]
-        callbacks=[snapshot, *averagers.values()],
-        logger=False,
+        **trainer_options,
+        callbacks=[snapshot, progress, *averagers.values()],
+        logger=CSVLogger(str(output_dir), name="", version=""),  # metrics.csv in the run folder
+        log_every_n_steps=10,  # a digits epoch is 34 steps: Lightning's default 50 would log no training loss
         enable_checkpointing=False,
-        enable_progress_bar=False,
+        enable_progress_bar=sys.stderr.isatty() if progress_bar is None else bool(progress_bar),
         enable_model_summary=False,
         default_root_dir=str(output_dir),
     )
-    trainer.fit(model, train_loader, val_loaders)
+    try:
+        trainer.fit(model, train_loader, val_loaders)
+    except (ValueError, TypeError) as error:
+        if progress.started:
+            raise
+        # Raised at fit start (the callbacks' checks that need the Trainer or the model), before any training.
+        raise ConfigError(str(error)) from error
 
     results: dict[str, float] = {}
+    original: dict[str, float] = {}  # the same rows on the original domain when training on a shifted one
+
+    def measure(label: str) -> None:
+        results[label] = accuracy(model, test)
+        if cfg.data.shift != "none":  # WiSE-FT's and ZSCL's point: what the original domain keeps
+            original[label] = accuracy(model, original_test)
+
     for where, callback in averagers.items():
         if isinstance(callback, EWA):
-            results[f"{where} {callback!r}, merged"] = accuracy(model, test)  # the model ends merged
+            measure(f"{where} {callback!r}, merged")  # the model ends merged
         elif isinstance(callback, WiSEFT) and callback.averager is not None and callback.alpha is not None:
             with callback.averager.blended(callback.alpha):
-                results[f"{where} WiSEFT(alpha={callback.alpha:g})"] = accuracy(model, test)
+                measure(f"{where} WiSEFT(alpha={callback.alpha:g})")
             with callback.averager.blended(0.0):
-                results[f"{where} WiSE-FT anchor (alpha=0)"] = accuracy(model, test)
+                measure(f"{where} WiSE-FT anchor (alpha=0)")
         elif isinstance(callback, LCSC) and callback.result is not None:
-            results[f"{where} LCSC(method={callback.method})"] = accuracy(model, test)  # the model holds it
+            measure(f"{where} LCSC(method={callback.method})")  # the model holds it
         elif any(isinstance(cb, EWA) for cb in averagers.values()):
             continue  # its average was of the mixtures; what it left in the model is merged in EWA's row
         elif callback.averager is not None and callback.averager.has_average:
             rule = callback.outer_rule if isinstance(callback, NoLoCo | DiLoCo) else callback.rule
             label = f"{where} {rule!r}" + (" slow weights" if isinstance(callback, NoLoCo | DiLoCo) else "")
             with callback.averager.averaged():
-                results[label] = accuracy(model, test)
+                measure(label)
     final = output_dir / "model.safetensors"
     if trainer.is_global_zero:  # with several processes (NoLoCo, DiLoCo) rank 0's replica is the one written
         save_safetensors(model.state_dict(), final)  # what the model ends with (an average, if one applies at end)
     model.load_state_dict(snapshot.state)
-    results = {"live": accuracy(model, test), **results}
+    measure("live")
+    results = {"live": results.pop("live"), **results}
     if not trainer.is_global_zero:
         return results
     width = max(len(k) for k in results)
-    print(f"\n{'weights':<{width}}  test accuracy ({cfg.data.name}, {len(test[1])} examples)")
+    domain = "" if cfg.data.shift == "none" else f", {cfg.data.shift}ed"
+    extra = "" if cfg.data.shift == "none" else "  | original domain"
+    print(f"\n{'weights':<{width}}  test accuracy ({cfg.data.name}{domain}, {len(test[1])} examples){extra}")
     for key, value in results.items():
-        print(f"{key:<{width}}  {value:.4f}")
+        print(f"{key:<{width}}  {value:.4f}" + (f"  | {original[key]:.4f}" if key in original else ""))
     for callback in averagers.values():
         if isinstance(callback, EWA):
             written = callback.export_path is not None and Path(callback.export_path).is_file()
             print(f"merged model of {callback.name}: {callback.export_path if written else 'not exported'}")
+            print(f"{callback.name}: 'live' is the live mixtures merged to the dense architecture (what EWA deploys), "
+                  "so it matches the merged row unless another averager changed the model at the end; the dense "
+                  "baseline (no EWA) is the same command with averaging=none")
         elif callback.export_path is not None and Path(callback.export_path).is_file():
             print(f"averaged weights of {callback.name}: {callback.export_path}")
         else:
@@ -374,10 +443,57 @@ def run(cfg: DictConfig) -> dict[str, float]:
     return results
 
 
+#: ``--help``'s description of every field of the app's own config (a test checks that none is missing).
+FIELD_HELP: dict[str, str] = {
+    "averaging": "the averaging method: a group option (ema, swa, wiseft, zscl, lcsc, ewa, noloco, diloco, none); "
+    "its fields are the arguments of weightavg.callbacks.<Method> (docs/<method>.md lists each)",
+    "extra_averaging": "more averagers in the same run: +averaging@extra_averaging.NAME=OPTION",
+    "data.name": "digits (scikit-learn, embedded) or fashion_mnist (Debian's dataset-fashion-mnist)",
+    "data.batch_size": "training batch size",
+    "data.train_size": "cap on training examples (null: all)",
+    "data.shift": "none, or invert (1 - x): train on a second domain; the table then also scores the original one",
+    "data.reference_size": "unlabeled original-domain inputs ZSCL distills on (with model.init_from)",
+    "model.arch": "mlp (BatchNorm MLP, SGD) or vit (small vision transformer, AdamW; EWA needs it)",
+    "model.hidden": "mlp: hidden width; vit: FFN width (token width hidden // 2)",
+    "model.lr": "learning rate (null: 0.3 for mlp, 1e-3 for vit)",
+    "model.momentum": "mlp's SGD momentum",
+    "model.depth": "vit: transformer blocks",
+    "model.heads": "vit: attention heads",
+    "model.init_from": "start from these weights (safetensors or checkpoint), e.g. an earlier run's model.safetensors",
+    "trainer.max_epochs": "training epochs",
+    "trainer.accelerator": "Lightning accelerator (auto, cpu, gpu, ...)",
+    "trainer.devices": "Lightning devices (several processes: with trainer.strategy=local_ddp)",
+    "trainer.strategy": "Lightning strategy; local_ddp for NoLoCo/DiLoCo over several processes",
+    "trainer.precision": "Lightning precision (32-true, bf16-mixed, ...)",
+    "trainer.accumulate_grad_batches": "batches per optimizer step",
+    "trainer.check_val_every_n_epoch": "epochs between validations",
+    "trainer.threads": "torch CPU threads, set at start (default 1: fastest for these small models, and "
+    "results depend on the thread count)",
+    "trainer.progress_bar": "Lightning's progress bar (null: on when stderr is a terminal)",
+    "seed": "seed of the initialisation and of the data order",
+    "output_dir": "run folder: averages (.safetensors), model.safetensors, metrics.csv (default: Hydra's run dir)",
+}
+
+
+def _help_template() -> str:
+    width = max(map(len, FIELD_HELP)) + 2
+    fields = "\n".join(f"  {key:<{width}}{text}" for key, text in FIELD_HELP.items())
+    return (
+        "python -m weightavg.train [OVERRIDES]: train on real data with weight averaging; prints the test accuracy "
+        "of the live weights and of each average, writes metrics.csv and the averages into the run folder.\n\n"
+        "Fields (override with key=value, e.g. averaging=swa averaging.start=0.5 trainer.max_epochs=5):\n"
+        f"{fields}\n\n== Config groups ==\n$APP_CONFIG_GROUPS\n== Config (defaults) ==\n$CONFIG\n"
+        "Hydra's own options: --hydra-help\n"
+    )
+
+
 def register_train_configs() -> None:
     """Register the app's config (``weightavg_train``) and the ``averaging`` group; called by ``main``."""
     register_configs()
-    ConfigStore.instance().store(name="weightavg_train", node=TrainConfig)
+    store = ConfigStore.instance()
+    store.store(group="hydra/help", name="weightavg_train", node={"app_name": "weightavg.train", "header": "",
+                                                                   "footer": "", "template": _help_template()})
+    store.store(name="weightavg_train", node=TrainConfig)
 
 
 def _run_cli(cfg: DictConfig) -> None:

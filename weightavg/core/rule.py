@@ -6,7 +6,7 @@ The engine (``Averager``) owns tensors and counters; a rule owns only hyperparam
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 Event = Literal["bind", "step", "epoch"]
 
@@ -72,3 +72,24 @@ class Snapshot:
 
     def validate_clock(self, clock: Clock) -> None:
         return None
+
+
+#: Attributes Lightning looks up on every object in ``Trainer(callbacks=...)`` besides its ``on_*`` hooks.
+_CALLBACK_ATTRIBUTES = frozenset({"setup", "teardown", "state_key", "state_dict", "load_state_dict"})
+
+
+class NotACallback:
+    """Base of the rules exported at the top level (``weightavg.EMA``, ...): a rule passed to ``Trainer(callbacks=...)``
+    by mistake gets an error naming the callback to use instead of Lightning's bare ``AttributeError``."""
+
+    if not TYPE_CHECKING:  # hidden from mypy, which would otherwise accept any attribute of a rule
+
+        def __getattr__(self, name: str) -> object:
+            if name.startswith("on_") or name in _CALLBACK_ATTRIBUTES:
+                kind = type(self).__name__
+                raise AttributeError(
+                    f"{kind}(...) from weightavg / weightavg.methods is the averaging rule, not a Lightning callback "
+                    f"(it has no {name!r}): pass weightavg.callbacks.{kind}(...) to Trainer(callbacks=...), or use "
+                    f"weightavg.optim.{kind}(optimizer, ...) in a plain loop"
+                )
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")

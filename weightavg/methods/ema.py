@@ -8,12 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from weightavg.core.checks import check_bool, check_choice, check_number
-from weightavg.core.rule import Clock, Event, compact_repr
+from weightavg.core.rule import Clock, Event, NotACallback, compact_repr
 from weightavg.core.schedules import WARMUPS, Warmup, decay_from_half_life, warmed_decay
 
 
 @dataclass(frozen=True, repr=False)
-class EMA:
+class EMA(NotACallback):
     """Exponential moving average of the weights.
 
     The average becomes a copy of the live weights once ``start_step`` optimizer steps are done (at binding when

@@ -9,12 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from weightavg.core.checks import check_choice, check_number
-from weightavg.core.rule import Clock, Event, compact_repr
+from weightavg.core.rule import Clock, Event, NotACallback, compact_repr
 from weightavg.core.schedules import START_UNITS, UNITS, StartUnit, Unit, reached
 
 
 @dataclass(frozen=True, repr=False)
-class SWA:
+class SWA(NotACallback):
     """Stochastic weight averaging: an equal-weight average of weight samples.
 
     Samples are taken at events of ``every_unit`` (after an optimizer step, or at an epoch's end): the first at the

@@ -32,11 +32,11 @@ from weightavg.core import io
 from weightavg.core.averager import Averager
 from weightavg.core.call import Forward, call_with, eval_mode
 from weightavg.core.checks import check_callable, check_number
-from weightavg.core.rule import Clock, Event, Snapshot, compact_repr
+from weightavg.core.rule import Clock, Event, NotACallback, Snapshot, compact_repr
 
 
 @dataclass(frozen=True, repr=False)
-class ZSCL:
+class ZSCL(NotACallback):
     """The ZSCL weight-ensemble rule: copy at the task's start (bind), merge after the task's first optimizer step
     and then every ``every_n_steps`` steps with weight ``1 / (n + 1)``.
 
