@@ -1313,8 +1313,8 @@ class LCSC(AveragingCallback):
         combiner.store.flush()
         if self.directory is not None:
             trainer.strategy.barrier("weightavg-lcsc-snapshots")
-            if not trainer.is_global_zero:  # read what rank 0 wrote
-                combiner.store = SnapshotStore(self.directory)
+            if not trainer.is_global_zero:  # read what rank 0 wrote (reading never modifies rank 0's folder)
+                combiner.store = SnapshotStore(self.directory, read_only=True)
         if not combiner.store.snapshots:
             rank_zero_info(f"weightavg: {self.name} took no snapshot; the live weights stay")
             return
@@ -1375,7 +1375,11 @@ class LCSC(AveragingCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {}  # the snapshots are the state: files in ``directory`` are found again on resume
+        # The snapshots are the state: files in ``directory`` are found again on resume. A checkpoint must only be
+        # written once every snapshot taken before it is on disk (a background write may still be queued).
+        if self.combiner is not None:
+            self.combiner.store.flush()
+        return {}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -29,13 +30,21 @@ from weightavg.core.snapshots import SnapshotInfo, SnapshotStore, combine, open_
 from weightavg.methods.lcsc import METHODS, SearchResult, SearchSettings, choose_weights
 
 
-def find_snapshots(paths: Sequence[str]) -> list[SnapshotInfo]:
-    """Snapshots from folders (a ``SnapshotStore``'s, or any ``*.safetensors`` in them) and files, oldest first."""
+def find_snapshots(paths: Sequence[str], *, skip_damaged: bool = False) -> list[SnapshotInfo]:
+    """Snapshots from folders (a ``SnapshotStore``'s, or any ``*.safetensors`` in them) and files, oldest first.
+
+    Folders are only read (a run may be writing them). A damaged snapshot file is refused by name, or with
+    ``skip_damaged`` skipped with a line on stderr naming it."""
     found: list[SnapshotInfo] = []
     for name in paths:
         path = Path(name)
         if path.is_dir():
-            listed = SnapshotStore(path).snapshots
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # reported below, whatever the warning filters
+                store = SnapshotStore(path, read_only=True, skip_damaged=skip_damaged)
+            for skipped, reason in store.skipped:
+                print(f"weightavg.combine: skipping damaged snapshot file {skipped} ({reason})", file=sys.stderr)
+            listed = store.snapshots
             found += listed or [SnapshotInfo(i, path=p) for i, p in enumerate(sorted(path.glob("*.safetensors")))]
         elif path.is_file():
             found.append(SnapshotInfo(len(found), path=path))
@@ -58,7 +67,7 @@ def load_fitness(spec: str) -> Callable[[dict[str, torch.Tensor]], float]:
 
 
 def run(args: argparse.Namespace) -> SearchResult:
-    snapshots = find_snapshots(args.snapshots)
+    snapshots = find_snapshots(args.snapshots, skip_damaged=args.skip_damaged)
     k = len(snapshots)
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     scorer = load_fitness(args.fitness) if args.fitness else None
@@ -117,6 +126,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="accumulation dtype")
     parser.add_argument("--save-dtype", choices=("same", "float32", "float16", "bfloat16"), default="same")
     parser.add_argument("--result", help="write the coefficients and the search history here (JSON)")
+    parser.add_argument("--skip-damaged", action="store_true",
+                        help="skip unreadable snapshot files in folders (each named on stderr) instead of refusing")
     return parser.parse_args(argv)
 
 

@@ -497,6 +497,12 @@ class LCSC(AveragingOptimizer):
         raise NotImplementedError("LCSC keeps snapshots, not one average: use combined(weights) or search()")
         yield  # pragma: no cover
 
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """The wrapper's state; first waits until every snapshot taken so far is on disk (background writes), so a
+        checkpoint never counts on snapshots that a crash right after it would lose."""
+        self.store.flush()
+        return super().state_dict()
+
     def _extra_state(self) -> dict[str, Any]:
         return {"lcsc": {"steps": self.steps}}
 

@@ -215,39 +215,60 @@ def test_recovery_rebuilds_the_manifest_from_file_metadata(tmp_path: Path, damag
         manifest.write_text(json.dumps(stale))
     else:
         manifest.write_text("{not json")
+    before = manifest.read_bytes() if manifest.exists() else None
     recovered = SnapshotStore(folder)
     assert recovered.snapshots == written
     for snapshot, state in zip(recovered.snapshots, states, strict=True):
         assert_same_tensors(contents(recovered, snapshot), state)
-    # The documented promise: the manifest is rewritten from the files' own metadata.
+    # Opening only reads (a live writer may own the folder); the writer's first write repairs the manifest.
+    assert (manifest.read_bytes() if manifest.exists() else None) == before
+    recovered.discard_after(10)
     assert manifest.is_file()
     assert manifest_of(folder) == expected_manifest
 
 
-def test_recovery_removes_temporaries_and_ignores_damaged_or_foreign_files(tmp_path: Path) -> None:
+def test_the_writer_removes_temporaries_and_foreign_files_stay_unlisted(tmp_path: Path) -> None:
     folder = tmp_path / "snaps"
     written, _ = fill(folder, n=2)
     data = written[-1].path.read_bytes()  # type: ignore[union-attr]
     leftovers = [folder / ".snapshot-000000011.safetensors.x1y2.tmp", folder / ".snapshot-000000012.safetensors.tmp"]
     leftovers[0].write_bytes(data[: len(data) // 2])
     leftovers[1].write_bytes(data)  # even a complete temporary: it was never renamed, so never committed
-    damaged = {
-        "snapshot-000000020.safetensors": data[: len(data) // 2],  # truncated copy of one of ours
-        "snapshot-000000021.safetensors": data[:-1],
-        "snapshot-000000022.safetensors": b"\x00" * 64,
-        "snapshot-000000023.safetensors": b"",
-    }
-    for name, content in damaged.items():
-        (folder / name).write_bytes(content)
     save_file({"w": torch.ones(3)}, str(folder / "snapshot-000000030.safetensors"))  # valid, but not one of ours
     save_file({"w": torch.ones(3)}, str(folder / "snapshot-000000031.safetensors"), metadata={"other": "x"})
     recovered = SnapshotStore(folder)
     assert recovered.snapshots == written
+    assert all(path.exists() for path in leftovers)  # opening removes nothing: they may be a live writer's
+    recovered.add(random_states(1)[0], step=5)  # the writer's first write cleans its own leftovers
     assert not any(path.exists() for path in leftovers)
-    assert all((folder / name).exists() for name in damaged)  # left alone, only not listed
-    recovered.add(random_states(1)[0], step=5)
     assert [s.step for s in recovered.snapshots] == [1, 4, 5]
     assert [entry["step"] for entry in manifest_of(folder)] == [1, 4, 5]
+    assert (folder / "snapshot-000000030.safetensors").exists()  # foreign files are left alone
+
+
+DAMAGES = {
+    "truncated": lambda data: data[: len(data) // 2],
+    "one byte short": lambda data: data[:-1],
+    "zeros": lambda data: b"\x00" * 64,
+    "empty": lambda data: b"",
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_a_damaged_snapshot_file_is_refused_by_name_or_skipped_with_a_warning(tmp_path: Path, damage: str) -> None:
+    folder = tmp_path / "snaps"
+    written, _ = fill(folder, n=4)
+    victim = written[1].path
+    assert victim is not None
+    victim.write_bytes(DAMAGES[damage](victim.read_bytes()))
+    for read_only in (False, True):
+        with pytest.raises(ValueError, match=f"{victim}.*damaged.*skip_damaged=True"):
+            SnapshotStore(folder, read_only=read_only)
+    with pytest.warns(UserWarning, match=f"skipping damaged snapshot file {victim}"):
+        skipping = SnapshotStore(folder, read_only=True, skip_damaged=True)
+    assert skipping.snapshots == [written[0], *written[2:]]
+    assert [path for path, _ in skipping.skipped] == [victim]
+    assert victim.exists()  # left alone
 
 
 # ------------------------------------------------------------------------------------------- background writer
@@ -324,16 +345,18 @@ def test_background_write_error_surfaces_at_flush(tmp_path: Path) -> None:
 def test_background_write_error_surfaces_at_the_next_add(tmp_path: Path) -> None:
     folder = tmp_path / "snaps"
     store = SnapshotStore(folder, background=True)
+    store.add({"w": torch.ones(3)}, step=0)  # the writer's first write claims the folder (in the caller's thread)
+    store.flush()
     replace_folder_by_file(folder)
-    store.add({"w": torch.ones(3)}, step=0)
+    store.add({"w": torch.ones(3)}, step=1)
     deadline = time.monotonic() + 10
-    step = 1
+    step = 2
     with pytest.raises(RuntimeError, match="snaps"):
         while time.monotonic() < deadline:  # some add after the writer met the error must raise it
             store.add({"w": torch.ones(3)}, step=step)
             step += 1
             time.sleep(0.01)
-    assert store.snapshots == []
+    assert [s.step for s in store.snapshots] == [0]
     store.close()
 
 
@@ -472,6 +495,7 @@ def test_a_killed_writer_never_leaves_a_listed_partial_snapshot(tmp_path: Path) 
                 with open_weights(snapshot.path) as tensors:  # type: ignore[arg-type]
                     found = {name: tensors[name].clone() for name in tensors}
                 assert_same_tensors(found, written_by_writer(snapshot.step))
+            store.discard_after(steps[-1])  # what a resuming writer does first: it cleans its own leftovers
             assert not list(folder.glob(".snapshot-*.tmp")), index  # the interrupted write's temporary is gone
             # Every complete snapshot file in the folder is listed; nothing else named like a snapshot is.
             assert sorted(folder.glob("snapshot-*.safetensors")) == [s.path for s in listed]
@@ -668,3 +692,65 @@ def test_combine_memory_does_not_grow_with_the_number_of_snapshots(tmp_path: Pat
     assert measured["result_bytes"] >= model_bytes
     assert growth[2] >= 0.9 * model_bytes, growth  # the measurement sees at least the accumulator
     assert growth[12] < growth[2] + model_bytes, growth  # about one accumulator plus one snapshot, whatever K
+
+
+# ------------------------------------------------------------------------------------------- failed writes, readers
+FULL_DISK = r"""
+import os, resource, signal, sys, torch
+from weightavg.core.snapshots import SnapshotStore
+torch.set_num_threads(1)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past RLIMIT_FSIZE then fails with EFBIG, as a full disk does
+folder, background = sys.argv[1], sys.argv[2] == "1"
+store = SnapshotStore(folder, background=background)
+store.add({"w": torch.zeros(10)}, step=1)
+store.flush()
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))
+try:
+    store.add({"w": torch.ones(1_000_000)}, step=2)
+    store.flush()
+    print("NO ERROR")
+except Exception as error:
+    print("ERROR", type(error).__name__, error)
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # space is free again: the same step is retried
+store.add({"w": torch.ones(1_000_000)}, step=2)
+store.close()
+print("STEPS", [s.step for s in store.snapshots], sorted(os.listdir(folder)))
+"""
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_a_failed_write_names_the_file_and_the_same_step_can_be_retried(tmp_path: Path, background: bool) -> None:
+    folder = tmp_path / "snaps"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", FULL_DISK, str(folder), str(int(background))], capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    error, steps = done.stdout.splitlines()[-2:]
+    assert error.startswith("ERROR") and str(folder / "snapshot-000000002.safetensors") in error, error
+    assert "File too large" in error
+    names = ["manifest.json", "snapshot-000000001.safetensors", "snapshot-000000002.safetensors"]
+    assert steps == f"STEPS [1, 2] {names}", steps  # retried, and no temporary left by the failed write
+    assert torch.equal(load_file(str(folder / names[2]))["w"], torch.ones(1_000_000))
+
+
+def folder_state(folder: Path) -> dict[str, tuple[int, int, bytes]]:
+    return {p.name: (p.stat().st_mtime_ns, p.stat().st_mode, p.read_bytes()) for p in sorted(folder.iterdir())}
+
+
+def test_opening_a_folder_to_read_changes_nothing_in_it(tmp_path: Path) -> None:
+    folder = tmp_path / "snaps"
+    written, states = fill(folder, n=3)
+    (folder / ".snapshot-000000011.safetensors.abcd.tmp").write_bytes(b"a live writer's temporary")
+    (folder / MANIFEST).write_text('{"version": 1, "snapshots": []}')  # stale: a writer is about to rewrite it
+    folder_mtime = folder.stat().st_mtime_ns
+    before = folder_state(folder)
+    for read_only in (True, False):
+        store = SnapshotStore(folder, read_only=read_only)
+        assert store.snapshots == written
+        got = combine(store.snapshots, [1.0, 0.0, 0.0])
+        assert_same_tensors({k: v for k, v in got.items() if v.is_floating_point()},
+                            {k: v for k, v in states[0].items() if v.is_floating_point()})
+    assert folder_state(folder) == before and folder.stat().st_mtime_ns == folder_mtime
+    with pytest.raises(RuntimeError, match="read_only=True"):
+        SnapshotStore(folder, read_only=True).add(states[0], step=99)

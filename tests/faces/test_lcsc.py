@@ -224,3 +224,81 @@ def test_negative_running_variance_is_reported() -> None:
 
 def test_ddp_two_gloo_processes(tmp_path: Path) -> None:
     assert "DDP LCSC OK" in run_ddp_script(tmp_path, "lcsc")
+
+
+def test_combine_command_refuses_a_damaged_snapshot_or_skips_it_by_name(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = small_net()
+    opt = LCSCOptimizer(torch.optim.SGD(model.parameters(), lr=0.2), module=model, every_n_steps=2, keep=None,
+                        directory=tmp_path / "snaps")
+    seen = loop(opt, model, 8)
+    victim = tmp_path / "snaps" / "snapshot-000000004.safetensors"
+    victim.write_bytes(victim.read_bytes()[:-100])  # truncated
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    out = tmp_path / "out.safetensors"
+    base = [sys.executable, "-m", "weightavg.combine", str(tmp_path / "snaps"), "--output", str(out)]
+    refused = subprocess.run(base, capture_output=True, text=True, env=env, timeout=300)
+    assert refused.returncode == 2 and str(victim) in refused.stderr and "--skip-damaged" in refused.stderr
+    assert not out.exists()
+    skipped = subprocess.run([*base, "--skip-damaged"], capture_output=True, text=True, env=env, timeout=300)
+    assert skipped.returncode == 0, skipped.stderr
+    assert f"skipping damaged snapshot file {victim}" in skipped.stderr
+    combined = read_weights(out, argument="out")
+    expected = {k: sum(seen[s - 1][k] for s in (2, 6, 8)) / 3 for k in seen[0] if not k.endswith("num_batches_tracked")}
+    assert_close(combined, expected, rtol=1e-5, atol=1e-6)
+
+
+KILLED_AFTER_CHECKPOINT = r"""
+import os, signal, sys, time, torch
+from torch import nn
+sys.path.insert(0, os.getcwd())
+from tests.faces.test_lcsc import loop
+from tests.helpers import small_net
+from weightavg.core import io
+from weightavg.optim import LCSC
+
+save = io.save_safetensors
+
+
+def slow_disk(*args, **kwargs):
+    time.sleep(0.5)
+    return save(*args, **kwargs)
+
+
+io.save_safetensors = slow_disk
+torch.set_num_threads(1)
+torch.manual_seed(0)
+model = small_net()
+opt = LCSC(torch.optim.SGD(model.parameters(), lr=0.2), module=model, every_n_steps=2, keep=None,
+           directory=sys.argv[1], background=True)
+loop(opt, model, 6)
+torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, sys.argv[2])
+os.kill(os.getpid(), signal.SIGKILL)  # right after the checkpoint, snapshots possibly still queued
+"""
+
+
+def test_a_run_killed_right_after_a_checkpoint_resumes_to_the_uninterrupted_combination(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = small_net()
+    full = LCSCOptimizer(torch.optim.SGD(model.parameters(), lr=0.2), module=model, every_n_steps=2, keep=None,
+                         directory=tmp_path / "full")
+    loop(full, model, 10)
+    full.apply([0.2] * 5)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+
+    folder, checkpoint = tmp_path / "killed", tmp_path / "state.pt"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    done = subprocess.run([sys.executable, "-c", KILLED_AFTER_CHECKPOINT, str(folder), str(checkpoint)],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == -9, done.stderr
+    saved = torch.load(checkpoint, weights_only=False)
+    model = small_net()
+    model.load_state_dict(saved["model"])
+    resumed = LCSCOptimizer(torch.optim.SGD(model.parameters(), lr=0.2), module=model, every_n_steps=2, keep=None,
+                            directory=folder)
+    resumed.load_state_dict(saved["opt"])
+    assert [s.step for s in resumed.store.snapshots] == [2, 4, 6]  # what the checkpoint counted on is on disk
+    loop(resumed, model, 4, start=6)
+    resumed.apply([0.2] * 5)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, expected[key]), key

@@ -2,8 +2,9 @@
 
 ``SnapshotStore`` keeps snapshots as safetensors files in a folder (atomic writes, optionally from a background
 thread, a manifest beside them) or in host memory, keeps the last ``keep`` of them, and finds an interrupted run's
-snapshots again. ``combine`` computes ``sum_i w_i * theta_i`` from any snapshots, reading one snapshot at a time and
-accumulating in fp32 (or fp64), so memory stays at about one model plus one snapshot whatever their number.
+snapshots again (opening a folder only reads it; the writer alone repairs it, at its first write). ``combine``
+computes ``sum_i w_i * theta_i`` from any snapshots, reading one snapshot at a time and accumulating in fp32 (or
+fp64), so memory stays at about one model plus one snapshot whatever their number.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import os
 import queue
 import threading
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -54,14 +56,19 @@ class SnapshotStore:
     Args:
         directory: the folder for ``snapshot-<step>.safetensors`` files and ``manifest.json``. Snapshots already
             there (an interrupted run's) are found again; ``discard_after(step)`` drops those newer than the
-            checkpoint a run resumes from.
+            checkpoint a run resumes from. Opening a folder only reads it (a run may be writing it); the writer
+            removes leftover temporaries and rewrites the manifest at its first ``add``/``discard_after``.
         keep: keep only the newest ``keep`` snapshots (older files are deleted at the next ``add``; opening a folder
             deletes nothing, so a resumed run can still discard newer ones and keep the older); ``None`` keeps all.
+            In memory, the oldest is dropped before the new one is copied, so at most ``keep`` copies are held.
         background: write files from a background thread (the tensors are copied to host memory first, so training
             can go on changing them; at most two snapshots wait, then ``add`` waits for the writer). A write is
-            atomic (temporary file, fsync, rename) and enters the manifest only once complete, so a killed writer
-            never leaves a listed but partial file. ``flush()`` waits for pending writes; errors surface at the next
-            ``add``/``flush``.
+            atomic (temporary file, fsync, rename, fsync of the folder) and enters the manifest only once complete,
+            so a killed writer never leaves a listed but partial file. ``flush()`` waits for pending writes (call it
+            before saving a checkpoint that counts on them); errors surface at the next ``add``/``flush``.
+        read_only: only read the folder (``add``/``discard_after`` raise); the folder must exist.
+        skip_damaged: a ``snapshot-*.safetensors`` file that cannot be read (truncated, corrupt) is skipped with a
+            warning naming it (and listed in ``skipped``) instead of refused with ``ValueError``.
 
     Example:
         >>> store = SnapshotStore(None, keep=3)
@@ -73,26 +80,39 @@ class SnapshotStore:
     """
 
     def __init__(
-        self, directory: str | os.PathLike[str] | None = None, *, keep: int | None = None, background: bool = False
+        self, directory: str | os.PathLike[str] | None = None, *, keep: int | None = None, background: bool = False,
+        read_only: bool = False, skip_damaged: bool = False,
     ) -> None:
         if keep is not None:
             check_number("keep", keep, low=1, integer=True)
-        if not isinstance(background, bool):
-            raise TypeError(f"background={background!r} must be a bool")
+        for flag, value in (("background", background), ("read_only", read_only), ("skip_damaged", skip_damaged)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{flag}={value!r} must be a bool")
         if background and directory is None:
             raise ValueError("background=True writes files: give a directory (snapshots in memory need no writer)")
+        if read_only and (directory is None or background):
+            raise ValueError("read_only=True reads a folder: give a directory, and no background writer")
         self.directory = None if directory is None else Path(directory)
         self.keep = keep
+        self.read_only, self.skip_damaged = read_only, skip_damaged
+        #: Damaged files skipped when the folder was opened (``skip_damaged=True``), with the reason.
+        self.skipped: list[tuple[Path, str]] = []
         self._snapshots: list[SnapshotInfo] = []
         self._memory: dict[int, dict[str, torch.Tensor]] = {}
         self._lock = threading.Lock()
         self._queue: queue.Queue[tuple[SnapshotInfo, dict[str, torch.Tensor], dict[str, str]] | None] | None = None
         self._worker: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._failed: SnapshotInfo | None = None  # the background write that failed
+        self._unwritten: list[SnapshotInfo] = []  # the background writes dropped after it
+        self._claimed = False  # whether this writer has cleaned the folder (at its first write)
         if self.directory is not None:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            if read_only:
+                if not self.directory.is_dir():
+                    raise FileNotFoundError(f"directory={str(self.directory)!r} is not a folder of snapshots")
+            else:
+                self.directory.mkdir(parents=True, exist_ok=True)
             self._snapshots = self._recover()
-            self._write_manifest()  # rebuilt from the files: a missing or stale manifest is repaired at once
         # The newest step added, written or not (a background write may still be queued).
         self._last_step: int | None = self._snapshots[-1].step if self._snapshots else None
         if background:
@@ -133,8 +153,11 @@ class SnapshotStore:
 
         Raises:
             ValueError: for a step not after the newest snapshot's (resume with ``discard_after`` first).
+            OSError: a failed write (e.g. a full disk), naming the file; nothing is listed and the step may be
+                retried.
         """
         self._raise_pending()
+        self._check_writable()
         check_number("step", step, low=0, integer=True)
         clean = {str(k): float(v) for k, v in (metrics or {}).items()}
         newest = self._last_step
@@ -143,12 +166,22 @@ class SnapshotStore:
                 f"step={step} is not after the newest snapshot's step {newest}; a resumed run calls "
                 "discard_after(step) with the step it resumes from"
             )
+        if self.directory is None:
+            # Drop the oldest before copying the new one: a full store holds ``keep`` copies, not ``keep + 1``.
+            with self._lock:
+                excess = 0 if self.keep is None else len(self._snapshots) - self.keep + 1
+                dropped = self._snapshots[: max(excess, 0)]
+                self._snapshots = self._snapshots[len(dropped):]
+            for old in dropped:
+                self._forget(old)
+        else:
+            self._claim()
         # Copies: the model trains on while the snapshot waits to be written (and safetensors refuses shared storage).
         host = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
-        self._last_step = step
         if self.directory is None:
             snapshot = SnapshotInfo(step, epoch, clean)
             self._memory[step] = host
+            self._last_step = step
             self._commit(snapshot)
             return snapshot
         snapshot = SnapshotInfo(step, epoch, clean, self.directory / f"snapshot-{step:09d}.safetensors")
@@ -156,8 +189,10 @@ class SnapshotStore:
         metadata.update(io.aliases_metadata({k: tuple(v) for k, v in (aliases or {}).items()}))
         if self._queue is not None:
             self._queue.put((snapshot, host, metadata))
+            self._last_step = step  # queued: the next add must be newer (a failed write resets it)
         else:
-            self._write(snapshot, host, metadata)
+            self._write(snapshot, host, metadata)  # raises before _last_step moves: the step may be retried
+            self._last_step = step
         return snapshot
 
     def flush(self) -> None:
@@ -174,9 +209,12 @@ class SnapshotStore:
             self._queue, self._worker = None, None
         self._raise_pending()
 
-    def discard_after(self, step: int) -> None:
-        """Drop snapshots taken after ``step`` (those of an interrupted run past the checkpoint it resumes from)."""
+    def discard_after(self, step: int) -> list[SnapshotInfo]:
+        """Drop snapshots taken after ``step`` (those of an interrupted run past the checkpoint it resumes from);
+        returns the dropped ones."""
         self.flush()
+        self._check_writable()
+        self._claim()
         with self._lock:
             dropped = [s for s in self._snapshots if s.step > step]
             self._snapshots = [s for s in self._snapshots if s.step <= step]
@@ -184,6 +222,24 @@ class SnapshotStore:
             self._forget(snapshot)
         self._last_step = self._snapshots[-1].step if self._snapshots else None
         self._write_manifest()
+        return dropped
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise RuntimeError(f"this SnapshotStore reads {self.directory} (read_only=True): it cannot write there")
+
+    def _claim(self) -> None:
+        """The writer's first write: remove what its own interrupted writes left (temporaries) and rebuild the
+        manifest from the files. Never done by merely opening a folder: a reader would break a live writer."""
+        if self._claimed or self.directory is None:
+            return
+        # Writes that never completed: our temporaries, and the hidden ``.tmpXXXXXX`` that safetensors writes through.
+        for pattern in (".snapshot-*.tmp", f".{MANIFEST}.*.tmp", ".tmp*"):
+            for leftover in self.directory.glob(pattern):
+                if leftover.is_file():
+                    leftover.unlink(missing_ok=True)
+        self._claimed = True
+        self._write_manifest()  # rebuilt from the files: a missing or stale manifest is repaired
 
     def _write_loop(self) -> None:
         assert self._queue is not None
@@ -194,14 +250,25 @@ class SnapshotStore:
                     return
                 if self._error is None:
                     self._write(*item)
+                else:
+                    self._unwritten.append(item[0])  # after a failure nothing more is written until it is raised
             except BaseException as error:  # kept for the caller: a writer thread has nobody else to tell
+                self._failed = item[0] if item is not None else None
                 self._error = error
             finally:
                 self._queue.task_done()
 
     def _write(self, snapshot: SnapshotInfo, host: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
         assert snapshot.path is not None
-        io.save_safetensors(host, snapshot.path, metadata=metadata, copy=False)  # add() made the host copies
+        try:
+            io.save_safetensors(host, snapshot.path, metadata=metadata, copy=False)  # add() made the host copies
+            _fsync_folder(snapshot.path.parent)  # the rename itself is durable before the snapshot is listed
+        except Exception as error:  # e.g. a full disk: name the snapshot (the OS names at most the temporary)
+            if isinstance(error, OSError) and error.errno is not None:
+                raise OSError(error.errno, f"could not write snapshot step {snapshot.step} ({error.strerror})",
+                              str(snapshot.path)) from error
+            # safetensors reports its own I/O failures (a full disk, a file size limit) as a SafetensorError
+            raise OSError(f"could not write snapshot step {snapshot.step} to {snapshot.path}: {error}") from error
         self._commit(snapshot)
 
     def _commit(self, snapshot: SnapshotInfo) -> None:
@@ -227,31 +294,63 @@ class SnapshotStore:
         io.write_text_atomically(self.directory / MANIFEST, text)
 
     def _raise_pending(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise RuntimeError(f"writing a snapshot into {self.directory} failed: {error}") from error
+        if self._error is None:
+            return
+        if self._queue is not None:
+            self._queue.join()  # the writes queued after the failure are dropped: wait until all are accounted for
+        error, failed, unwritten = self._error, self._failed, list(self._unwritten)
+        self._error, self._failed, self._unwritten = None, None, []
+        # Nothing past the newest written snapshot is on disk: those steps may be added again.
+        with self._lock:
+            self._last_step = self._snapshots[-1].step if self._snapshots else None
+        lost = [s.step for s in ([] if failed is None else [failed]) + unwritten]
+        raise RuntimeError(
+            f"writing snapshots into {self.directory} failed: {error}; steps {lost} were not written (the newest on "
+            f"disk is step {self._last_step}; add them again once the cause is fixed)"
+        ) from error
 
     def _recover(self) -> list[SnapshotInfo]:
-        """Snapshots already in the folder: every complete file, described by its own metadata (the manifest is
-        rewritten from them, so a run killed between a rename and a manifest update loses nothing)."""
+        """Snapshots already in the folder: every complete file, described by its own metadata (the writer rewrites
+        the manifest from them, so a run killed between a rename and a manifest update loses nothing). Reads only."""
         assert self.directory is not None
-        # Writes that never completed: our temporaries, and the hidden ``.tmpXXXXXX`` that safetensors writes through.
-        for pattern in (".snapshot-*.tmp", f".{MANIFEST}.*.tmp", ".tmp*"):
-            for leftover in self.directory.glob(pattern):
-                if leftover.is_file():
-                    leftover.unlink(missing_ok=True)
+        from safetensors import safe_open
+
         found = []
         for path in sorted(self.directory.glob("snapshot-*.safetensors")):
             try:
-                from safetensors import safe_open
-
                 with safe_open(str(path), framework="pt") as handle:
-                    meta = json.loads((handle.metadata() or {})[_META])
-            except Exception:  # not one of ours, or damaged: leave it alone, do not list it
+                    text = (handle.metadata() or {}).get(_META)
+                if text is None:
+                    continue  # a complete safetensors file that is not one of ours: leave it alone, unlisted
+                meta = json.loads(text)
+                info = SnapshotInfo(int(meta["step"]), meta.get("epoch"), dict(meta.get("metrics", {})), path)
+            except FileNotFoundError:
+                continue  # deleted since it was listed (the writer keeps only ``keep``): not damaged
+            except Exception as error:  # truncated or corrupt: never dropped silently
+                reason = f"{type(error).__name__}: {error}"
+                if not self.skip_damaged:
+                    raise ValueError(
+                        f"snapshot file {path} is damaged and cannot be read ({reason}); move it out of the folder, "
+                        "or skip damaged files explicitly (SnapshotStore(..., skip_damaged=True), "
+                        "python -m weightavg.combine --skip-damaged)"
+                    ) from error
+                warnings.warn(f"weightavg: skipping damaged snapshot file {path} ({reason})", stacklevel=3)
+                self.skipped.append((path, reason))
                 continue
-            found.append(SnapshotInfo(int(meta["step"]), meta.get("epoch"), dict(meta.get("metrics", {})), path))
+            found.append(info)
         found.sort(key=lambda s: s.step)
         return found
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX: the folder's own entry list must reach the disk)."""
+    if os.name != "posix":
+        return
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 @contextmanager
