@@ -203,7 +203,7 @@ def test_average_dtype(live: torch.dtype, requested: torch.dtype | None, expecte
 
 
 def test_bad_dtype_and_total_steps() -> None:
-    with pytest.raises(ValueError, match=r"dtype=torch.int64 must be a floating torch.dtype"):
+    with pytest.raises(ValueError, match=r"dtype=torch.int64 is not an allowed dtype; choose one of"):
         Averager(mlp(), EMA(), dtype=torch.int64)
     with pytest.raises(ValueError, match=r"total_steps=0 is out of range"):
         Averager(mlp(), EMA(), total_steps=0)
