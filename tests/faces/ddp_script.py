@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -256,3 +257,8 @@ if __name__ == "__main__":
     mode = sys.argv[2:]
     modes = {"anchored": anchored, "lcsc": combination, "ewa": experts, "noloco": replicas}
     modes[mode[0]]() if mode else main()
+    # As in tests/distributed/torchrun_loop.py: skip interpreter finalization, during which a gloo worker thread still
+    # releasing the last collective's work can abort the process (pytorch/pytorch#190489). Everything is written.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
