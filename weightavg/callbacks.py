@@ -21,6 +21,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from itertools import islice
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -1132,8 +1133,12 @@ class LCSC(AveragingCallback):
         every_n_steps, every_n_epochs: when to snapshot (at most one of them; neither: every epoch).
         keep: how many of the newest snapshots to keep (``None``: all).
         directory: where snapshot files go (global rank 0 writes; every rank reads them at the end, so it must be
-            shared); ``None`` keeps them in host memory (lost on a crash; not found again on resume).
-        background: write snapshot files from a background thread.
+            shared); a relative folder is relative to the Trainer's ``default_root_dir`` (stable across resumes,
+            unlike a logger's versioned folder); ``None`` keeps them in host memory (lost on a crash; not found
+            again on resume).
+        background: write snapshot files from a background thread (a checkpoint waits for pending writes).
+        overwrite: a fresh fit (no ``ckpt_path``) in a folder holding snapshots is refused when fit starts unless
+            ``overwrite=True``, which deletes them; a resumed fit keeps those up to its step and drops the rest.
         method: ``"lcsc"`` (search), ``"greedy"``, ``"uniform"``, ``"ema"``, ``"metric"`` or ``"last"``.
         monitor, metric, forward, mode: the fitness, as for ``WiSEFT`` (needed by ``lcsc`` and ``greedy``; the other
             methods are scored with it when given).
@@ -1160,6 +1165,7 @@ class LCSC(AveragingCallback):
         keep: int | None = 12,
         directory: str | os.PathLike[str] | None = None,
         background: bool = False,
+        overwrite: bool = False,
         method: Method = "lcsc",
         monitor: str | None = None,
         metric: Any = None,
@@ -1221,7 +1227,9 @@ class LCSC(AveragingCallback):
         if settings is not None and not isinstance(settings, SearchSettings):
             raise TypeError(f"settings={settings!r} must be a weightavg.methods.lcsc.SearchSettings")
         self.every_n_steps, self.every_n_epochs, self.keep = every_n_steps, every_n_epochs, keep
-        self.directory, self.background = directory, background
+        if not isinstance(overwrite, bool):
+            raise TypeError(f"overwrite={overwrite!r} must be a bool")
+        self.directory, self.background, self.overwrite = directory, background, overwrite
         self.method: Method = method
         self.monitor, self.metric, self.forward, self.mode = monitor, metric, forward, mode
         self.search_on, self.settings = search_on, settings
@@ -1262,13 +1270,38 @@ class LCSC(AveragingCallback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
-        if self.directory is not None and not trainer.is_global_zero:
+        folder = self._folder(trainer)
+        problem = None
+        if folder is not None and not trainer.is_global_zero:
             # Rank 0 alone writes the folder (other ranks would race on its manifest and temporaries); the others
             # open it when fit ends, after a barrier.
             store = SnapshotStore(None)
         else:
-            store = SnapshotStore(self.directory, keep=self.keep, background=self.background)
+            store = SnapshotStore(folder, keep=self.keep, background=self.background)
+            earlier = store.snapshots
+            if earlier and trainer.ckpt_path is None:  # a fresh fit: they are another run's
+                if self.overwrite:
+                    rank_zero_info(f"weightavg: {self.name} deletes {len(earlier)} earlier snapshots in {folder}")
+                    store.discard_after(-1)
+                else:
+                    problem = (
+                        f"{self.name}: directory={str(folder)!r} holds {len(earlier)} snapshots of an earlier run "
+                        f"(steps {[s.step for s in earlier]}); this fit starts afresh: resume it with "
+                        "trainer.fit(..., ckpt_path=...), use another directory, or pass overwrite=True to delete them"
+                    )
+        if folder is not None:
+            problem = trainer.strategy.broadcast(problem)  # every rank refuses together (none waits for rank 0)
+        if problem is not None:
+            store.close()
+            raise ValueError(problem)
         self.combiner = Combiner(pl_module, store, dtype=self.combine_dtype, averager=self._bound())
+
+    def _folder(self, trainer: pl.Trainer) -> Path | None:
+        """``directory``, a relative one under the Trainer's ``default_root_dir``."""
+        if self.directory is None:
+            return None
+        folder = Path(self.directory)
+        return folder if folder.is_absolute() else Path(trainer.default_root_dir) / folder
         self.result = None
 
     @override
@@ -1314,7 +1347,7 @@ class LCSC(AveragingCallback):
         if self.directory is not None:
             trainer.strategy.barrier("weightavg-lcsc-snapshots")
             if not trainer.is_global_zero:  # read what rank 0 wrote (reading never modifies rank 0's folder)
-                combiner.store = SnapshotStore(self.directory, read_only=True)
+                combiner.store = SnapshotStore(self._folder(trainer), read_only=True)
         if not combiner.store.snapshots:
             rank_zero_info(f"weightavg: {self.name} took no snapshot; the live weights stay")
             return

@@ -417,7 +417,11 @@ class LCSC(AveragingOptimizer):
         keep: keep the newest ``keep`` snapshots (``None``: all).
         directory: where snapshot files go (found again on resume; ``load_state_dict`` drops those past the restored
             step); ``None`` keeps them in host memory.
-        background: write files from a background thread.
+        background: write files from a background thread (``state_dict()`` waits for pending writes).
+        overwrite: a fresh run (no ``load_state_dict`` before the first ``step()``) in a folder that holds snapshots
+            is refused at that first step unless ``overwrite=True``, which deletes them. A resumed run keeps the
+            snapshots up to its restored step and drops those past it. Relative folders are relative to the working
+            directory.
         dtype: accumulation dtype of combinations (``"float32"`` or ``"float64"``).
         buffers, include, exclude: which tensors the snapshots hold (as for ``weightavg.Averager``).
 
@@ -441,11 +445,14 @@ class LCSC(AveragingOptimizer):
         keep: int | None = 12,
         directory: str | os.PathLike[str] | None = None,
         background: bool = False,
+        overwrite: bool = False,
         dtype: str | torch.dtype = "float32",
         buffers: BufferPolicy = "average",
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
     ) -> None:
+        if not isinstance(overwrite, bool):
+            raise TypeError(f"overwrite={overwrite!r} must be a bool")
         if not isinstance(module, nn.Module):
             raise TypeError(f"module={module!r} must be the model (an nn.Module): snapshots are taken by name")
         check_number("every_n_steps", every_n_steps, low=1, integer=True)
@@ -458,6 +465,22 @@ class LCSC(AveragingOptimizer):
         self.combiner = Combiner(module, self.store, dtype=combine_dtype(dtype), averager=self.averager)
         self.steps = 0
         self._metrics: dict[str, float] = {}
+        self.overwrite = overwrite
+        self._started = False  # whether the run's snapshots are settled (first step, or load_state_dict)
+
+    def _start_fresh(self) -> None:
+        """A fresh run's first step: an earlier run's snapshots in the folder are refused, or deleted on request."""
+        self._started = True
+        earlier = self.store.snapshots
+        if not earlier:
+            return
+        if not self.overwrite:
+            raise ValueError(
+                f"directory={str(self.store.directory)!r} holds {len(earlier)} snapshots of an earlier run (steps "
+                f"{[s.step for s in earlier]}); this run starts afresh: resume it with load_state_dict(...) before "
+                "the first step, use another directory, or pass overwrite=True to delete them"
+            )
+        self.store.discard_after(-1)
 
     def record(self, **metrics: float) -> None:
         """Numbers to save with the next snapshot (e.g. ``opt.record(train_loss=loss.item())`` for metric-weighted
@@ -466,6 +489,8 @@ class LCSC(AveragingOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
+        if not self._started:
+            self._start_fresh()  # before the inner step: a refused run has changed nothing
         loss = super().step(closure)
         self.steps += 1
         if self.steps % self.every_n_steps == 0:
@@ -509,6 +534,7 @@ class LCSC(AveragingOptimizer):
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self.steps = int(state["lcsc"]["steps"])
         self.store.discard_after(self.steps)  # an interrupted run's snapshots past the restored step
+        self._started = True
 
 
 class EWA(Optimizer):

@@ -302,3 +302,35 @@ def test_a_run_killed_right_after_a_checkpoint_resumes_to_the_uninterrupted_comb
     resumed.apply([0.2] * 5)
     for key, value in model.state_dict().items():
         assert torch.equal(value, expected[key]), key
+
+
+def test_a_fresh_run_in_a_used_folder_is_refused_unless_overwrite_in_both_faces(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = small_net()
+    crashed = LCSCOptimizer(torch.optim.SGD(model.parameters(), lr=0.2), module=model, every_n_steps=2,
+                            directory=tmp_path / "opt")
+    loop(crashed, model, 10)  # a crashed run left snapshots of steps 2..10
+    again = LCSCOptimizer(torch.optim.SGD(model.parameters(), lr=0.2), module=model, every_n_steps=2,
+                          directory=tmp_path / "opt")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"holds 5 snapshots of an earlier run.*overwrite=True"):
+        loop(again, model, 1)
+    for key, value in parameters_only(before).items():  # refused before the inner step (forward moved BN stats)
+        assert torch.equal(model.state_dict()[key], value), key
+    fresh = LCSCOptimizer(torch.optim.SGD(model.parameters(), lr=0.2), module=model, every_n_steps=2,
+                          directory=tmp_path / "opt", overwrite=True)
+    loop(fresh, model, 6)
+    assert [s.step for s in fresh.store.snapshots] == [2, 4, 6]
+
+    root = tmp_path / "run"
+    first = LCSC(every_n_steps=3, keep=None, method="uniform", directory="snaps")
+    fit([first], epochs=1, default_root_dir=str(root))
+    assert sorted(p.name for p in (root / "snaps").glob("snapshot-*")) == [f"snapshot-{s:09d}.safetensors"
+                                                                            for s in (3, 6)]
+    second = LCSC(every_n_steps=3, keep=None, method="uniform", directory="snaps")
+    with pytest.raises(ValueError, match=r"holds 2 snapshots of an earlier run.*ckpt_path"):
+        fit([second], epochs=1, default_root_dir=str(root))
+    assert len(list((root / "snaps").glob("snapshot-*"))) == 2  # nothing deleted
+    third = LCSC(every_n_steps=4, keep=None, method="uniform", directory="snaps", overwrite=True)
+    fit([third], epochs=1, default_root_dir=str(root))
+    assert [s.step for s in third._combiner().store.snapshots] == [4, 8]

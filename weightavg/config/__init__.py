@@ -116,6 +116,7 @@ class LCSCConfig:
     keep: int | None = 12
     directory: str | None = None
     background: bool = False
+    overwrite: bool = False
     method: str = "lcsc"
     monitor: str | None = None
     metric: Any = None
