@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from safetensors.torch import save_file
 from torch import nn
 
 from tests.faces.test_callbacks import LiveAtEnd, Recorder, assert_close
@@ -334,3 +335,85 @@ def test_a_fresh_run_in_a_used_folder_is_refused_unless_overwrite_in_both_faces(
     third = LCSC(every_n_steps=4, keep=None, method="uniform", directory="snaps", overwrite=True)
     fit([third], epochs=1, default_root_dir=str(root))
     assert [s.step for s in third._combiner().store.snapshots] == [4, 8]
+
+
+FITNESS_MODULE = '''
+import math
+def good(weights): return -float((weights["w"] - 1.2).pow(2).sum())
+def nan(weights): return math.nan
+def boom(weights): raise ZeroDivisionError("oops")
+not_a_function = 5
+'''
+
+
+def combine_command(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The real command in a subprocess, importing the worktree's package and ``folder``'s fitness module."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]),
+                                                                                    str(folder)])}
+    return subprocess.run([sys.executable, "-m", "weightavg.combine", *args], capture_output=True, text=True,
+                          env=env, timeout=300, cwd=folder)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--method", "uniform", "--fitness", "fitness:nan"], "gave no finite score"),
+    (["--method", "lcsc", "--fitness", "fitness:nan", "--generations", "1"], "gave no finite score"),
+    (["--method", "greedy", "--fitness", "fitness:boom"], "raised ZeroDivisionError: oops"),
+    (["--method", "greedy", "--fitness", "nowhere:score"], "no module named 'nowhere'"),
+    (["--method", "greedy", "--fitness", "fitness:absent"], "has no attribute 'absent'"),
+    (["--method", "greedy", "--fitness", "fitness:not_a_function"], "is not callable"),
+    (["--output", "."], "is a folder"),
+    (["--weights", "1,a,2"], "must be comma-separated numbers"),
+    (["s1.safetensors", "broken.safetensors"], "'broken.safetensors' is not a readable safetensors file"),
+])
+def test_combine_command_reports_failures_in_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    for i in range(3):
+        save_file({"w": torch.full((3,), float(i))}, str(tmp_path / f"s{i}.safetensors"))
+    whole = (tmp_path / "s2.safetensors").read_bytes()
+    (tmp_path / "broken.safetensors").write_bytes(whole[: len(whole) - 4])  # truncated
+    (tmp_path / "fitness.py").write_text(FITNESS_MODULE)
+    inputs = [] if any(a.endswith(".safetensors") for a in args) else ["s0.safetensors", "s1.safetensors",
+                                                                        "s2.safetensors"]
+    output = [] if "--output" in args else ["--output", "out.safetensors"]
+    done = combine_command(tmp_path, *inputs, *args, *output)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("weightavg.combine: ") and message in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_combine_command_small_population_and_finite_fitness(tmp_path: Path) -> None:
+    for i in range(3):
+        save_file({"w": torch.full((3,), float(i))}, str(tmp_path / f"s{i}.safetensors"))
+    (tmp_path / "fitness.py").write_text(FITNESS_MODULE)
+    done = combine_command(tmp_path, "s0.safetensors", "s1.safetensors", "s2.safetensors", "--method", "lcsc",
+                           "--fitness", "fitness:good", "--population", "2", "--generations", "2", "--output",
+                           "out.safetensors")
+    assert done.returncode == 0, done.stderr  # refused before: "parents=4 must not exceed population=2"
+    assert (tmp_path / "out.safetensors").is_file()
+
+
+def test_combine_command_on_a_full_disk_and_a_read_only_folder(tmp_path: Path) -> None:
+    """A real 8 KiB tmpfs (a private mount namespace) that the output does not fit in, then the same read-only."""
+    import shutil
+
+    if shutil.which("unshare") is None or subprocess.run(
+        ["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=8k tmpfs {tmp_path}"], capture_output=True
+    ).returncode != 0:
+        pytest.skip("needs unshare and mount (root or user namespaces) for a real small file system")
+    save_file({"w": torch.zeros(100_000)}, str(tmp_path / "big.safetensors"))
+    (tmp_path / "full").mkdir()
+    root = str(Path(__file__).parents[2])
+    script = (
+        f"mount -t tmpfs -o size=8k tmpfs full && "
+        f"PYTHONPATH={root} {sys.executable} -m weightavg.combine big.safetensors --output full/out.safetensors; "
+        f"echo rc=$?; mount -o remount,ro full && "
+        f"PYTHONPATH={root} {sys.executable} -m weightavg.combine big.safetensors --output full/out.safetensors; "
+        f"echo rc=$?"
+    )
+    done = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=300)
+    assert done.stdout.split() == ["rc=2", "rc=2"], done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "writing --output 'full/out.safetensors' failed" in lines[0] and "No space left" in lines[0]
+    assert "the folder 'full' is not writable" in lines[1]

@@ -37,6 +37,7 @@ from weightavg.core import io
 from weightavg.core.averager import Averager
 from weightavg.core.binding import BufferPolicy
 from weightavg.core.checks import check_choice, check_number
+from weightavg.core.progress import progress_bar
 from weightavg.core.rule import Snapshot
 from weightavg.core.snapshots import SnapshotInfo, SnapshotStore, combine
 
@@ -185,6 +186,28 @@ class SearchSettings:
         check_number("seed", self.seed, integer=True)
 
 
+def check_output_file(argument: str, path: Any) -> None:
+    """Refuse, before any work, an output file that could only fail when written: not a path, a folder, under a file,
+    or in a folder this process cannot write (missing folders are created when the file is written).
+
+    Raises:
+        TypeError: ``path`` is not a ``str``/``os.PathLike``.
+        ValueError: naming ``argument``, the path and what is wrong with it.
+    """
+    if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{argument}={path!r} must be a file path (str or os.PathLike)")
+    target = Path(path)
+    if str(path) == "" or target.is_dir():
+        raise ValueError(f"{argument}={str(path)!r} is a folder (or empty): give a file path, e.g. result.json")
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:  # the nearest existing ancestor gets the new folders
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{argument}={str(path)!r}: {str(folder)!r} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):  # also False on a read-only file system, even for root
+        raise ValueError(f"{argument}={str(path)!r}: the folder {str(folder)!r} is not writable")
+
+
 @dataclass
 class SearchResult:
     """The best coefficients, their fitness, and the whole history (one entry per fitness evaluation)."""
@@ -198,7 +221,8 @@ class SearchResult:
     settings: dict[str, object] = field(default_factory=dict)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the result as JSON (atomically)."""
+        """Write the result as JSON (atomically; missing folders are created, as for exports)."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         return io.write_text_atomically(path, json.dumps(asdict(self), indent=1))
 
     @classmethod
@@ -236,7 +260,7 @@ def lcsc_search(
     history: list[dict[str, object]] = []
     hits = 0
     total = settings.population + settings.generations * settings.children
-    bar = _progress(total) if progress else None
+    bar = progress_bar(total, "LCSC search", enabled=progress)
     best_value = -math.inf
 
     def evaluate(weights: torch.Tensor, generation: int) -> float:
@@ -293,14 +317,6 @@ def lcsc_search(
     )
 
 
-def _progress(total: int) -> Any:
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # no progress bar without tqdm
-        return None
-    return tqdm(total=total, desc="LCSC search", unit="eval")
-
-
 def combine_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """``torch.float32``/``torch.float64`` from a dtype or its name (configs write names)."""
     resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
@@ -312,6 +328,38 @@ def combine_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 Method = Literal["lcsc", "uniform", "ema", "metric", "greedy", "last"]
 METHODS: tuple[str, ...] = ("lcsc", "uniform", "ema", "metric", "greedy", "last")
+
+
+def check_options(
+    *,
+    method: Any,
+    mode: Any = "max",
+    settings: Any = None,
+    decay: Any = 0.9,
+    penalty: Any = 1.0,
+    by: Any = "loss",
+    metric_key: Any = "train_loss",
+    rule: Any = "strict",
+    progress: Any = False,
+) -> None:
+    """Check every option of ``choose_weights`` at once, whatever ``method`` uses, so that a mistake surfaces where
+    the options are given (a callback's or command's construction), not after training or a long search.
+
+    Raises:
+        TypeError, ValueError: naming the option, its value and what is allowed.
+    """
+    check_choice("method", method, METHODS)
+    check_choice("mode", mode, ("max", "min"))
+    if settings is not None and not isinstance(settings, SearchSettings):
+        raise TypeError(f"settings={settings!r} must be a weightavg.methods.lcsc.SearchSettings or None")
+    check_number("decay", decay, low=0.0, high=1.0, high_open=True)
+    check_number("penalty", penalty, low=0.0)
+    check_choice("by", by, ("loss", "step"))
+    if not isinstance(metric_key, str) or not metric_key:
+        raise ValueError(f"metric_key={metric_key!r} must be the non-empty name of a logged metric, e.g. 'train_loss'")
+    check_choice("rule", rule, ("strict", "not_worse"))
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress={progress!r} must be a bool")
 
 
 def choose_weights(
@@ -329,8 +377,13 @@ def choose_weights(
     progress: bool = False,
 ) -> SearchResult:
     """Coefficients over ``snapshots`` (oldest first) by ``method``. ``fitness(weights)`` scores a combination; it
-    drives ``lcsc`` and ``greedy`` (which need it) and scores the other recipes' result when given."""
-    check_choice("method", method, METHODS)
+    drives ``lcsc`` and ``greedy`` (which need it) and scores the other recipes' result when given. Every option is
+    checked first (``check_options``), before any evaluation. In ``lcsc`` and ``greedy`` a non-finite fitness counts
+    as the worst possible score (a diverged candidate never wins); ``progress`` shows a bar over their evaluations."""
+    check_options(method=method, mode=mode, settings=settings, decay=decay, penalty=penalty, by=by,
+                  metric_key=metric_key, rule=rule, progress=progress)
+    if fitness is not None and not callable(fitness):
+        raise TypeError(f"fitness={fitness!r} must be a function weights -> number, or None")
     k = len(snapshots)
     if k == 0:
         raise ValueError("there are no snapshots to combine")
@@ -341,7 +394,15 @@ def choose_weights(
         return lcsc_search(fitness, k, settings=settings, mode=mode, progress=progress)
     if method == "greedy":
         assert fitness is not None
-        score = fitness
+        sign = 1.0 if mode == "max" else -1.0
+        bar = progress_bar(2 * k - 1, "greedy soup", enabled=progress)  # k singles, then k - 1 soups
+
+        def score(weights: torch.Tensor) -> float:
+            value = float(fitness(weights))
+            if bar is not None:
+                bar.update(1)
+            return value if math.isfinite(value) else -sign * math.inf  # as in lcsc_search: failures never win
+
         singles = [score(torch.eye(k, dtype=torch.float64)[i]) for i in range(k)]
 
         def uniform_over(indices: list[int]) -> torch.Tensor:
@@ -350,6 +411,8 @@ def choose_weights(
             return weights
 
         soup = greedy_soup(singles, lambda indices: score(uniform_over(indices)), mode=mode, rule=rule)
+        if bar is not None:
+            bar.close()
         history: list[dict[str, object]] = [
             {"evaluation": i + 1, "candidate": i, "fitness": value} for i, value in enumerate(singles)
         ]
