@@ -75,6 +75,15 @@ def trainer(**kwargs: Any) -> pl.Trainer:
     return pl.Trainer(**defaults)
 
 
+def fit_digits(module: pl.LightningModule, callbacks: list[pl.Callback], epochs: int, *, seed: int = 0,
+               ckpt_path: str | None = None, **trainer_kwargs: Any) -> pl.Trainer:
+    """Fit ``module`` (built by the caller after seeding) on the digits loaders; return the Trainer."""
+    train, val = digits_loaders()
+    run = trainer(max_epochs=epochs, callbacks=callbacks, **trainer_kwargs)
+    run.fit(module, train, val, ckpt_path=ckpt_path)
+    return run
+
+
 def clean_environment() -> dict[str, str]:
     """``os.environ`` without distributed launch variables (a stale MASTER_PORT makes a child's store collide)."""
     from tests.conftest import LAUNCH_VARIABLES

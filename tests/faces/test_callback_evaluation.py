@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, IterableDataset
 
 from tests.faces.test_callbacks import Recorder, assert_close, ema_reference, fit, swa_reference
-from tests.helpers import DigitsModule, digits_loaders, digits_tensors, trainer
+from tests.helpers import DigitsModule, digits_loaders, digits_tensors, fit_digits, trainer
 from weightavg.callbacks import EMA, LIVE_KEY, MARKER_KEY, SWA
 
 
@@ -117,10 +117,7 @@ def fit_loss(callbacks: list[pl.Callback], epochs: int = 3, ckpt_path: str | Non
              **kwargs: Any) -> tuple[pl.Trainer, LossModule]:
     pl.seed_everything(0, verbose=False)
     model = LossModule()
-    train, val = digits_loaders()
-    run = trainer(max_epochs=epochs, callbacks=callbacks, **kwargs)
-    run.fit(model, train, val, ckpt_path=ckpt_path)
-    return run, model
+    return fit_digits(model, callbacks, epochs, ckpt_path=ckpt_path, **kwargs), model
 
 
 def revalidated_loss(path: str) -> float:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from tests.helpers import DigitsModule, digits_loaders, run_ddp_script, trainer
+from tests.helpers import DigitsModule, digits_loaders, fit_digits, run_ddp_script, trainer
 from weightavg import load_into_module
 from weightavg.callbacks import EMA, LIVE_KEY, SWA, AveragingCallback
 
@@ -89,10 +89,7 @@ def fit(callbacks: list[pl.Callback], epochs: int = 3, seed: int = 0, ckpt_path:
         **trainer_kwargs: Any) -> tuple[pl.Trainer, DigitsModule]:
     pl.seed_everything(seed, verbose=False)
     model = DigitsModule()
-    train, val = digits_loaders()
-    run = trainer(max_epochs=epochs, callbacks=callbacks, **trainer_kwargs)
-    run.fit(model, train, val, ckpt_path=ckpt_path)
-    return run, model
+    return fit_digits(model, callbacks, epochs, ckpt_path=ckpt_path, **trainer_kwargs), model
 
 
 def test_several_averagers_match_references_and_keep_separate_state(tmp_path: Path) -> None:

@@ -18,7 +18,15 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tests.faces.test_callbacks import LiveAtEnd, Recorder, assert_close
-from tests.helpers import DigitsModule, digits_loaders, digits_tensors, run_ddp_script, small_net, trainer
+from tests.helpers import (
+    DigitsModule,
+    digits_loaders,
+    digits_tensors,
+    fit_digits,
+    run_ddp_script,
+    small_net,
+    trainer,
+)
 from weightavg.callbacks import LCSC
 from weightavg.core.io import read_weights
 from weightavg.methods.lcsc import SearchSettings
@@ -52,10 +60,7 @@ def fit(callbacks: list[pl.Callback], epochs: int = 2, ckpt_path: str | None = N
         ) -> tuple[pl.Trainer, DigitsModule]:
     pl.seed_everything(0, verbose=False)
     model = DigitsModule()
-    train, val = digits_loaders()
-    run = trainer(max_epochs=epochs, callbacks=callbacks, **kwargs)
-    run.fit(model, train, val, ckpt_path=ckpt_path)
-    return run, model
+    return fit_digits(model, callbacks, epochs, ckpt_path=ckpt_path, **kwargs), model
 
 
 @pytest.mark.parametrize("method", ["uniform", "ema", "last", "metric"])
