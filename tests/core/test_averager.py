@@ -699,3 +699,64 @@ def test_nonfinite_warn_keeps_the_update_path_and_warns_once_at_a_check() -> Non
 def test_nonfinite_must_be_a_known_policy() -> None:
     with pytest.raises(ValueError, match=r"nonfinite='ignore'.*'warn', 'skip', 'error'"):
         Averager(mlp(), EMA(), nonfinite="ignore")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- issue 11: canonical rule texts, state of another rule
+def _canonical_cases() -> list[tuple[object, object, object]]:
+    from weightavg.methods.noloco import DiLoCoRule, NoLoCoRule
+    from weightavg.methods.swa import SWA
+    from weightavg.methods.zscl import ZSCL
+
+    # (default spelling, explicit spelling of the same settings, different settings)
+    return [
+        (EMA(), EMA(decay=0.999), EMA(decay=0.9995)),
+        (EMA(gamma=2), EMA(gamma=2.0), EMA(gamma=3.0)),
+        (SWA(), SWA(start=0.75), SWA(start=0.5)),
+        (SWA(start=1), SWA(start=1.0), SWA(start=2, start_unit="step")),
+        (ZSCL(), ZSCL(every_n_steps=100), ZSCL(every_n_steps=10)),
+        (NoLoCoRule(), NoLoCoRule(mixing=0.7), NoLoCoRule(mixing=0.5)),
+        (DiLoCoRule(), DiLoCoRule(outer_lr=0.7, nesterov=True), DiLoCoRule(nesterov=False)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(7))
+def test_rule_text_is_canonical_whatever_the_spelling(index: int) -> None:
+    default, explicit, other = _canonical_cases()[index]
+    assert repr(default) == repr(explicit)
+    assert default == explicit and hash(default) == hash(explicit)
+    assert repr(other) != repr(default) and other != default
+
+
+def test_callback_default_names_do_not_depend_on_spelling() -> None:
+    from weightavg import callbacks
+
+    assert callbacks.EMA().state_key == callbacks.EMA(decay=0.999).state_key == "weightavg[EMA(decay=0.999)]"
+    assert callbacks.SWA().state_key == callbacks.SWA(start=0.75).state_key
+    assert callbacks.EMA().state_key != callbacks.EMA(decay=0.9995).state_key
+
+
+def test_state_of_another_method_is_refused_and_other_settings_warn() -> None:
+    from weightavg.methods.swa import SWA
+
+    source = Averager(mlp(0), EMA(decay=0.9))
+    source.step()
+    state = source.state_dict()
+    with pytest.raises(ValueError, match=r"saved by EMA\(decay=0.9\) and cannot continue as SWA"):
+        Averager(mlp(0), SWA(start=0, start_unit="step")).load_state_dict(state)
+    with pytest.warns(UserWarning, match=r"saved by EMA\(decay=0.9\).*EMA\(decay=0.95\)"):
+        Averager(mlp(0), EMA(decay=0.95)).load_state_dict(state)
+    old = {key: value for key, value in state.items() if key != "rule"}
+    with pytest.warns(UserWarning, match="records no rule"):
+        Averager(mlp(0), EMA(decay=0.9)).load_state_dict(old)
+    # A text written before texts were canonical ("EMA()") still matches the same settings: no warning.
+    default = Averager(mlp(0), EMA())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        default.load_state_dict({**state, "rule": "EMA()"})
+
+
+def test_state_missing_a_counter_names_it() -> None:
+    state = Averager(mlp(0), EMA()).state_dict()
+    del state["num_updates"]
+    with pytest.raises(ValueError, match="missing 'num_updates'"):
+        Averager(mlp(0), EMA()).load_state_dict(state)

@@ -375,3 +375,19 @@ def test_swa_without_a_start_averages_from_the_first_step_like_averaged_model() 
         ours = {k: v.clone() for k, v in model.state_dict().items()}
     for key, value in reference.module.state_dict().items():
         torch.testing.assert_close(ours[key], value)
+
+
+def test_wrapper_refuses_another_methods_state_and_warns_on_changed_settings() -> None:
+    from weightavg import optim as wrappers
+
+    model = nn.Linear(3, 2)
+    ema = wrappers.EMA(torch.optim.SGD(model.parameters(), lr=0.1), decay=0.9)
+    model(torch.ones(1, 3)).sum().backward()
+    ema.step()
+    state = ema.state_dict()
+    swa = wrappers.SWA(torch.optim.SGD(model.parameters(), lr=0.1), start=0, start_unit="step")
+    with pytest.raises(ValueError, match=r"saved by EMA\(decay=0.9\) and cannot continue as SWA"):
+        swa.load_state_dict(state)
+    other = wrappers.EMA(torch.optim.SGD(model.parameters(), lr=0.1), decay=0.99)
+    with pytest.warns(UserWarning, match=r"EMA\(decay=0.9\).*EMA\(decay=0.99\)"):
+        other.load_state_dict(state)

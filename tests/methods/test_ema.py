@@ -187,7 +187,7 @@ def test_rule_pickles_and_compares_equal() -> None:
 
 
 def test_repr_is_compact_and_evaluates_back() -> None:
-    assert repr(EMA()) == "EMA()"
+    assert repr(EMA()) == "EMA(decay=0.999)"  # canonical: the default decay is written
     assert repr(EMA(decay=0.99)) == "EMA(decay=0.99)"
     rule = EMA(decay=0.99, warmup="power", every_n_steps=4)
     text = repr(rule)

@@ -20,9 +20,11 @@ from torch import nn
 from weightavg.core import io, kernels
 from weightavg.core.binding import BufferPolicy, Entry, bind_module, bind_tensors
 from weightavg.core.checks import check_choice, check_device, check_number, resolve_dtype
-from weightavg.core.rule import Clock, Event, Rule
+from weightavg.core.rule import Clock, Event, Rule, check_saved_rule
 
 STATE_VERSION = 1
+# Counters every state holds (``last_update_*`` came later and default to ``last_*``).
+_COUNTERS = ("num_updates", "step_count", "epoch_count", "last_step", "last_epoch")
 
 #: What an averager does when the live weights hold NaN or inf (see ``Averager``'s ``nonfinite``).
 NonFinite = Literal["warn", "skip", "error"]
@@ -669,8 +671,13 @@ class Averager:
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a ``state_dict()``; raises ``ValueError`` naming missing, unexpected or mis-shaped tensors."""
+        """Restore a ``state_dict()``; raises ``ValueError`` naming missing, unexpected or mis-shaped tensors, a
+        missing counter, or another method's state (``check_state``). A state of the same method saved with other
+        settings (a decay changed on resume) loads with a warning naming the old and new rule."""
         self.check_state(state)
+        message = check_saved_rule(state.get("rule"), self.rule, what="averaging state")
+        if message is not None:
+            warnings.warn(message, stacklevel=2)
         averaged = state["averaged"]
         for name, tensor in zip(self._names, self._avg, strict=False):
             tensor.copy_(averaged[name])
@@ -684,11 +691,21 @@ class Averager:
         self._last_update_epoch = state.get("last_update_epoch", state["last_epoch"])
 
     def check_state(self, state: Any) -> None:
-        """Raise unless ``state`` could be loaded now (same model, supported version, not swapped in)."""
+        """Raise unless ``state`` could be loaded now (same model, same method, supported version, every counter,
+        not swapped in). A state of the same method with other settings loads, with a warning naming both, when
+        ``load_state_dict`` loads it; one without a saved rule (older versions) loads with a warning."""
         if not isinstance(state, dict) or "averaged" not in state:
             raise ValueError("state must be a dict returned by Averager.state_dict() (it has no 'averaged' entry)")
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"averaging state version {state.get('version')!r} is not supported ({STATE_VERSION})")
+        missing = [key for key in _COUNTERS if key not in state]
+        if missing:
+            raise ValueError(
+                f"averaging state is missing {', '.join(map(repr, missing))} (it has {sorted(state)}); it must be a "
+                "complete dict returned by Averager.state_dict()"
+            )
+        # Another method's average is refused here; other settings of the same method warn when loaded.
+        check_saved_rule(state.get("rule"), self.rule, what="averaging state")
         self._check_tensors(state["averaged"], source="averaging state")
         if self._saved is not None:
             raise RuntimeError("cannot load averaging state while the average is swapped in; swap back first")

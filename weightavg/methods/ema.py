@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from weightavg.core.checks import check_bool, check_choice, check_number
-from weightavg.core.rule import Clock, Event, NotACallback, compact_repr
+from weightavg.core.rule import Clock, Event, NotACallback, canonical_eq, canonical_hash, compact_repr
 from weightavg.core.schedules import WARMUPS, Warmup, decay_from_half_life, warmed_decay
 
 
@@ -86,7 +86,12 @@ class EMA(NotACallback):
         """The per-step decay at optimizer step ``step``, warmup included (before any ``every_n_steps`` scaling)."""
         return warmed_decay(self.base_decay, step - self.start_step, self.warmup, self.gamma, self.power)
 
-    __repr__ = compact_repr
+    def __repr__(self) -> str:
+        # The decay however it was given (default, decay= or half_life=): ``EMA()`` reads ``EMA(decay=0.999)``.
+        return compact_repr(self, decay=float(self.base_decay), half_life=None)
+
+    __eq__ = canonical_eq
+    __hash__ = canonical_hash
 
     def validate_clock(self, clock: Clock) -> None:
         return None

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +38,7 @@ import torch.distributed as dist
 from weightavg.core import kernels
 from weightavg.core.averager import Averager
 from weightavg.core.checks import check_number
-from weightavg.core.rule import compact_repr
+from weightavg.core.rule import canonical_eq, canonical_hash, check_saved_rule, compact_repr
 
 Tensors = list[torch.Tensor]
 
@@ -78,7 +79,12 @@ class NoLoCoRule:
         check_number("seed", self.seed, low=0, integer=True)
 
     def __repr__(self) -> str:
-        return compact_repr(self).replace("Rule(", "(", 1)  # NoLoCo(sync_every=10)
+        # mixing=None means "equal to outer_lr": both spellings read the same (the outer step is the same).
+        mixing = None if self.mixing is None or self.mixing == self.outer_lr else self.mixing
+        return compact_repr(self, mixing=mixing).replace("Rule(", "(", 1)  # NoLoCo(sync_every=10)
+
+    __eq__ = canonical_eq
+    __hash__ = canonical_hash
 
     @property
     def one_tensor(self) -> bool:
@@ -104,6 +110,9 @@ class DiLoCoRule:
 
     def __repr__(self) -> str:
         return compact_repr(self).replace("Rule(", "(", 1)
+
+    __eq__ = canonical_eq
+    __hash__ = canonical_hash
 
 
 @dataclass
@@ -303,10 +312,7 @@ class Replica:
         """Raise unless ``state`` (from ``state_dict()``) fits this replica: same method, seed and parameters."""
         if not isinstance(state, dict) or "momentum" not in state:
             raise ValueError("state must come from Replica.state_dict() (it has no 'momentum' entry)")
-        saved_method = str(state.get("rule", "")).split("(")[0]
-        method = repr(self.rule).split("(")[0]
-        if saved_method and saved_method != method:
-            raise ValueError(f"the state is {saved_method}'s ({state['rule']}); this replica runs {self.rule!r}")
+        check_saved_rule(state.get("rule"), self.rule, what="outer state")  # another method raises
         seed = getattr(self.rule, "seed", None)
         if state.get("seed", seed) != seed:
             raise ValueError(f"the state was saved with seed={state['seed']!r}; this replica has seed={seed!r} (its "
@@ -318,6 +324,9 @@ class Replica:
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.check_state(state)
+        message = check_saved_rule(state.get("rule"), self.rule, what="outer state")
+        if message is not None:
+            warnings.warn(message, stacklevel=2)  # other settings of the same method (e.g. outer_lr) continue
         momentum = [m for group in self.momentum for m in group]
         kernels.copy_(momentum, list(state["momentum"]))
         self.inner_steps, self.outer_steps = int(state["inner_steps"]), int(state["outer_steps"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from weightavg.core.checks import check_choice, check_number
-from weightavg.core.rule import Clock, Event, NotACallback, compact_repr
+from weightavg.core.rule import Clock, Event, NotACallback, canonical_eq, canonical_hash, compact_repr
 from weightavg.core.schedules import START_UNITS, UNITS, StartUnit, Unit, reached
 
 
@@ -65,7 +65,12 @@ class SWA(NotACallback):
             return None
         return 1.0 / (num_updates + 1)
 
-    __repr__ = compact_repr
+    def __repr__(self) -> str:
+        # A fraction is a float (``start=1`` reads ``start=1.0``); steps and epochs are ints.
+        return compact_repr(self, start=float(self.start) if self.start_unit == "fraction" else self.start)
+
+    __eq__ = canonical_eq
+    __hash__ = canonical_hash
 
     def validate_clock(self, clock: Clock) -> None:
         reached(self.start, self.start_unit, clock)

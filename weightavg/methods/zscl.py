@@ -32,7 +32,7 @@ from weightavg.core import io
 from weightavg.core.averager import Averager
 from weightavg.core.call import Forward, call_with, eval_mode
 from weightavg.core.checks import check_callable, check_number
-from weightavg.core.rule import Clock, Event, NotACallback, Snapshot, compact_repr
+from weightavg.core.rule import Clock, Event, NotACallback, Snapshot, canonical_eq, canonical_hash, compact_repr
 
 
 @dataclass(frozen=True, repr=False)
@@ -62,6 +62,8 @@ class ZSCL(NotACallback):
         return 1.0 / (num_updates + 1)
 
     __repr__ = compact_repr
+    __eq__ = canonical_eq
+    __hash__ = canonical_hash
 
     def validate_clock(self, clock: Clock) -> None:
         return None
