@@ -206,8 +206,14 @@ def bench_snapshots(shape: Shape, runner: Runner, folder: Path, writer_adds: int
     background.close()
     disk.close()
     return SnapshotResult(
-        shape, numel, len(module.state_dict()), nbytes, timings, summarize(per_snapshot, None),
-        summarize(returns, None), writer_adds,
+        shape,
+        numel,
+        len(module.state_dict()),
+        nbytes,
+        timings,
+        summarize(per_snapshot, None),
+        summarize(returns, None),
+        writer_adds,
     )
 
 
@@ -316,8 +322,9 @@ def bench_combine(
     if measure_memory:
         log(f"combinations, model {shape.label}: peak memory, {2 * len(ks)} subprocesses")
         cells = [(k, way) for k in ks for way in ("weightavg", "naive")]
-        growths = peak_growths(shape, [[str(s.path) for s in sources(k)] for k, _ in cells],
-                               [way for _, way in cells], runner.device)
+        growths = peak_growths(
+            shape, [[str(s.path) for s in sources(k)] for k, _ in cells], [way for _, way in cells], runner.device
+        )
         peaks = dict(zip(cells, growths, strict=True))
     store.close()
     return CombineResult(shape, nbytes, distinct, {keys[name]: t for name, t in timings.items()}, peaks)
@@ -370,10 +377,21 @@ def peak_growths(shape: Shape, paths: list[list[str]], ways: list[str], device: 
     threads = max(1, torch.get_num_threads() // MEMORY_PROCESSES)
 
     def start(files: list[str], way: str) -> subprocess.Popen[str]:
-        config = {"threads": threads, "device": str(device), "width": shape.width, "blocks": shape.blocks,
-                  "paths": files, "way": way}
-        return subprocess.Popen([sys.executable, "-c", MEMORY_CHILD, json.dumps(config)], env=env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        config = {
+            "threads": threads,
+            "device": str(device),
+            "width": shape.width,
+            "blocks": shape.blocks,
+            "paths": files,
+            "way": way,
+        }
+        return subprocess.Popen(
+            [sys.executable, "-c", MEMORY_CHILD, json.dumps(config)],
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
 
     def result(process: subprocess.Popen[str]) -> int | None:
         out, err = process.communicate()
@@ -384,8 +402,12 @@ def peak_growths(shape: Shape, paths: list[list[str]], ways: list[str], device: 
 
     growths: list[int | None] = []
     for first in range(0, len(paths), MEMORY_PROCESSES):
-        batch = [start(files, way) for files, way in zip(paths[first:first + MEMORY_PROCESSES],
-                                                         ways[first:first + MEMORY_PROCESSES], strict=True)]
+        batch = [
+            start(files, way)
+            for files, way in zip(
+                paths[first : first + MEMORY_PROCESSES], ways[first : first + MEMORY_PROCESSES], strict=True
+            )
+        ]
         growths += [result(process) for process in batch]
     return growths
 
@@ -502,8 +524,11 @@ def filesystem(path: Path) -> str:
     except OSError:
         return "unknown filesystem"
     resolved = str(path.resolve())
-    best = max((m for m in mounts if resolved == m[1] or resolved.startswith(m[1].rstrip("/") + "/")),
-               key=lambda m: len(m[1]), default=None)
+    best = max(
+        (m for m in mounts if resolved == m[1] or resolved.startswith(m[1].rstrip("/") + "/")),
+        key=lambda m: len(m[1]),
+        default=None,
+    )
     return "unknown filesystem" if best is None else f"{best[2]} on {best[0]} mounted at {best[1]}"
 
 
@@ -518,7 +543,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--device", default="cpu", help="torch device of the model (cpu, cuda, ...); snapshot files are on the host"
     )
     parser.add_argument(
-        "--repeats", type=int, default=None,
+        "--repeats",
+        type=int,
+        default=None,
         help="timed samples per snapshot case (default 10; 3 quick); combination cases take half as many (at least 2)",
     )
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
@@ -559,8 +586,16 @@ def main(argv: list[str] | None = None) -> None:
         combines = []
         for index, shape in enumerate((BIG, SMALL)):
             measure_memory = shape == BIG or not args.quick
-            combines.append(bench_combine(shape, combine_runner, root / f"combine-{index}", ks, measure_memory,
-                                          functools.partial(progress, started)))
+            combines.append(
+                bench_combine(
+                    shape,
+                    combine_runner,
+                    root / f"combine-{index}",
+                    ks,
+                    measure_memory,
+                    functools.partial(progress, started),
+                )
+            )
             shutil.rmtree(root / f"combine-{index}")
     finally:
         shutil.rmtree(root, ignore_errors=True)

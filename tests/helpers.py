@@ -68,15 +68,28 @@ class DigitsModule(pl.LightningModule):
 
 def trainer(**kwargs: Any) -> pl.Trainer:
     defaults: dict[str, Any] = dict(
-        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, num_sanity_val_steps=0, default_root_dir=tempfile.mkdtemp(prefix="weightavg-"),
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tempfile.mkdtemp(prefix="weightavg-"),
     )
     defaults.update(kwargs)
     return pl.Trainer(**defaults)
 
 
-def fit_digits(module: pl.LightningModule, callbacks: list[pl.Callback], epochs: int, *, seed: int = 0,
-               ckpt_path: str | None = None, **trainer_kwargs: Any) -> pl.Trainer:
+def fit_digits(
+    module: pl.LightningModule,
+    callbacks: list[pl.Callback],
+    epochs: int,
+    *,
+    seed: int = 0,
+    ckpt_path: str | None = None,
+    **trainer_kwargs: Any,
+) -> pl.Trainer:
     """Fit ``module`` (built by the caller after seeding) on the digits loaders; return the Trainer."""
     train, val = digits_loaders()
     run = trainer(max_epochs=epochs, callbacks=callbacks, **trainer_kwargs)
@@ -96,8 +109,12 @@ def run_ddp_script(folder: Path, *mode: str) -> str:
     script = Path(__file__).parent / "faces" / "ddp_script.py"
     env = {**clean_environment(), "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
     result = subprocess.run(
-        [sys.executable, str(script), str(folder), *mode], capture_output=True, text=True, timeout=600,
-        cwd=Path(__file__).parents[1], env=env,
+        [sys.executable, str(script), str(folder), *mode],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).parents[1],
+        env=env,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout

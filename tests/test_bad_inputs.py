@@ -35,30 +35,72 @@ UNWRITABLE = "/proc/weightavg-test/average.safetensors"  # /proc refuses new fil
 
 #: Out-of-range and otherwise wrong values per argument name, beyond those its type gives.
 BY_NAME: dict[str, list[Any]] = {
-    "decay": [1.0, -0.1], "half_life": [0.0, -1.0], "every_n_steps": [0, -1], "start_step": [-1], "gamma": [0.0],
-    "power": [0.0], "start": [-0.5, 1.5], "every": [0], "bn_batches": [0], "keep": [0], "num_experts": [1],
-    "beta": [-0.1, 0.9], "ramp_steps": [-1], "sync_every": [0], "outer_lr": [0.0], "outer_momentum": [1.0],
-    "group_size": [1], "mixing": [-1.0], "select_on": [-1, 1.5], "distill_weight": [-1.0], "temperature": [0.0],
-    "total_steps": [0], "search_on": [-1], "every_n_epochs": [0], "penalty": [-1.0],
-    "alphas": ["0.5", [], [NAN], [0.5, 0.5]], "alpha": [NAN, "0.5"],
+    "decay": [1.0, -0.1],
+    "half_life": [0.0, -1.0],
+    "every_n_steps": [0, -1],
+    "start_step": [-1],
+    "gamma": [0.0],
+    "power": [0.0],
+    "start": [-0.5, 1.5],
+    "every": [0],
+    "bn_batches": [0],
+    "keep": [0],
+    "num_experts": [1],
+    "beta": [-0.1, 0.9],
+    "ramp_steps": [-1],
+    "sync_every": [0],
+    "outer_lr": [0.0],
+    "outer_momentum": [1.0],
+    "group_size": [1],
+    "mixing": [-1.0],
+    "select_on": [-1, 1.5],
+    "distill_weight": [-1.0],
+    "temperature": [0.0],
+    "total_steps": [0],
+    "search_on": [-1],
+    "every_n_epochs": [0],
+    "penalty": [-1.0],
+    "alphas": ["0.5", [], [NAN], [0.5, 0.5]],
+    "alpha": [NAN, "0.5"],
     "export_path": [5, "", ".", "/etc/hostname/average.safetensors", UNWRITABLE],
-    "figure_path": [5, ".", UNWRITABLE], "result_path": [5, "."],
-    "directory": [5, "/etc/hostname"], "anchor": [5, "missing.safetensors"], "teacher": [5],
-    "dtype": ["float8", "int32", 5, torch.int64], "device": ["meta", "nonsense", 5, True, "cuda:99"],
-    "name": ["", 5], "include": [5, [5]], "exclude": [5, [5]], "select": [5, [5]], "settings": [5],
-    "metric": [5], "reference": [5, torch.zeros(3)], "process_group": [5, "world"], "seed": ["0", 1.5],
-    "optimizer": [5, "sgd"], "module": ["model", 5], "model": ["model", 5], "monitor": [5, ""],
-    "metric_key": [5, ""], "dataloader_names": ["a", [5], ["a", "a"]], "buffers": ["all", 5],
+    "figure_path": [5, ".", UNWRITABLE],
+    "result_path": [5, "."],
+    "directory": [5, "/etc/hostname"],
+    "anchor": [5, "missing.safetensors"],
+    "teacher": [5],
+    "dtype": ["float8", "int32", 5, torch.int64],
+    "device": ["meta", "nonsense", 5, True, "cuda:99"],
+    "name": ["", 5],
+    "include": [5, [5]],
+    "exclude": [5, [5]],
+    "select": [5, [5]],
+    "settings": [5],
+    "metric": [5],
+    "reference": [5, torch.zeros(3)],
+    "process_group": [5, "world"],
+    "seed": ["0", 1.5],
+    "optimizer": [5, "sgd"],
+    "module": ["model", 5],
+    "model": ["model", 5],
+    "monitor": [5, ""],
+    "metric_key": [5, ""],
+    "dataloader_names": ["a", [5], ["a", "a"]],
+    "buffers": ["all", 5],
 }
 #: Arguments fixed in the branches of other items of issue 11 (LCSC's own arguments): not required here until merged.
-ELSEWHERE = {("callbacks.LCSC", n) for n in ("monitor", "decay", "penalty", "by", "rule", "metric_key", "bn_input",
-                                             "bn_batches", "result_path")}
+ELSEWHERE = {
+    ("callbacks.LCSC", n)
+    for n in ("monitor", "decay", "penalty", "by", "rule", "metric_key", "bn_input", "bn_batches", "result_path")
+}
 
 
 def bad_values(name: str, annotation: Any) -> list[Any]:
     """The values ``name`` must refuse: those of its type, then those of its name."""
-    options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, type(int | None)) else (
-        annotation,)
+    options = (
+        typing.get_args(annotation)
+        if typing.get_origin(annotation) in (typing.Union, type(int | None))
+        else (annotation,)
+    )
     values: list[Any] = []
     for option in options:
         if option is bool:
@@ -128,20 +170,39 @@ def _faces() -> list[tuple[str, Builder, dict[str, Any]]]:
     faces: list[tuple[str, Builder, dict[str, Any]]] = []
     for cls in CALLBACKS:
         base = CALLBACK_BASE.get(cls, {})
-        faces.append((f"callbacks.{cls.__name__}", lambda kw, c=cls, b=base: c(**{**b, **kw}),
-                      parameters(cls, cb.AveragingCallback, {"rule"})))
+        faces.append(
+            (
+                f"callbacks.{cls.__name__}",
+                lambda kw, c=cls, b=base: c(**{**b, **kw}),
+                parameters(cls, cb.AveragingCallback, {"rule"}),
+            )
+        )
     for cls in OPTIMIZERS:
-        faces.append((f"optim.{cls.__name__}", lambda kw, c=cls: _optim(c, **kw),
-                      parameters(cls, wo.AveragingOptimizer, {"rule"})))
+        faces.append(
+            (
+                f"optim.{cls.__name__}",
+                lambda kw, c=cls: _optim(c, **kw),
+                parameters(cls, wo.AveragingOptimizer, {"rule"}),
+            )
+        )
     return faces
 
 
 FACES = _faces()
 CASES = [
-    pytest.param(face, build, name, value, id=f"{face}-{name}={value!r}"[:120],
-                 marks=[pytest.mark.xfail(reason="fixed in another branch of issue 11", strict=False)]
-                 if (face, name) in ELSEWHERE else [])
-    for face, build, params in FACES for name, annotation in params.items() for value in bad_values(name, annotation)
+    pytest.param(
+        face,
+        build,
+        name,
+        value,
+        id=f"{face}-{name}={value!r}"[:120],
+        marks=[pytest.mark.xfail(reason="fixed in another branch of issue 11", strict=False)]
+        if (face, name) in ELSEWHERE
+        else [],
+    )
+    for face, build, params in FACES
+    for name, annotation in params.items()
+    for value in bad_values(name, annotation)
 ]
 
 
@@ -160,8 +221,9 @@ def test_bad_argument_is_refused_at_construction(face: str, build: Builder, name
 
 
 def test_every_argument_is_fuzzed() -> None:
-    missing = [f"{face}({name})" for face, _, params in FACES for name, ann in params.items()
-               if not bad_values(name, ann)]
+    missing = [
+        f"{face}({name})" for face, _, params in FACES for name, ann in params.items() if not bad_values(name, ann)
+    ]
     assert not missing, f"add bad values for these arguments to BY_NAME: {missing}"
 
 
@@ -182,9 +244,17 @@ def _config_cases() -> list[Any]:
                 continue
             for value in bad_values(field, params.get(field, Any)):
                 if isinstance(value, (str, int, float, bool, list)) or value is None:
-                    cases.append(pytest.param(key, field, value, id=f"{key}-{field}={value!r}",
-                                              marks=[pytest.mark.xfail(strict=False)]
-                                              if (f"callbacks.{cls.__name__}", field) in ELSEWHERE else []))
+                    cases.append(
+                        pytest.param(
+                            key,
+                            field,
+                            value,
+                            id=f"{key}-{field}={value!r}",
+                            marks=[pytest.mark.xfail(strict=False)]
+                            if (f"callbacks.{cls.__name__}", field) in ELSEWHERE
+                            else [],
+                        )
+                    )
     return cases
 
 
@@ -208,30 +278,36 @@ def test_bad_config_value_is_refused_when_instantiated(key: str, field: str, val
 
 
 # ---------------------------------------------------------------- conflicting combinations
-@pytest.mark.parametrize(("build", "names"), [
-    (lambda: cb.WiSEFT(alphas=[0.0, 0.3, 1.0]), "alphas"),
-    (lambda: cb.WiSEFT(select_on=1), "select_on"),
-    (lambda: cb.WiSEFT(alpha=0.3, figure_path="curve.png"), "figure_path"),
-    (lambda: cb.WiSEFT(monitor="val_acc", metric=lambda o, t: 0.0), "monitor"),
-    (lambda: cb.ZSCL(teacher={}), "teacher"),
-    (lambda: cb.EMA(decay=0.9, half_life=10.0), "half_life"),
-    (lambda: cb.LCSC(every_n_steps=2, every_n_epochs=1), "every_n_epochs"),
-    (lambda: cb.EWA(merge_at_end=False, export_path="x.safetensors"), "export_path"),
-    (lambda: wo.SWA(torch.optim.SGD(_model().parameters(), lr=0.1), start=0.5), "total_steps"),
-])
+@pytest.mark.parametrize(
+    ("build", "names"),
+    [
+        (lambda: cb.WiSEFT(alphas=[0.0, 0.3, 1.0]), "alphas"),
+        (lambda: cb.WiSEFT(select_on=1), "select_on"),
+        (lambda: cb.WiSEFT(alpha=0.3, figure_path="curve.png"), "figure_path"),
+        (lambda: cb.WiSEFT(monitor="val_acc", metric=lambda o, t: 0.0), "monitor"),
+        (lambda: cb.ZSCL(teacher={}), "teacher"),
+        (lambda: cb.EMA(decay=0.9, half_life=10.0), "half_life"),
+        (lambda: cb.LCSC(every_n_steps=2, every_n_epochs=1), "every_n_epochs"),
+        (lambda: cb.EWA(merge_at_end=False, export_path="x.safetensors"), "export_path"),
+        (lambda: wo.SWA(torch.optim.SGD(_model().parameters(), lr=0.1), start=0.5), "total_steps"),
+    ],
+)
 def test_conflicting_arguments_are_refused(build: Callable[[], Any], names: str) -> None:
     with pytest.raises((TypeError, ValueError)) as caught:
         build()
     assert names in str(caught.value)
 
 
-@pytest.mark.parametrize(("build", "names"), [
-    (lambda: cb.ZSCL(distill_weight=5.0), "distill_weight"),
-    (lambda: cb.ZSCL(temperature=4.0, forward=lambda m, x: m(x)), "temperature, forward"),
-    (lambda: wo.ZSCL(torch.optim.SGD(_model().parameters(), lr=0.1), distill_weight=5.0), "distill_weight"),
-    (lambda: cb.WiSEFT(dataloader_names=["id", "shift"]), "dataloader_names"),
-    (lambda: cb.WiSEFT(monitor="val_acc", forward=lambda m, x: m(x)), "forward"),
-])
+@pytest.mark.parametrize(
+    ("build", "names"),
+    [
+        (lambda: cb.ZSCL(distill_weight=5.0), "distill_weight"),
+        (lambda: cb.ZSCL(temperature=4.0, forward=lambda m, x: m(x)), "temperature, forward"),
+        (lambda: wo.ZSCL(torch.optim.SGD(_model().parameters(), lr=0.1), distill_weight=5.0), "distill_weight"),
+        (lambda: cb.WiSEFT(dataloader_names=["id", "shift"]), "dataloader_names"),
+        (lambda: cb.WiSEFT(monitor="val_acc", forward=lambda m, x: m(x)), "forward"),
+    ],
+)
 def test_ignored_arguments_are_warned_about(build: Callable[[], Any], names: str) -> None:
     with pytest.warns(UserWarning, match=names):
         build()
@@ -254,11 +330,14 @@ class NoForward(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-@pytest.mark.parametrize(("callback", "names"), [
-    (lambda: cb.SWA(start=0.0), "forward()"),
-    (lambda: cb.WiSEFT(monitor="val_acc"), "validation dataloaders"),
-    (lambda: cb.LCSC(method="greedy"), "method='greedy'"),
-])
+@pytest.mark.parametrize(
+    ("callback", "names"),
+    [
+        (lambda: cb.SWA(start=0.0), "forward()"),
+        (lambda: cb.WiSEFT(monitor="val_acc"), "validation dataloaders"),
+        (lambda: cb.LCSC(method="greedy"), "method='greedy'"),
+    ],
+)
 def test_bad_setup_is_refused_at_fit_start(callback: Callable[[], Any], names: str) -> None:
     train, _ = digits_loaders(train_size=128)
     module = NoForward()

@@ -37,8 +37,12 @@ def accuracy_table(stdout: str, column: int = 0) -> dict[str, float]:
 
 def test_app_trains_with_several_averagers_and_writes_them(tmp_path: Path) -> None:
     result = run_app(
-        tmp_path, "averaging=ema", "averaging.decay=0.99", "+averaging@extra_averaging.swa=swa",
-        "extra_averaging.swa.start=0.5", "trainer.max_epochs=4",
+        tmp_path,
+        "averaging=ema",
+        "averaging.decay=0.99",
+        "+averaging@extra_averaging.swa=swa",
+        "extra_averaging.swa.start=0.5",
+        "trainer.max_epochs=4",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     table = accuracy_table(result.stdout)
@@ -83,8 +87,13 @@ def test_help_describes_every_field() -> None:
 
     from weightavg.train import TrainConfig
 
-    result = subprocess.run([sys.executable, "-m", "weightavg.train", "--help"], capture_output=True, text=True,
-                            timeout=300, env={**clean_environment(), "PYTHONWARNINGS": "ignore"})
+    result = subprocess.run(
+        [sys.executable, "-m", "weightavg.train", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**clean_environment(), "PYTHONWARNINGS": "ignore"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     config = OmegaConf.structured(TrainConfig)
     names = [k for k in config if k != "defaults"]
@@ -129,13 +138,20 @@ def test_wiseft_and_zscl_from_a_pretrained_run_on_a_shifted_domain(tmp_path: Pat
 
     register_train_configs()
     with initialize(version_base=None, config_path=None):
-        cfg = compose("weightavg_train", overrides=["averaging=none", "trainer.max_epochs=2",
-                                                    f"output_dir={tmp_path / 'pretrain'}"])
+        cfg = compose(
+            "weightavg_train",
+            overrides=["averaging=none", "trainer.max_epochs=2", f"output_dir={tmp_path / 'pretrain'}"],
+        )
     run(cfg)
     pretrained = tmp_path / "pretrain" / "model.safetensors"
 
-    wiseft = run_app(tmp_path / "wiseft", "averaging=wiseft", "data.shift=invert", f"model.init_from={pretrained}",
-                     "trainer.max_epochs=1")
+    wiseft = run_app(
+        tmp_path / "wiseft",
+        "averaging=wiseft",
+        "data.shift=invert",
+        f"model.init_from={pretrained}",
+        "trainer.max_epochs=1",
+    )
     assert wiseft.returncode == 0, wiseft.stderr[-3000:]
     table = accuracy_table(wiseft.stdout)
     chosen = next(key for key in table if key.startswith("averaging WiSEFT(alpha="))
@@ -151,8 +167,14 @@ def test_wiseft_and_zscl_from_a_pretrained_run_on_a_shifted_domain(tmp_path: Pat
     assert (tmp_path / "wiseft" / "averaging.png").is_file()
     assert "val_original" in wiseft.stderr + wiseft.stdout  # the sweep reports both validation sets
 
-    zscl = run_app(tmp_path / "zscl", "averaging=zscl", "averaging.every_n_steps=5", "data.shift=invert",
-                   f"model.init_from={pretrained}", "trainer.max_epochs=1")
+    zscl = run_app(
+        tmp_path / "zscl",
+        "averaging=zscl",
+        "averaging.every_n_steps=5",
+        "data.shift=invert",
+        f"model.init_from={pretrained}",
+        "trainer.max_epochs=1",
+    )
     assert zscl.returncode == 0, zscl.stderr[-3000:]
     assert set(accuracy_table(zscl.stdout)) == {"live", "averaging ZSCL(every_n_steps=5)"}
     model = Classifier(64, 10)
@@ -162,8 +184,14 @@ def test_wiseft_and_zscl_from_a_pretrained_run_on_a_shifted_domain(tmp_path: Pat
 
 
 def test_lcsc_in_the_app(tmp_path: Path) -> None:
-    result = run_app(tmp_path, "averaging=lcsc", "averaging.every_n_steps=10", "averaging.keep=4",
-                     "averaging.method=greedy", "trainer.max_epochs=2")
+    result = run_app(
+        tmp_path,
+        "averaging=lcsc",
+        "averaging.every_n_steps=10",
+        "averaging.keep=4",
+        "averaging.method=greedy",
+        "trainer.max_epochs=2",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     table = accuracy_table(result.stdout)
     assert set(table) == {"live", "averaging LCSC(method=greedy)"}
@@ -173,8 +201,14 @@ def test_lcsc_in_the_app(tmp_path: Path) -> None:
 
 def test_ewa_in_the_small_vit_ends_with_the_dense_architecture(tmp_path: Path) -> None:
     result = run_app(
-        tmp_path, "model.arch=vit", "averaging=ewa", "averaging.beta=0.5", "+averaging@extra_averaging.ema=ema",
-        "extra_averaging.ema.decay=0.9", "trainer.max_epochs=2", "data.train_size=256",
+        tmp_path,
+        "model.arch=vit",
+        "averaging=ewa",
+        "averaging.beta=0.5",
+        "+averaging@extra_averaging.ema=ema",
+        "extra_averaging.ema.decay=0.9",
+        "trainer.max_epochs=2",
+        "data.train_size=256",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     table = accuracy_table(result.stdout)
@@ -194,8 +228,13 @@ def test_ewa_needs_the_transformer(tmp_path: Path) -> None:
 
 def test_noloco_over_two_processes_with_the_local_strategy(tmp_path: Path) -> None:
     result = run_app(
-        tmp_path, "averaging=noloco", "averaging.sync_every=5", "trainer.strategy=local_ddp", "trainer.devices=2",
-        "trainer.accelerator=cpu", "trainer.max_epochs=2",
+        tmp_path,
+        "averaging=noloco",
+        "averaging.sync_every=5",
+        "trainer.strategy=local_ddp",
+        "trainer.devices=2",
+        "trainer.accelerator=cpu",
+        "trainer.max_epochs=2",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     table = accuracy_table(result.stdout)  # printed once, by rank 0

@@ -150,8 +150,13 @@ class AveragingCallback(Callback):
         self.export_path = export_path
         self.name = name or repr(rule)
         self._engine_kwargs: dict[str, Any] = {
-            "buffers": buffers, "include": include, "exclude": exclude, "device": device, "dtype": dtype,
-            "contiguous": contiguous, "nonfinite": nonfinite,
+            "buffers": buffers,
+            "include": include,
+            "exclude": exclude,
+            "device": device,
+            "dtype": dtype,
+            "contiguous": contiguous,
+            "nonfinite": nonfinite,
         }
         self.averager: Averager | None = None
         # Checkpoint states restored before fit binds what they belong to (key -> state), applied when it binds.
@@ -289,8 +294,13 @@ class AveragingCallback(Callback):
     # ------------------------------------------------------------------ evaluation on the average
     def _swap_in_for_evaluation(self) -> None:
         averager = self.averager
-        if (self._validates and not self._suspended and averager is not None and averager.has_average
-                and not averager.is_swapped):
+        if (
+            self._validates
+            and not self._suspended
+            and averager is not None
+            and averager.has_average
+            and not averager.is_swapped
+        ):
             averager.refresh()
             averager.swap()
             self._swapped_for_validation = True
@@ -394,7 +404,9 @@ class AveragingCallback(Callback):
             if any(p._applied for p in peers):
                 holds = "the model at the end of fit"
             checkpoint[MARKER_KEY] = {
-                "state_dict": holds, "averager": None if writer is None else writer.name, "live_key": LIVE_KEY,
+                "state_dict": holds,
+                "averager": None if writer is None else writer.name,
+                "live_key": LIVE_KEY,
             }
             if holds == "live" and LIVE_KEY in checkpoint:  # an average is swapped in for validation right now
                 checkpoint["state_dict"].update(
@@ -525,8 +537,14 @@ class EMA(AveragingCallback):
         **options: Any,
     ) -> None:
         rule = EMARule(
-            decay=decay, half_life=half_life, warmup=warmup, gamma=gamma, power=power,
-            every_n_steps=every_n_steps, start_step=start_step, scale_decay=scale_decay,
+            decay=decay,
+            half_life=half_life,
+            warmup=warmup,
+            gamma=gamma,
+            power=power,
+            every_n_steps=every_n_steps,
+            start_step=start_step,
+            scale_decay=scale_decay,
         )
         super().__init__(rule, **options)
 
@@ -597,7 +615,10 @@ def check_forward(pl_module: pl.LightningModule, who: str) -> None:
 
 
 def recompute_batchnorm(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, averager: Averager, bn_input: Callable[[Any], Any] | None,
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    averager: Averager,
+    bn_input: Callable[[Any], Any] | None,
     bn_batches: int | None,
 ) -> None:
     """Recompute the BatchNorm statistics of ``averager``'s tensors with one pass over the training data (``bn_batches``
@@ -686,8 +707,16 @@ class WiSEFT(AveragingCallback):
     ) -> None:
         check_name(name)
         super().__init__(
-            Snapshot(), validate_with="live", apply_at_end=False, export_path=export_path, name=name or "WiSEFT",
-            buffers=buffers, include=include, exclude=exclude, device=device, dtype="live",
+            Snapshot(),
+            validate_with="live",
+            apply_at_end=False,
+            export_path=export_path,
+            name=name or "WiSEFT",
+            buffers=buffers,
+            include=include,
+            exclude=exclude,
+            device=device,
+            dtype="live",
         )
         grid = check_alphas(alphas)
         check_bool("apply_at_end", apply_at_end)
@@ -746,7 +775,11 @@ class WiSEFT(AveragingCallback):
 
     @staticmethod
     def _check_sweep_arguments(
-        grid: tuple[float, ...], select_on: Any, monitor: str | None, metric: Any, forward: Forward | None,
+        grid: tuple[float, ...],
+        select_on: Any,
+        monitor: str | None,
+        metric: Any,
+        forward: Forward | None,
         dataloader_names: Sequence[str] | None,
     ) -> None:
         """Refuse sweep arguments that a run without ``monitor``/``metric`` would ignore where they change which
@@ -765,12 +798,16 @@ class WiSEFT(AveragingCallback):
             if dataloader_names is not None:
                 warnings.warn(
                     f"WiSEFT: dataloader_names={dataloader_names!r} is ignored without monitor= or metric= (no sweep "
-                    "runs; alpha is fixed)", UserWarning, stacklevel=3,
+                    "runs; alpha is fixed)",
+                    UserWarning,
+                    stacklevel=3,
                 )
         if forward is not None and metric is None:
             warnings.warn(
                 "WiSEFT: forward= is ignored without metric= (it computes the outputs that metric scores; with "
-                "monitor= the module's own validation_step runs)", UserWarning, stacklevel=3,
+                "monitor= the module's own validation_step runs)",
+                UserWarning,
+                stacklevel=3,
             )
 
     @override
@@ -818,9 +855,7 @@ class WiSEFT(AveragingCallback):
             return
         logged = set(trainer.callback_metrics)
         if self.monitor not in logged and not any(k.startswith(f"{self.monitor}/dataloader_idx_") for k in logged):
-            raise ValueError(
-                f"monitor={self.monitor!r} is not logged by validation_step; logged: {sorted(logged)}"
-            )
+            raise ValueError(f"monitor={self.monitor!r} is not logged by validation_step; logged: {sorted(logged)}")
         self._monitor_seen = True
 
     @staticmethod
@@ -911,7 +946,6 @@ class WiSEFT(AveragingCallback):
             rank_zero_info(f"weightavg: WiSE-FT {label} by alpha: {table}; chose alpha={self.alpha:g}")
 
 
-
 def logged_validation(trainer: pl.Trainer, monitor: str, count: int) -> tuple[list[float], dict[str, Any]]:
     """Run fit's validation loop once on the model as it is; return ``monitor`` per dataloader and everything logged.
 
@@ -980,6 +1014,7 @@ def metric_on_loaders(
             values.append(float(total / count))
     return values
 
+
 def _require_matplotlib(argument: str) -> None:
     try:
         import matplotlib  # noqa: F401
@@ -990,7 +1025,10 @@ def _require_matplotlib(argument: str) -> None:
 
 
 def draw_curves(
-    curves: dict[str, dict[float, float]], path: str | os.PathLike[str], *, chosen: float | None = None,
+    curves: dict[str, dict[float, float]],
+    path: str | os.PathLike[str],
+    *,
+    chosen: float | None = None,
     ylabel: str = "metric",
 ) -> None:
     """Metric vs alpha per dataloader, each with the dashed straight line between its endpoints (alpha 0 and 1)."""
@@ -1061,8 +1099,13 @@ class ZSCL(AveragingCallback):
         super().__init__(ZSCLRule(every_n_steps=every_n_steps), **options)
         check_distillation_knobs(reference, distill_weight, temperature, forward, reference_input)
         self.distillation = (
-            None if reference is None else Distillation(
-                reference, weight=distill_weight, temperature=temperature, forward=forward,
+            None
+            if reference is None
+            else Distillation(
+                reference,
+                weight=distill_weight,
+                temperature=temperature,
+                forward=forward,
                 reference_input=reference_input,
             )
         )
@@ -1098,9 +1141,8 @@ class ZSCL(AveragingCallback):
         tensor when there are none, outside training (a step shared with validation), or without a Trainer. Add it
         to the loss in ``training_step``."""
         trainer = pl_module._trainer
-        callbacks = [] if trainer is None or not trainer.training else [
-            cb for cb in trainer.callbacks if isinstance(cb, ZSCL)  # type: ignore[attr-defined]
-        ]
+        running = [] if trainer is None or not trainer.training else trainer.callbacks  # type: ignore[attr-defined]
+        callbacks = [cb for cb in running if isinstance(cb, ZSCL)]
         losses = [cb.loss() for cb in callbacks if cb.distillation is not None]
         if not losses:
             return torch.zeros((), device=pl_module.device)
@@ -1193,11 +1235,22 @@ class LCSC(AveragingCallback):
     ) -> None:
         check_name(name)
         super().__init__(
-            Snapshot(), validate_with="live", apply_at_end=False, export_path=export_path, name=name or "LCSC",
-            buffers=buffers, include=include, exclude=exclude, dtype="live",
+            Snapshot(),
+            validate_with="live",
+            apply_at_end=False,
+            export_path=export_path,
+            name=name or "LCSC",
+            buffers=buffers,
+            include=include,
+            exclude=exclude,
+            dtype="live",
         )
-        for flag, value in (("background", background), ("apply_at_end", apply_at_end), ("progress", progress),
-                            ("recompute_bn", recompute_bn)):
+        for flag, value in (
+            ("background", background),
+            ("apply_at_end", apply_at_end),
+            ("progress", progress),
+            ("recompute_bn", recompute_bn),
+        ):
             check_bool(flag, value)
         check_directory("directory", directory)
         check_callable("forward", forward)
@@ -1320,8 +1373,11 @@ class LCSC(AveragingCallback):
     def _take(self, trainer: pl.Trainer) -> None:
         if self.directory is not None and not trainer.is_global_zero:
             return
-        logged = {key: float(value) for key, value in trainer.callback_metrics.items()
-                  if isinstance(value, (int, float)) or (torch.is_tensor(value) and value.numel() == 1)}
+        logged = {
+            key: float(value)
+            for key, value in trainer.callback_metrics.items()
+            if isinstance(value, (int, float)) or (torch.is_tensor(value) and value.numel() == 1)
+        }
         self._combiner().take(step=trainer.global_step, epoch=trainer.current_epoch, metrics=logged)
         self._last_snapshot_step = trainer.global_step
 
@@ -1356,8 +1412,15 @@ class LCSC(AveragingCallback):
             peer._suspended = True
         try:
             self.result = combiner.choose(
-                self.method, evaluate, mode=self.mode, settings=self.settings, decay=self.decay,
-                penalty=self.penalty, by=self.by, metric_key=self.metric_key, rule=self.greedy_rule,
+                self.method,
+                evaluate,
+                mode=self.mode,
+                settings=self.settings,
+                decay=self.decay,
+                penalty=self.penalty,
+                by=self.by,
+                metric_key=self.metric_key,
+                rule=self.greedy_rule,
                 progress=self.progress,
             )
         finally:
@@ -1555,8 +1618,16 @@ class _OuterStep(AveragingCallback):
         dtype: torch.dtype | str | None = None,
     ) -> None:
         check_name(name)
-        super().__init__(Snapshot(), validate_with=validate_with, apply_at_end=False, export_path=export_path,
-                         name=name or repr(rule), buffers="ignore", dtype=dtype, contiguous=True)
+        super().__init__(
+            Snapshot(),
+            validate_with=validate_with,
+            apply_at_end=False,
+            export_path=export_path,
+            name=name or repr(rule),
+            buffers="ignore",
+            dtype=dtype,
+            contiguous=True,
+        )
         if not isinstance(average_at_end, bool):
             raise TypeError(f"average_at_end={average_at_end!r} must be a bool")
         check_bool("log_traffic", log_traffic)
@@ -1657,8 +1728,15 @@ class NoLoCo(_OuterStep):
     ) -> None:
         rule = NoLoCoRule(sync_every, outer_lr, outer_momentum, mixing, group_size, seed)
         check_name(name)
-        super().__init__(rule, average_at_end=average_at_end, log_traffic=log_traffic, validate_with=validate_with,
-                         export_path=export_path, name=name or "NoLoCo", dtype=dtype)
+        super().__init__(
+            rule,
+            average_at_end=average_at_end,
+            log_traffic=log_traffic,
+            validate_with=validate_with,
+            export_path=export_path,
+            name=name or "NoLoCo",
+            dtype=dtype,
+        )
 
 
 class DiLoCo(_OuterStep):
@@ -1686,5 +1764,12 @@ class DiLoCo(_OuterStep):
     ) -> None:
         rule = DiLoCoRule(sync_every, outer_lr, outer_momentum, nesterov)
         check_name(name)
-        super().__init__(rule, average_at_end=average_at_end, log_traffic=log_traffic, validate_with=validate_with,
-                         export_path=export_path, name=name or "DiLoCo", dtype=dtype)
+        super().__init__(
+            rule,
+            average_at_end=average_at_end,
+            log_traffic=log_traffic,
+            validate_with=validate_with,
+            export_path=export_path,
+            name=name or "DiLoCo",
+            dtype=dtype,
+        )

@@ -124,8 +124,15 @@ def _scorer(spec: str, function: Callable[[dict[str, torch.Tensor]], Any]) -> Sc
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuse bad arguments before reading any snapshot (the values the parser cannot check)."""
-    check_options(method=args.method, mode=args.mode, decay=args.decay, penalty=args.penalty, by=args.by,
-                  metric_key=args.metric_key, rule=args.rule)
+    check_options(
+        method=args.method,
+        mode=args.mode,
+        decay=args.decay,
+        penalty=args.penalty,
+        by=args.by,
+        metric_key=args.metric_key,
+        rule=args.rule,
+    )
     check_number("--population", args.population, low=1, integer=True)
     check_number("--generations", args.generations, low=0, integer=True)
     check_output_file("--output", args.output)
@@ -183,11 +190,23 @@ def run(args: argparse.Namespace) -> SearchResult:
         result = SearchResult(weights, value, args.mode, int(scorer is not None), 0)
     else:
         # parents may not exceed population; the command has no --parents, so a small population breeds from all
-        settings = SearchSettings(population=args.population, parents=min(SearchSettings.parents, args.population),
-                                  generations=args.generations, seed=args.seed)
+        settings = SearchSettings(
+            population=args.population,
+            parents=min(SearchSettings.parents, args.population),
+            generations=args.generations,
+            seed=args.seed,
+        )
         result = choose_weights(
-            args.method, snapshots, fitness if scorer is not None else None, mode=args.mode, settings=settings,
-            decay=args.decay, penalty=args.penalty, by=args.by, metric_key=args.metric_key, rule=args.rule,
+            args.method,
+            snapshots,
+            fitness if scorer is not None else None,
+            mode=args.mode,
+            settings=settings,
+            decay=args.decay,
+            penalty=args.penalty,
+            by=args.by,
+            metric_key=args.metric_key,
+            rule=args.rule,
             progress=args.method in ("lcsc", "greedy") and args.progress and sys.stderr.isatty(),
         )
     if scorer is not None and not math.isfinite(result.fitness):
@@ -236,17 +255,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--penalty", type=float, default=1.0, help="for --method metric")
     parser.add_argument("--metric-key", default="train_loss", help="for --method metric --by loss")
     parser.add_argument("--rule", choices=("strict", "not_worse"), default="strict", help="for --method greedy")
-    parser.add_argument("--population", type=int, default=16,
-                        help="for --method lcsc (children are bred from the best min(4, population))")
+    parser.add_argument(
+        "--population",
+        type=int,
+        default=16,
+        help="for --method lcsc (children are bred from the best min(4, population))",
+    )
     parser.add_argument("--generations", type=int, default=25, help="for --method lcsc")
     parser.add_argument("--seed", type=int, default=0, help="for --method lcsc")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="accumulation dtype")
     parser.add_argument("--save-dtype", choices=("same", "float32", "float16", "bfloat16"), default="same")
     parser.add_argument("--result", help="write the coefficients and the search history here (JSON)")
-    parser.add_argument("--skip-damaged", action="store_true",
-                        help="skip unreadable snapshot files in folders (each named on stderr) instead of refusing")
-    parser.add_argument("--no-progress", dest="progress", action="store_false",
-                        help="no progress bar (shown for lcsc and greedy when stderr is a terminal)")
+    parser.add_argument(
+        "--skip-damaged",
+        action="store_true",
+        help="skip unreadable snapshot files in folders (each named on stderr) instead of refusing",
+    )
+    parser.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no progress bar (shown for lcsc and greedy when stderr is a terminal)",
+    )
     return parser.parse_args(argv)
 
 
@@ -257,8 +287,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError, SafetensorError) as error:
         # One line, no traceback: these are the user's arguments, inputs, fitness or disk, never a bug to debug here.
         # (SafetensorError: a damaged or foreign file; OSError: unreadable inputs, a full disk, a read-only folder.)
-        print(f"weightavg.combine: {_describe(error) if isinstance(error, SafetensorError) else _oneline(error)}",
-              file=sys.stderr)
+        print(
+            f"weightavg.combine: {_describe(error) if isinstance(error, SafetensorError) else _oneline(error)}",
+            file=sys.stderr,
+        )
         return 2
     print(f"coefficients: [{_listed(result.weights)}]; fitness {result.fitness:.6g}; written {args.output}")
     return 0

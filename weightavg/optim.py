@@ -166,8 +166,11 @@ class AveragingOptimizer(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """The inner optimizer's state and the averaging state, together."""
-        return {"optimizer": self.optimizer.state_dict(), "averaging": self.averager.state_dict(),
-                **self._extra_state()}
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "averaging": self.averager.state_dict(),
+            **self._extra_state(),
+        }
 
     def _check_can_step(self) -> None:
         """Raise if the method's state forbids a step now (ZSCL between tasks)."""
@@ -226,8 +229,14 @@ class EMA(AveragingOptimizer):
         **engine: Any,
     ) -> None:
         rule = EMARule(
-            decay=decay, half_life=half_life, warmup=warmup, gamma=gamma, power=power,
-            every_n_steps=every_n_steps, start_step=start_step, scale_decay=scale_decay,
+            decay=decay,
+            half_life=half_life,
+            warmup=warmup,
+            gamma=gamma,
+            power=power,
+            every_n_steps=every_n_steps,
+            start_step=start_step,
+            scale_decay=scale_decay,
         )
         super().__init__(optimizer, rule, **engine)
 
@@ -294,7 +303,13 @@ class WiSEFT(AveragingOptimizer):
                 "its state, buffers included, matched by name"
             )
         super().__init__(
-            optimizer, Snapshot(), module=module, buffers=buffers, include=include, exclude=exclude, device=device,
+            optimizer,
+            Snapshot(),
+            module=module,
+            buffers=buffers,
+            include=include,
+            exclude=exclude,
+            device=device,
             dtype="live",
         )
         if anchor is not None:
@@ -356,7 +371,10 @@ class ZSCL(AveragingOptimizer):
             if self.module is None:
                 raise ValueError("distillation (reference=) runs the model: pass module= as well")
             self.distillation = Distillation(
-                reference, weight=distill_weight, temperature=temperature, forward=forward,
+                reference,
+                weight=distill_weight,
+                temperature=temperature,
+                forward=forward,
                 reference_input=reference_input,
             )
             self.distillation.bind(self.module, teacher)

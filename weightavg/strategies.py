@@ -133,7 +133,9 @@ class LocalDDPStrategy(DDPStrategy):
     @override
     def register_strategies(cls, strategy_registry: Any) -> None:
         strategy_registry.register(
-            NAME, cls, description="DDP processes and samplers without gradient all-reduce (NoLoCo, DiLoCo)",
+            NAME,
+            cls,
+            description="DDP processes and samplers without gradient all-reduce (NoLoCo, DiLoCo)",
             override=True,
         )
 

@@ -182,8 +182,15 @@ class Classifier(pl.LightningModule):
     ``arch="vit"``: a small vision transformer (EWA's setting), AdamW at a constant rate."""
 
     def __init__(
-        self, features: int, classes: int, hidden: int = 128, lr: float | None = None, momentum: float = 0.9,
-        arch: str = "mlp", depth: int = 4, heads: int = 4,
+        self,
+        features: int,
+        classes: int,
+        hidden: int = 128,
+        lr: float | None = None,
+        momentum: float = 0.9,
+        arch: str = "mlp",
+        depth: int = 4,
+        heads: int = 4,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -272,8 +279,9 @@ class _FitProgress(pl.Callback):
     def __init__(self) -> None:
         self.started = False
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self.started = True
 
 
@@ -355,8 +363,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
         reference = DataLoader(TensorDataset(reference_x), batch_size=cfg.data.batch_size)
     averagers = build_averagers(cfg, output_dir, reference, val_names)
     if any(isinstance(cb, EWA) for cb in averagers.values()) and cfg.model.arch != "vit":
-        raise ConfigError(f"averaging=ewa needs a transformer's FFNs to mix; model.arch={cfg.model.arch!r}: add "
-                          "model.arch=vit")
+        raise ConfigError(
+            f"averaging=ewa needs a transformer's FFNs to mix; model.arch={cfg.model.arch!r}: add model.arch=vit"
+        )
     # EWA merges at the end of fit what the averagers before it leave in the model: it goes last.
     averagers = dict(sorted(averagers.items(), key=lambda item: isinstance(item[1], EWA)))
     model_options: dict[str, Any] = OmegaConf.to_container(cfg.model)  # type: ignore[assignment]
@@ -432,9 +441,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
         if isinstance(callback, EWA):
             written = callback.export_path is not None and Path(callback.export_path).is_file()
             print(f"merged model of {callback.name}: {callback.export_path if written else 'not exported'}")
-            print(f"{callback.name}: 'live' is the live mixtures merged to the dense architecture (what EWA deploys), "
-                  "so it matches the merged row unless another averager changed the model at the end; the dense "
-                  "baseline (no EWA) is the same command with averaging=none")
+            print(
+                f"{callback.name}: 'live' is the live mixtures merged to the dense architecture (what EWA deploys), "
+                "so it matches the merged row unless another averager changed the model at the end; the dense "
+                "baseline (no EWA) is the same command with averaging=none"
+            )
         elif callback.export_path is not None and Path(callback.export_path).is_file():
             print(f"averaged weights of {callback.name}: {callback.export_path}")
         else:
@@ -491,8 +502,11 @@ def register_train_configs() -> None:
     """Register the app's config (``weightavg_train``) and the ``averaging`` group; called by ``main``."""
     register_configs()
     store = ConfigStore.instance()
-    store.store(group="hydra/help", name="weightavg_train", node={"app_name": "weightavg.train", "header": "",
-                                                                   "footer": "", "template": _help_template()})
+    store.store(
+        group="hydra/help",
+        name="weightavg_train",
+        node={"app_name": "weightavg.train", "header": "", "footer": "", "template": _help_template()},
+    )
     store.store(name="weightavg_train", node=TrainConfig)
 
 

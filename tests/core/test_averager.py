@@ -393,8 +393,12 @@ def test_update_bn_equals_torch_update_bn_on_a_copy_with_the_average(engine: dic
 
 @pytest.mark.parametrize(
     ("model_dtype", "engine"),
-    [(torch.float32, {}), (torch.float32, {"device": "cpu:0"}), (torch.bfloat16, {}),
-     (torch.float32, {"dtype": torch.float64})],
+    [
+        (torch.float32, {}),
+        (torch.float32, {"device": "cpu:0"}),
+        (torch.bfloat16, {}),
+        (torch.float32, {"dtype": torch.float64}),
+    ],
     ids=["pointer-swap", "device-spelled-cpu:0", "bf16-model", "float64-average"],
 )
 def test_update_bn_leaves_parameter_averages_untouched(model_dtype: torch.dtype, engine: dict) -> None:

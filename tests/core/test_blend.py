@@ -38,8 +38,10 @@ def drift(model: nn.Module, seed: int) -> None:
 
 
 def float64_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: t.detach().clone().double() if t.is_floating_point() else t.detach().clone()
-            for name, t in model.state_dict().items()}
+    return {
+        name: t.detach().clone().double() if t.is_floating_point() else t.detach().clone()
+        for name, t in model.state_dict().items()
+    }
 
 
 def exact_state(model: nn.Module) -> dict[str, tuple[int, torch.Tensor]]:
@@ -59,8 +61,10 @@ def anchored(dtype: torch.dtype = torch.float32, **engine: object) -> tuple[nn.M
 
 
 def blend_reference(anchor: dict, live: dict, alpha: float) -> dict[str, torch.Tensor]:
-    return {name: (1 - alpha) * anchor[name] + alpha * live[name] if live[name].is_floating_point() else live[name]
-            for name in live}
+    return {
+        name: (1 - alpha) * anchor[name] + alpha * live[name] if live[name].is_floating_point() else live[name]
+        for name in live
+    }
 
 
 def assert_holds(model: nn.Module, expected: dict[str, torch.Tensor], rtol: float = 1e-6, atol: float = 1e-6) -> None:
@@ -506,8 +510,9 @@ def test_read_weights_detects_safetensors_by_content_and_loads_checkpoints_with_
     loaded = nn.Linear(3, 2)
     load_into_module(loaded, tmp_path / "average.bin")
     assert torch.equal(loaded.weight, model.weight)
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": argparse.Namespace(lr=0.1)},
-               tmp_path / "hparams.ckpt")
+    torch.save(
+        {"state_dict": model.state_dict(), "hyper_parameters": argparse.Namespace(lr=0.1)}, tmp_path / "hparams.ckpt"
+    )
     with pytest.warns(UserWarning, match="weights_only=False"):
         weights = read_weights(tmp_path / "hparams.ckpt", argument="anchor")
     assert torch.equal(weights["weight"], model.weight)

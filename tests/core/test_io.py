@@ -224,8 +224,13 @@ def test_save_streams_the_average_without_a_model_sized_copy(tmp_path: Path, con
         pytest.skip("needs Linux /proc to read and reset the peak RSS")
     path = tmp_path / "avg.safetensors"
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(Path(__file__).parents[2])}
-    done = subprocess.run([sys.executable, "-c", SAVE_PEAK, str(path), str(int(contiguous))], capture_output=True,
-                          text=True, timeout=120, env=env)
+    done = subprocess.run(
+        [sys.executable, "-c", SAVE_PEAK, str(path), str(int(contiguous))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
     measured = json.loads(done.stdout)
     assert measured["average_bytes"] > 39e6

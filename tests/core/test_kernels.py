@@ -104,7 +104,10 @@ MIXED_PAIRS = [pair for pair in DTYPE_PAIRS if pair[0] != pair[1]]
 @pytest.mark.parametrize("foreach", [True, False])
 @pytest.mark.parametrize("stage", [None, 7])
 def test_mixed_dtype_lerp_is_torch_lerp_against_the_exact_upcast(
-    target_dtype: torch.dtype, source_dtype: torch.dtype, foreach: bool, stage: int | None,
+    target_dtype: torch.dtype,
+    source_dtype: torch.dtype,
+    foreach: bool,
+    stage: int | None,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """An fp32 average of bf16 weights is updated by a true ``lerp_`` in fp32 (the upcast is exact), bit for bit;

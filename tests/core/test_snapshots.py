@@ -209,9 +209,13 @@ def test_recovery_rebuilds_the_manifest_from_file_metadata(tmp_path: Path, damag
     if damage == "deleted":
         manifest.unlink()
     elif damage == "stale":  # e.g. killed between a file's rename and the manifest update, and after a deletion
-        stale = {"version": 1, "snapshots": [{"step": 1, "epoch": 0, "metrics": {}, "file": "snapshot-000000001.safe"
-                                              "tensors"}, {"step": 99, "epoch": 9, "metrics": {"loss": 0.0},
-                                                           "file": "snapshot-000000099.safetensors"}]}
+        stale = {
+            "version": 1,
+            "snapshots": [
+                {"step": 1, "epoch": 0, "metrics": {}, "file": "snapshot-000000001.safetensors"},
+                {"step": 99, "epoch": 9, "metrics": {"loss": 0.0}, "file": "snapshot-000000099.safetensors"},
+            ],
+        }
         manifest.write_text(json.dumps(stale))
     else:
         manifest.write_text("{not json")
@@ -274,8 +278,10 @@ def test_a_damaged_snapshot_file_is_refused_by_name_or_skipped_with_a_warning(tm
 # ------------------------------------------------------------------------------------------- background writer
 def test_background_writer_gives_the_same_results_as_the_foreground(tmp_path: Path) -> None:
     states = random_states(7, seed=5)
-    stores = {mode: SnapshotStore(tmp_path / mode, keep=4, background=mode == "background")
-              for mode in ("foreground", "background")}
+    stores = {
+        mode: SnapshotStore(tmp_path / mode, keep=4, background=mode == "background")
+        for mode in ("foreground", "background")
+    }
     for store in stores.values():
         for i, state in enumerate(states):
             store.add(state, step=2 * i, epoch=i, metrics={"loss": 0.5 * i})
@@ -439,10 +445,16 @@ def test_a_killed_writer_never_leaves_a_listed_partial_snapshot(tmp_path: Path) 
     trials = [(False, "bytes"), (True, "bytes"), (False, "temporary"), (True, chance.uniform(0.0, 0.2))]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
     folders = [tmp_path / f"run{index}" for index in range(len(trials))]
-    specs = [str(item) for folder, (background, _) in zip(folders, trials, strict=True)
-             for item in (folder, int(background))]
-    launcher = subprocess.Popen([sys.executable, "-c", WRITERS, str(SIZE), *specs], env=env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    specs = [
+        str(item) for folder, (background, _) in zip(folders, trials, strict=True) for item in (folder, int(background))
+    ]
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", WRITERS, str(SIZE), *specs],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     pids: list[int] = []
     ready_at: dict[int, float] = {}
     killed: set[int] = set()
@@ -569,7 +581,7 @@ def test_combine_into_a_bf16_module_in_place(tmp_path: Path) -> None:
         if expected[name].is_floating_point():
             assert tensor.dtype == torch.bfloat16, name
             assert torch.equal(tensor.detach(), result[name].to(torch.bfloat16)), name
-            assert torch.allclose(tensor.detach().double(), expected[name], rtol=2 ** -7, atol=1e-2), name
+            assert torch.allclose(tensor.detach().double(), expected[name], rtol=2**-7, atol=1e-2), name
         else:
             assert torch.equal(tensor, expected[name]), name  # num_batches_tracked of the last snapshot
     output = model(torch.randn(5, 4, dtype=torch.bfloat16))  # still a working model
@@ -579,8 +591,10 @@ def test_combine_into_a_bf16_module_in_place(tmp_path: Path) -> None:
 def test_combine_into_a_mapping_of_tensors(tmp_path: Path) -> None:
     states = random_states(3, seed=8)
     weights = [0.2, 0.3, 0.5]
-    targets = {name: torch.zeros_like(t, dtype=torch.float64) if t.is_floating_point() else torch.zeros_like(t)
-               for name, t in states[0].items()}
+    targets = {
+        name: torch.zeros_like(t, dtype=torch.float64) if t.is_floating_point() else torch.zeros_like(t)
+        for name, t in states[0].items()
+    }
     pointers = {name: t.data_ptr() for name, t in targets.items()}
     combine(states, weights, into=targets, dtype=torch.float64)
     expected = reference_sum(states, weights)
@@ -668,8 +682,14 @@ print(json.dumps({"growth": growth, "result_bytes": result_bytes}))
 def test_combine_memory_does_not_grow_with_the_number_of_snapshots(tmp_path: Path) -> None:
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux /proc to read and reset the peak RSS")
-    shapes = {"a.weight": (2000, 2500), "a.bias": (2000,), "b.weight": (2500, 2400), "b.bias": (2500,),
-              "c.weight": (1000, 1000), "n": ()}
+    shapes = {
+        "a.weight": (2000, 2500),
+        "a.bias": (2000,),
+        "b.weight": (2500, 2400),
+        "b.bias": (2500,),
+        "c.weight": (1000, 1000),
+        "n": (),
+    }
     paths = []
     for i in range(12):  # twelve distinct ~48 MB snapshots on disk
         state = {name: torch.full(shape, 0.5 + i) if name != "n" else torch.tensor(i) for name, shape in shapes.items()}
@@ -681,8 +701,9 @@ def test_combine_memory_does_not_grow_with_the_number_of_snapshots(tmp_path: Pat
     assert 45e6 < model_bytes < 55e6
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
     try:
-        done = subprocess.run([sys.executable, "-c", MEASURE, *paths], capture_output=True, text=True, timeout=120,
-                              env=env)
+        done = subprocess.run(
+            [sys.executable, "-c", MEASURE, *paths], capture_output=True, text=True, timeout=120, env=env
+        )
     finally:  # 580 MB of files: do not leave them to pytest's kept temporary folders
         for path in paths:
             Path(path).unlink()
@@ -723,8 +744,13 @@ print("STEPS", [s.step for s in store.snapshots], sorted(os.listdir(folder)))
 def test_a_failed_write_names_the_file_and_the_same_step_can_be_retried(tmp_path: Path, background: bool) -> None:
     folder = tmp_path / "snaps"
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-c", FULL_DISK, str(folder), str(int(background))], capture_output=True,
-                          text=True, timeout=120, env=env)
+    done = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(folder), str(int(background))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
     error, steps = done.stdout.splitlines()[-2:]
     assert error.startswith("ERROR") and str(folder / "snapshot-000000002.safetensors") in error, error
@@ -749,8 +775,10 @@ def test_opening_a_folder_to_read_changes_nothing_in_it(tmp_path: Path) -> None:
         store = SnapshotStore(folder, read_only=read_only)
         assert store.snapshots == written
         got = combine(store.snapshots, [1.0, 0.0, 0.0])
-        assert_same_tensors({k: v for k, v in got.items() if v.is_floating_point()},
-                            {k: v for k, v in states[0].items() if v.is_floating_point()})
+        assert_same_tensors(
+            {k: v for k, v in got.items() if v.is_floating_point()},
+            {k: v for k, v in states[0].items() if v.is_floating_point()},
+        )
     assert folder_state(folder) == before and folder.stat().st_mtime_ns == folder_mtime
     with pytest.raises(RuntimeError, match="read_only=True"):
         SnapshotStore(folder, read_only=True).add(states[0], step=99)

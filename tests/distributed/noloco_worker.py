@@ -35,10 +35,27 @@ WORLD_TIMEOUT = 90.0  # seconds for one world's ranks (all its scenarios); a han
 
 # Every collective of torch.distributed (and the object-passing ones built on them): none may run while NoLoCo trains.
 COLLECTIVES = (
-    "all_reduce", "all_reduce_coalesced", "broadcast", "broadcast_object_list", "all_gather", "all_gather_into_tensor",
-    "all_gather_coalesced", "all_gather_object", "_all_gather_base", "reduce_scatter", "reduce_scatter_tensor",
-    "_reduce_scatter_base", "reduce", "gather", "gather_object", "scatter", "scatter_object_list", "all_to_all",
-    "all_to_all_single", "barrier", "monitored_barrier",
+    "all_reduce",
+    "all_reduce_coalesced",
+    "broadcast",
+    "broadcast_object_list",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_coalesced",
+    "all_gather_object",
+    "_all_gather_base",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "_reduce_scatter_base",
+    "reduce",
+    "gather",
+    "gather_object",
+    "scatter",
+    "scatter_object_list",
+    "all_to_all",
+    "all_to_all_single",
+    "barrier",
+    "monitored_barrier",
 )
 
 
@@ -127,9 +144,17 @@ def train(rank: int, world: int, group_size: int = 2) -> dict[str, Any]:
     final, final_slow = flat(model), slow(opt)
     opt.average_replicas()
     return {
-        "own_start": own_start, "start": start, "start_slow": start_slow, "spy_works": spy_works, "peers": peers,
-        "outer_steps": outer_steps, "traffic": opt.traffic.as_dict(), "final": final, "final_slow": final_slow,
-        "averaged": flat(model), "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "own_start": own_start,
+        "start": start,
+        "start_slow": start_slow,
+        "spy_works": spy_works,
+        "peers": peers,
+        "outer_steps": outer_steps,
+        "traffic": opt.traffic.as_dict(),
+        "final": final,
+        "final_slow": final_slow,
+        "averaged": flat(model),
+        "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
         "dtype_groups": len(opt.averager.tensor_groups()),
     }
 
@@ -167,12 +192,28 @@ def manual_syncs(rank: int, opt: NoLoCo | DiLoCo, model: nn.Module, outer_steps:
     return record
 
 
-def formula(rank: int, world: int, mixing: float | None, group_size: int = 2, broadcast_start: bool = True,
-            dtype: torch.dtype = torch.float64, process_group: Any = None) -> dict[str, Any]:
+def formula(
+    rank: int,
+    world: int,
+    mixing: float | None,
+    group_size: int = 2,
+    broadcast_start: bool = True,
+    dtype: torch.dtype = torch.float64,
+    process_group: Any = None,
+) -> dict[str, Any]:
     """NoLoCo's outer steps called by hand, collectives forbidden (every rank builds the same model)."""
     model = small_model(seed=0, dtype=dtype)
-    opt = NoLoCo(inner_sgd(model), NEVER, OUTER_LR, OUTER_MOMENTUM, group_size, mixing=mixing, seed=11,
-                 broadcast_start=broadcast_start, process_group=process_group)
+    opt = NoLoCo(
+        inner_sgd(model),
+        NEVER,
+        OUTER_LR,
+        OUTER_MOMENTUM,
+        group_size,
+        mixing=mixing,
+        seed=11,
+        broadcast_start=broadcast_start,
+        process_group=process_group,
+    )
     with no_collectives():
         return manual_syncs(rank, opt, model)
 
@@ -210,6 +251,7 @@ def pair_vs_diloco(rank: int, world: int) -> dict[str, Any]:
 
 def resume(rank: int, world: int, mixing: float | None) -> dict[str, Any]:
     """15 steps straight, against 7 steps, each rank saving its own state, fresh objects loading it, 8 more steps."""
+
     def build(seed: int) -> tuple[nn.Module, NoLoCo]:
         model = small_model(seed)
         return model, NoLoCo(inner_sgd(model), SYNC_EVERY, OUTER_LR, OUTER_MOMENTUM, mixing=mixing, seed=5)
@@ -217,9 +259,15 @@ def resume(rank: int, world: int, mixing: float | None) -> dict[str, Any]:
     def snapshot(model: nn.Module, opt: NoLoCo) -> dict[str, Any]:
         traffic = opt.traffic.as_dict()
         del traffic["wait_seconds"]
-        return {"theta": flat(model), "phi": slow(opt), "momentum": momentum(opt), "inner": opt.replica.inner_steps,
-                "outer": opt.replica.outer_steps, "traffic": traffic,
-                "sgd": torch.cat([s["momentum_buffer"].flatten() for s in opt.optimizer.state.values()])}
+        return {
+            "theta": flat(model),
+            "phi": slow(opt),
+            "momentum": momentum(opt),
+            "inner": opt.replica.inner_steps,
+            "outer": opt.replica.outer_steps,
+            "traffic": traffic,
+            "sgd": torch.cat([s["momentum_buffer"].flatten() for s in opt.optimizer.state.values()]),
+        }
 
     model, opt = build(seed=100 + rank)
     for step in range(1, 16):

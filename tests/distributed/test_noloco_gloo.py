@@ -67,8 +67,7 @@ def worlds(tmp_path_factory: pytest.TempPathFactory) -> dict[int, World]:
     env = {**clean_environment(), "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, str(WORKER), str(folder), *map(str, SIZES)]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, env=env,
-                              cwd=WORKER.parents[2])
+        done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=WORKER.parents[2])
         log = (done.stdout + done.stderr)[-6000:]
     except subprocess.TimeoutExpired as error:
         log = f"the worker timed out after {TIMEOUT} s: {error}"
@@ -89,8 +88,9 @@ def groups_from_peers(peers: list[list[int]]) -> list[frozenset[int]]:
     return groups
 
 
-def noloco_by_hand(phis: list[torch.Tensor], thetas: list[torch.Tensor], delta: torch.Tensor, i: int,
-                   a: float, b: float, c: float) -> tuple[torch.Tensor, torch.Tensor]:
+def noloco_by_hand(
+    phis: list[torch.Tensor], thetas: list[torch.Tensor], delta: torch.Tensor, i: int, a: float, b: float, c: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The paper's outer step for member ``i`` of a group (lists over the group, float64):
     delta_i <- a delta_i - b mean_G(phi - theta) - c (phi_i - mean_G(phi)); phi_i <- phi_i + delta_i."""
     mean_gap = sum(phi - theta for phi, theta in zip(phis, thetas, strict=True)) / len(phis)
@@ -107,10 +107,10 @@ def test_every_rank_finishes(worlds: dict[int, World], size: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------- no collectives
-@pytest.mark.parametrize(("size", "scenario", "group_size"),
-                         [(2, "train", 2), (3, "train", 2), (4, "train", 2), (4, "train-groups-of-3", 3)])
-def test_noloco_trains_without_collectives(worlds: dict[int, World], size: int, scenario: str,
-                                           group_size: int) -> None:
+@pytest.mark.parametrize(
+    ("size", "scenario", "group_size"), [(2, "train", 2), (3, "train", 2), (4, "train", 2), (4, "train-groups-of-3", 3)]
+)
+def test_noloco_trains_without_collectives(worlds: dict[int, World], size: int, scenario: str, group_size: int) -> None:
     """The run itself raises if any collective is called; here: the spy was live, and the traffic counters equal the
     point-to-point messages (per outer step, one message of theta per dtype group and peer, each way)."""
     records = worlds[size].results(scenario)
@@ -141,10 +141,10 @@ def test_start_broadcast_gives_every_rank_rank_0_weights(worlds: dict[int, World
 
 
 # ------------------------------------------------------------------------------------------------- pairing
-@pytest.mark.parametrize(("size", "scenario", "group_size"),
-                         [(2, "train", 2), (3, "train", 2), (4, "train", 2), (4, "train-groups-of-3", 3)])
-def test_every_rank_draws_the_same_groups(worlds: dict[int, World], size: int, scenario: str,
-                                          group_size: int) -> None:
+@pytest.mark.parametrize(
+    ("size", "scenario", "group_size"), [(2, "train", 2), (3, "train", 2), (4, "train", 2), (4, "train-groups-of-3", 3)]
+)
+def test_every_rank_draws_the_same_groups(worlds: dict[int, World], size: int, scenario: str, group_size: int) -> None:
     records = worlds[size].results(scenario)
     for step in range(4):
         assert all(record["outer_steps"][step] == step for record in records)
@@ -154,14 +154,21 @@ def test_every_rank_draws_the_same_groups(worlds: dict[int, World], size: int, s
 
 
 # -------------------------------------------------------------------------------------------------- formula
-FORMULA_CASES = [(2, "formula-bf16", None), (2, "formula-bf16-mixing", MIXING), (3, "formula", None),
-                 (3, "formula-mixing", MIXING), (4, "formula", None), (4, "formula-mixing", MIXING),
-                 (4, "formula-groups-of-3", MIXING)]
+FORMULA_CASES = [
+    (2, "formula-bf16", None),
+    (2, "formula-bf16-mixing", MIXING),
+    (3, "formula", None),
+    (3, "formula-mixing", MIXING),
+    (4, "formula", None),
+    (4, "formula-mixing", MIXING),
+    (4, "formula-groups-of-3", MIXING),
+]
 
 
 @pytest.mark.parametrize(("size", "scenario", "mixing"), FORMULA_CASES)
-def test_noloco_outer_step_is_the_formula(worlds: dict[int, World], size: int, scenario: str,
-                                          mixing: float | None) -> None:
+def test_noloco_outer_step_is_the_formula(
+    worlds: dict[int, World], size: int, scenario: str, mixing: float | None
+) -> None:
     check_formula(worlds[size].results(scenario), mixing, bf16="bf16" in scenario)
 
 
@@ -191,8 +198,17 @@ def check_formula(records: list[dict[str, Any]], mixing: float | None, bf16: boo
         updated = []
         for rank in range(size):
             members = sorted(groups[rank])
-            updated.append(noloco_by_hand([phis[m] for m in members], [thetas[m] for m in members], deltas[rank],
-                                          members.index(rank), OUTER_MOMENTUM, OUTER_LR, c))
+            updated.append(
+                noloco_by_hand(
+                    [phis[m] for m in members],
+                    [thetas[m] for m in members],
+                    deltas[rank],
+                    members.index(rank),
+                    OUTER_MOMENTUM,
+                    OUTER_LR,
+                    c,
+                )
+            )
         phis, deltas = [u[0] for u in updated], [u[1] for u in updated]
         for rank, record in enumerate(records):
             where = f"rank {rank}, outer step {step}, groups {sorted(map(sorted, set(groups)))}"
@@ -271,10 +287,22 @@ def test_the_docs_loop_under_torchrun(tmp_path: Path, method: str) -> None:
     after the last sync DiLoCo's replicas are identical while NoLoCo's still differ (a pair shares its mean, not its
     slow weights); ``average_replicas`` gives every rank the mean."""
     output = tmp_path / "reports.json"
-    env = {**clean_environment(), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
-               str(Path(__file__).with_name("torchrun_loop.py")), method, str(output)]
+    env = {
+        **clean_environment(),
+        "GLOO_SOCKET_IFNAME": "lo",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=4",
+        str(Path(__file__).with_name("torchrun_loop.py")),
+        method,
+        str(output),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     reports = json.loads(output.read_text())

@@ -32,8 +32,13 @@ def main() -> None:
     before = torch.cat([p.detach().flatten() for p in model.parameters()])
     opt.average_replicas()
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
-    report = {"rank": rank, "traffic": opt.traffic.as_dict(), "start": torch.cat([s.flatten() for s in start]).tolist(),
-              "before": before.tolist(), "after": after.tolist()}
+    report = {
+        "rank": rank,
+        "traffic": opt.traffic.as_dict(),
+        "start": torch.cat([s.flatten() for s in start]).tolist(),
+        "before": before.tolist(),
+        "after": after.tolist(),
+    }
     reports: list[object] = [None] * dist.get_world_size()
     dist.all_gather_object(reports, report)
     if rank == 0:

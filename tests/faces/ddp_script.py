@@ -44,8 +44,17 @@ def anchored() -> None:
     x, y = digits_tensors()
     reference = DataLoader(TensorDataset(x[1500:1700]), batch_size=40)
     shifted = DataLoader(TensorDataset(1.0 - x[1200:1456], y[1200:1456]), batch_size=128)
-    options = dict(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False, enable_progress_bar=False,
-                   enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0)
+    options = dict(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+    )
     zscl = ZSCL(every_n_steps=3, reference=reference)
     trainer = pl.Trainer(callbacks=[zscl], **options)  # type: ignore[arg-type]
     trainer.fit(model, train, val)
@@ -71,8 +80,16 @@ def main() -> None:
     recorder = Recorder()
     ema = EMA(decay=0.9, warmup="none", apply_at_end=False, export_path=str(Path(sys.argv[1]) / "ema.safetensors"))
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, callbacks=[recorder, ema], logger=False,
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=2,
+        callbacks=[recorder, ema],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
     )
     trainer.fit(model, train, val)
     averaged = ema._bound().averaged_tensors()
@@ -100,16 +117,30 @@ def combination() -> None:
     pl.seed_everything(0, verbose=False)
     model = DigitsModule()
     train, val = digits_loaders()
-    options = dict(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False, enable_progress_bar=False,
-                   enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0)
+    options = dict(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+    )
     folder = Path(sys.argv[1]) / "snapshots"
     uniform = LCSC(every_n_steps=2, keep=4, method="uniform", directory=folder, background=True, name="files")
     trainer = pl.Trainer(callbacks=[uniform], **options)  # type: ignore[arg-type]
     trainer.fit(model, train, val)
     same_on_every_rank(dict(model.state_dict()), "the uniform combination")
     assert [s.step for s in uniform._combiner().store.snapshots] == [2, 4, 6, 8], uniform._combiner().store.snapshots
-    search = LCSC(every_n_steps=2, keep=4, monitor="val_acc", settings=SearchSettings(population=4, parents=2,
-                  children=2, generations=2), name="search")
+    search = LCSC(
+        every_n_steps=2,
+        keep=4,
+        monitor="val_acc",
+        settings=SearchSettings(population=4, parents=2, children=2, generations=2),
+        name="search",
+    )
     trainer = pl.Trainer(callbacks=[search], **options)  # type: ignore[arg-type]
     trainer.fit(model, train, val)
     assert search.result is not None
@@ -131,9 +162,19 @@ def experts() -> None:
     model = SmallViT()
     train, val = digits_loaders()
     ewa = EWA(beta=0.3, ramp_steps=4, export_path=str(Path(sys.argv[1]) / "merged.safetensors"))
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_train_batches=6,
-                         callbacks=[ewa], logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         enable_checkpointing=False, num_sanity_val_steps=0)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=1,
+        limit_train_batches=6,
+        callbacks=[ewa],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(model, train, val)
     same_on_every_rank(dict(model.state_dict()), "the merged model")
     assert ewa.converted == ["net.blocks.1.mlp", "net.blocks.3.mlp"]
@@ -142,9 +183,22 @@ def experts() -> None:
         print("DDP EWA OK", ewa.converted)
 
 
-COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter",
-               "reduce_scatter_tensor", "reduce", "gather", "scatter", "all_to_all", "all_to_all_single", "barrier",
-               "broadcast_object_list", "all_gather_object")
+COLLECTIVES = (
+    "all_reduce",
+    "broadcast",
+    "all_gather",
+    "all_gather_into_tensor",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "reduce",
+    "gather",
+    "scatter",
+    "all_to_all",
+    "all_to_all_single",
+    "barrier",
+    "broadcast_object_list",
+    "all_gather_object",
+)
 
 
 class NoCollectives(pl.Callback):
@@ -160,7 +214,9 @@ class NoCollectives(pl.Callback):
             def collective(*args: object, **kwargs: object) -> None:
                 self.calls.append(name)
                 raise AssertionError(f"collective {name} during training")
+
             return collective
+
         for name in COLLECTIVES:
             self.saved[name] = getattr(dist, name)
             setattr(dist, name, refuse(name))
@@ -197,11 +253,19 @@ def replicas() -> None:
 
     torch.set_num_threads(1)
     folder = Path(sys.argv[1])
-    options = dict(accelerator="cpu", devices=3, strategy="local_ddp", logger=False, enable_progress_bar=False,
-                   enable_model_summary=False, num_sanity_val_steps=0)
+    options = dict(
+        accelerator="cpu",
+        devices=3,
+        strategy="local_ddp",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
 
-    def fit(callbacks: list[pl.Callback], epochs: int, ckpt_path: str | None = None, **extra: object
-            ) -> tuple[pl.Trainer, DigitsModule]:
+    def fit(
+        callbacks: list[pl.Callback], epochs: int, ckpt_path: str | None = None, **extra: object
+    ) -> tuple[pl.Trainer, DigitsModule]:
         pl.seed_everything(0, verbose=False)
         model = DigitsModule()
         train, val = digits_loaders(batch_size=16)
@@ -211,8 +275,9 @@ def replicas() -> None:
 
     spy = NoCollectives()
     # File names from each rank's own (unsynced) metric: the strategy must still use rank 0's name on every rank.
-    checkpoints = ModelCheckpoint(dirpath=folder / "ckpt", filename="{epoch}-{val_acc:.4f}", save_top_k=-1,
-                                  every_n_epochs=1)
+    checkpoints = ModelCheckpoint(
+        dirpath=folder / "ckpt", filename="{epoch}-{val_acc:.4f}", save_top_k=-1, every_n_epochs=1
+    )
     trainer, full = fit([NoLoCo(sync_every=4), spy, checkpoints], 3, enable_checkpointing=True)
     noloco = trainer.callbacks[0]  # type: ignore[attr-defined]
     assert not spy.calls, spy.calls
@@ -238,8 +303,12 @@ def replicas() -> None:
     # Lightning's own per-batch SIGTERM broadcast (sigterm="broadcast") is what the spy must catch (Lightning
     # swallows the spy's error there and goes on).
     broadcasting = NoCollectives()
-    fit([NoLoCo(sync_every=4), broadcasting], 1, strategy=LocalDDPStrategy(sigterm="broadcast"),
-        enable_checkpointing=False)
+    fit(
+        [NoLoCo(sync_every=4), broadcasting],
+        1,
+        strategy=LocalDDPStrategy(sigterm="broadcast"),
+        enable_checkpointing=False,
+    )
     assert broadcasting.calls[:1] == ["broadcast"], "Lightning's per-batch broadcast should be seen by the spy"
 
     _, averaged = fit([NoLoCo(sync_every=4, average_at_end=True)], 1, enable_checkpointing=False)

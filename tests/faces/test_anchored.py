@@ -30,10 +30,13 @@ def shifted_loader() -> DataLoader:
     return DataLoader(TensorDataset(1.0 - x[1200:1456], y[1200:1456]), batch_size=128)
 
 
-def blend_reference(theta_0: dict[str, torch.Tensor], theta_1: dict[str, torch.Tensor], alpha: float
-                    ) -> dict[str, torch.Tensor]:
-    return {k: (1 - alpha) * theta_0[k].double() + alpha * theta_1[k].double() if v.is_floating_point() else v
-            for k, v in theta_1.items()}
+def blend_reference(
+    theta_0: dict[str, torch.Tensor], theta_1: dict[str, torch.Tensor], alpha: float
+) -> dict[str, torch.Tensor]:
+    return {
+        k: (1 - alpha) * theta_0[k].double() + alpha * theta_1[k].double() if v.is_floating_point() else v
+        for k, v in theta_1.items()
+    }
 
 
 @torch.no_grad()
@@ -48,8 +51,9 @@ def accuracy_with(state: dict[str, torch.Tensor], loader: DataLoader) -> float:
     return correct / total
 
 
-def fit_wiseft(callbacks: list[pl.Callback], epochs: int = 2, ckpt_path: str | None = None, **kwargs: Any
-               ) -> tuple[pl.Trainer, DigitsModule]:
+def fit_wiseft(
+    callbacks: list[pl.Callback], epochs: int = 2, ckpt_path: str | None = None, **kwargs: Any
+) -> tuple[pl.Trainer, DigitsModule]:
     pl.seed_everything(0, verbose=False)
     model = DigitsModule()
     train, val = digits_loaders()
@@ -67,8 +71,14 @@ def test_wiseft_sweeps_every_alpha_on_every_loader_and_keeps_the_best(tmp_path: 
         "torchmetrics": {"metric": torchmetrics.classification.MulticlassAccuracy(num_classes=10, average="micro")},
         "function": {"metric": lambda out, y: (out.argmax(-1) == y).float().mean()},
     }[measure]
-    wiseft = WiSEFT(alphas=(0.0, 0.25, 0.5, 0.75, 1.0), dataloader_names=["id", "shift"], select_on="id",
-                    export_path=tmp_path / "chosen.safetensors", figure_path=tmp_path / "curve.png", **options)
+    wiseft = WiSEFT(
+        alphas=(0.0, 0.25, 0.5, 0.75, 1.0),
+        dataloader_names=["id", "shift"],
+        select_on="id",
+        export_path=tmp_path / "chosen.safetensors",
+        figure_path=tmp_path / "curve.png",
+        **options,
+    )
     run, model = fit_wiseft([recorder, live, wiseft])
     theta_0, theta_1 = recorder.weights[0], live.state
     _, val = digits_loaders()
@@ -117,8 +127,7 @@ def test_wiseft_interpolates_toward_an_average_that_applies_first_and_validators
     for alpha in wiseft.alphas:  # the EMA validator did not swap itself in during the sweep
         reference = accuracy_with(blend_reference(recorder.weights[0], theta_1, alpha), val)
         assert wiseft.curves["dataloader_0"][alpha] == pytest.approx(reference, abs=1e-6)
-    assert_close(model.state_dict(), blend_reference(recorder.weights[0], theta_1, wiseft.alpha), rtol=1e-5,
-                 atol=1e-6)
+    assert_close(model.state_dict(), blend_reference(recorder.weights[0], theta_1, wiseft.alpha), rtol=1e-5, atol=1e-6)
 
 
 def test_wiseft_anchor_from_a_file_and_bad_arguments(tmp_path: Path) -> None:
@@ -147,8 +156,11 @@ def test_wiseft_anchor_from_a_file_and_bad_arguments(tmp_path: Path) -> None:
 def test_wiseft_resumed_fine_tuning_keeps_the_original_anchor(tmp_path: Path) -> None:
     full = WiSEFT(monitor="val_acc", alphas=(0.0, 0.5, 1.0))
     _, model_a = fit_wiseft([full], epochs=3)
-    fit_wiseft([WiSEFT(monitor="val_acc", alphas=(0.0, 0.5, 1.0)), ModelCheckpoint(dirpath=tmp_path, save_last=True)],
-               epochs=1, enable_checkpointing=True)
+    fit_wiseft(
+        [WiSEFT(monitor="val_acc", alphas=(0.0, 0.5, 1.0)), ModelCheckpoint(dirpath=tmp_path, save_last=True)],
+        epochs=1,
+        enable_checkpointing=True,
+    )
     resumed = WiSEFT(monitor="val_acc", alphas=(0.0, 0.5, 1.0))
     _, model_b = fit_wiseft([resumed], epochs=3, ckpt_path=str(tmp_path / "last.ckpt"))
     assert resumed.curves == full.curves and resumed.alpha == full.alpha
@@ -176,8 +188,10 @@ def zscl_reference(sequence: list[dict[str, torch.Tensor]], every: int) -> dict[
         if i % every == 0:
             n += 1
             # Integer buffers (the recorder holds them as float64 too) take the live value.
-            theta_hat = {k: v.clone() if k.endswith("num_batches_tracked") else (n * theta_hat[k] + v) / (n + 1)
-                         for k, v in theta.items()}
+            theta_hat = {
+                k: v.clone() if k.endswith("num_batches_tracked") else (n * theta_hat[k] + v) / (n + 1)
+                for k, v in theta.items()
+            }
     return theta_hat
 
 
@@ -196,12 +210,20 @@ def task_loaders(task: int) -> tuple[DataLoader, DataLoader]:
     x, y = digits_tensors()
     if task:
         x = 1.0 - x
-    return DataLoader(TensorDataset(x[:512], y[:512]), batch_size=64), DataLoader(TensorDataset(x[512:768],
-                                                                                                y[512:768]), 128)
+    return DataLoader(TensorDataset(x[:512], y[:512]), batch_size=64), DataLoader(
+        TensorDataset(x[512:768], y[512:768]), 128
+    )
 
 
-def run_tasks(zscl: ZSCL, epochs: list[int], model: DigitsModule | None = None, extra: list[pl.Callback] | None = None,
-              ckpt_path: str | None = None, first_task: int = 0, **kwargs: Any) -> DigitsModule:
+def run_tasks(
+    zscl: ZSCL,
+    epochs: list[int],
+    model: DigitsModule | None = None,
+    extra: list[pl.Callback] | None = None,
+    ckpt_path: str | None = None,
+    first_task: int = 0,
+    **kwargs: Any,
+) -> DigitsModule:
     model = model or Distilling()
     for task, count in enumerate(epochs, start=first_task):
         train, val = task_loaders(task)
@@ -302,8 +324,14 @@ def test_zscl_resumed_mid_task_equals_an_uninterrupted_run(tmp_path: Path, resum
     # A new process: a fresh module and callback; the teacher and ensemble come from the checkpoint.
     resumed = callback()
     live_b = LiveAtEnd()
-    model_b = run_tasks(resumed, [epochs] + ([3] if resume_task == 0 else []), model=Distilling(), extra=[live_b],
-                        ckpt_path=str(tmp_path / "last.ckpt"), first_task=resume_task)
+    model_b = run_tasks(
+        resumed,
+        [epochs] + ([3] if resume_task == 0 else []),
+        model=Distilling(),
+        extra=[live_b],
+        ckpt_path=str(tmp_path / "last.ckpt"),
+        first_task=resume_task,
+    )
     for key, value in model_a.state_dict().items():
         assert torch.equal(value, model_b.state_dict()[key]), f"final {key} differs"
     for key, value in live_a.state.items():
@@ -346,8 +374,9 @@ def test_wiseft_optimizer_interpolates_sweeps_applies_and_exports(tmp_path: Path
         WiSEFTOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), module=model, anchor={"0.weight": torch.zeros(1)})
 
 
-def loop(opt: torch.optim.Optimizer, model: nn.Module, steps: int, start: int, distill: Any = None
-         ) -> list[dict[str, torch.Tensor]]:
+def loop(
+    opt: torch.optim.Optimizer, model: nn.Module, steps: int, start: int, distill: Any = None
+) -> list[dict[str, torch.Tensor]]:
     x, y = digits_tensors()
     seen = []
     for step in range(start, start + steps):
@@ -386,8 +415,14 @@ def test_zscl_optimizer_tasks_match_the_paper() -> None:
 def test_zscl_optimizer_resumes_mid_task_with_distillation() -> None:
     def build(model: nn.Module) -> ZSCLOptimizer:
         teacher = {k: v.clone() for k, v in original.items()}
-        return ZSCLOptimizer(torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9), every_n_steps=3, module=model,
-                             reference=reference_loader(), distill_weight=0.5, teacher=teacher)
+        return ZSCLOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9),
+            every_n_steps=3,
+            module=model,
+            reference=reference_loader(),
+            distill_weight=0.5,
+            teacher=teacher,
+        )
 
     torch.manual_seed(0)
     model_a = small_net()
@@ -437,8 +472,13 @@ def test_the_sweep_neither_checkpoints_nor_moves_early_stopping(tmp_path: Path) 
     seen = WaitCount(early)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, monitor="val_acc/dataloader_idx_0", mode="max", save_top_k=5)
     wiseft = WiSEFT(monitor="val_acc", alphas=(0.0, 0.5, 1.0))
-    fit_wiseft([early, seen, wiseft, checkpoint], epochs=3, enable_checkpointing=True, check_val_every_n_epoch=2,
-               enable_progress_bar=True)  # the progress bar follows the sweep's runs too
+    fit_wiseft(
+        [early, seen, wiseft, checkpoint],
+        epochs=3,
+        enable_checkpointing=True,
+        check_val_every_n_epoch=2,
+        enable_progress_bar=True,
+    )  # the progress bar follows the sweep's runs too
     saved = sorted(p.name for p in tmp_path.glob("*.ckpt"))
     assert saved == ["epoch=1-step=16.ckpt"], saved  # the only real validation; none from the sweep
     assert early.state_dict() == seen.state

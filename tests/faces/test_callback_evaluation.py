@@ -113,8 +113,9 @@ class LossModule(DigitsModule):
         self.log("val_loss", torch.nn.functional.cross_entropy(self(x), y))
 
 
-def fit_loss(callbacks: list[pl.Callback], epochs: int = 3, ckpt_path: str | None = None,
-             **kwargs: Any) -> tuple[pl.Trainer, LossModule]:
+def fit_loss(
+    callbacks: list[pl.Callback], epochs: int = 3, ckpt_path: str | None = None, **kwargs: Any
+) -> tuple[pl.Trainer, LossModule]:
     pl.seed_everything(0, verbose=False)
     model = LossModule()
     return fit_digits(model, callbacks, epochs, ckpt_path=ckpt_path, **kwargs), model
@@ -131,11 +132,17 @@ def revalidated_loss(path: str) -> float:
 def test_the_best_checkpoint_scores_what_model_checkpoint_recorded(tmp_path: Path, validate_with: str) -> None:
     best = ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", mode="min", save_top_k=1)
     weights = "average" if validate_with == "average" else "live"
-    ema = EMA(decay=0.9, warmup="none", apply_at_end=False, validate_with=validate_with,  # type: ignore[arg-type]
-              checkpoint_weights=weights)
+    ema = EMA(
+        decay=0.9,
+        warmup="none",
+        apply_at_end=False,
+        validate_with=validate_with,  # type: ignore[arg-type]
+        checkpoint_weights=weights,
+    )
     fit_loss([ema, best], enable_checkpointing=True)
-    torch.testing.assert_close(revalidated_loss(best.best_model_path), float(best.best_model_score), rtol=1e-6,
-                               atol=1e-7)
+    torch.testing.assert_close(
+        revalidated_loss(best.best_model_path), float(best.best_model_score), rtol=1e-6, atol=1e-7
+    )
     marker = torch.load(best.best_model_path, weights_only=False)[MARKER_KEY]
     assert marker["state_dict"] == ("average" if validate_with == "average" else "live")
 
@@ -160,8 +167,11 @@ def test_checkpoint_weights_live_resumes_without_the_callback_from_the_live_weig
 
 
 def test_a_checkpoint_with_an_average_but_no_live_weights_is_refused(tmp_path: Path) -> None:
-    fit_loss([EMA(decay=0.9, warmup="none"), ModelCheckpoint(dirpath=tmp_path, save_last=True)], epochs=2,
-             enable_checkpointing=True)
+    fit_loss(
+        [EMA(decay=0.9, warmup="none"), ModelCheckpoint(dirpath=tmp_path, save_last=True)],
+        epochs=2,
+        enable_checkpointing=True,
+    )
     # Written during fit: state_dict holds the average. Drop its live weights.
     state = torch.load(tmp_path / "last.ckpt", weights_only=False)
     stripped = tmp_path / "stripped.ckpt"

@@ -85,8 +85,9 @@ def assert_close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tens
             )
 
 
-def fit(callbacks: list[pl.Callback], epochs: int = 3, seed: int = 0, ckpt_path: str | None = None,
-        **trainer_kwargs: Any) -> tuple[pl.Trainer, DigitsModule]:
+def fit(
+    callbacks: list[pl.Callback], epochs: int = 3, seed: int = 0, ckpt_path: str | None = None, **trainer_kwargs: Any
+) -> tuple[pl.Trainer, DigitsModule]:
     pl.seed_everything(seed, verbose=False)
     model = DigitsModule()
     return fit_digits(model, callbacks, epochs, ckpt_path=ckpt_path, **trainer_kwargs), model
@@ -374,8 +375,9 @@ def test_evaluating_a_checkpoint_after_fit_and_fitting_again(tmp_path: Path) -> 
     """After fit (the average swapped in for good), Lightning restores callbacks for validate/test too: their
     averaging state must be ignored there, and must not leak into a later, fresh fit."""
     ema, seen = EMA(decay=0.9, warmup="none"), SeenAtTest()
-    run, model = fit([ema, seen, ModelCheckpoint(dirpath=tmp_path, save_last=True)], epochs=2,
-                     enable_checkpointing=True)
+    run, model = fit(
+        [ema, seen, ModelCheckpoint(dirpath=tmp_path, save_last=True)], epochs=2, enable_checkpointing=True
+    )
     saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
     _, val = digits_loaders()
     run.validate(model, val, ckpt_path=str(tmp_path / "last.ckpt"))
@@ -396,7 +398,11 @@ def test_nonfinite_policy_is_checked_at_construction_and_reaches_the_engine() ->
     model = DigitsModule()
     callback = EMA(decay=0.5, nonfinite="error", name="guarded", apply_at_end=False)
     fit_trainer = pl.Trainer(
-        max_steps=2, callbacks=[callback], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        max_steps=2,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
         limit_val_batches=0,
     )
     train, _ = digits_loaders()

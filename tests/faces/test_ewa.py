@@ -29,8 +29,9 @@ class Spread(pl.Callback):
         self.values.append(max(layer.spread() for layer in mixtures(module)))
 
 
-def fit(callbacks: list[pl.Callback], epochs: int = 2, ckpt_path: str | None = None, **kwargs: Any
-        ) -> tuple[pl.Trainer, DigitsModule]:
+def fit(
+    callbacks: list[pl.Callback], epochs: int = 2, ckpt_path: str | None = None, **kwargs: Any
+) -> tuple[pl.Trainer, DigitsModule]:
     pl.seed_everything(0, verbose=False)
     model = DigitsModule()
     run = trainer(max_epochs=epochs, callbacks=callbacks, **kwargs)
@@ -61,8 +62,11 @@ def test_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
         return EWA(beta=0.3, num_experts=3, select="net.0", ramp_steps=5, merge_at_end=False)
 
     _, full = fit([callback()], epochs=3)
-    fit([callback(), ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)], epochs=3,
-        enable_checkpointing=True)
+    fit(
+        [callback(), ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)],
+        epochs=3,
+        enable_checkpointing=True,
+    )
     _, resumed = fit([callback()], epochs=3, ckpt_path=str(tmp_path / "epoch=0-step=8.ckpt"))
     for key, value in full.state_dict().items():
         if torch.is_tensor(value):

@@ -38,8 +38,12 @@ SMALL_SEARCH = SearchSettings(population=5, parents=2, children=3, generations=2
 def by_hand(recorder: Recorder, steps: list[int], weights: list[float]) -> dict[str, torch.Tensor]:
     """sum_i w_i * live(step_i) in float64; integer buffers from the last snapshot."""
     states = [recorder.weights[recorder.steps.index(step)] for step in steps]
-    return {k: states[-1][k] if k.endswith("num_batches_tracked") else sum(w * s[k] for w, s in zip(weights, states,
-            strict=True)) for k in states[0]}
+    return {
+        k: states[-1][k]
+        if k.endswith("num_batches_tracked")
+        else sum(w * s[k] for w, s in zip(weights, states, strict=True))
+        for k in states[0]
+    }
 
 
 def parameters_only(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -56,8 +60,9 @@ def recomputed_statistics(expected: dict[str, torch.Tensor]) -> dict[str, torch.
     return {k: v for k, v in reference.state_dict().items() if "running_" in k}
 
 
-def fit(callbacks: list[pl.Callback], epochs: int = 2, ckpt_path: str | None = None, **kwargs: Any
-        ) -> tuple[pl.Trainer, DigitsModule]:
+def fit(
+    callbacks: list[pl.Callback], epochs: int = 2, ckpt_path: str | None = None, **kwargs: Any
+) -> tuple[pl.Trainer, DigitsModule]:
     pl.seed_everything(0, verbose=False)
     model = DigitsModule()
     return fit_digits(model, callbacks, epochs, ckpt_path=ckpt_path, **kwargs), model
@@ -67,8 +72,15 @@ def fit(callbacks: list[pl.Callback], epochs: int = 2, ckpt_path: str | None = N
 def test_recipes_combine_the_snapshots_taken_every_n_steps(tmp_path: Path, method: str) -> None:
     recorder = Recorder()
     options: dict[str, Any] = {"by": "step"} if method == "metric" else {}
-    lcsc = LCSC(every_n_steps=3, keep=4, method=method, directory=tmp_path, export_path=tmp_path / "best.safetensors",
-                result_path=tmp_path / "result.json", **options)
+    lcsc = LCSC(
+        every_n_steps=3,
+        keep=4,
+        method=method,
+        directory=tmp_path,
+        export_path=tmp_path / "best.safetensors",
+        result_path=tmp_path / "result.json",
+        **options,
+    )
     _, model = fit([recorder, lcsc])
     steps = [s.step for s in lcsc._combiner().store.snapshots]
     assert steps == [6, 9, 12, 15]  # 16 steps, every 3, the newest 4 kept
@@ -76,8 +88,12 @@ def test_recipes_combine_the_snapshots_taken_every_n_steps(tmp_path: Path, metho
     assert lcsc.result is not None
     expected = by_hand(recorder, steps, lcsc.result.weights)
     assert_close(parameters_only(model.state_dict()), expected, rtol=1e-5, atol=1e-6)
-    assert_close({k: v for k, v in model.state_dict().items() if "running_" in k}, recomputed_statistics(expected),
-                 rtol=1e-5, atol=1e-6)
+    assert_close(
+        {k: v for k, v in model.state_dict().items() if "running_" in k},
+        recomputed_statistics(expected),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     exported = read_weights(tmp_path / "best.safetensors", argument="path")
     for key, value in model.state_dict().items():
         assert torch.equal(exported[key], value), key
@@ -92,8 +108,9 @@ def test_lcsc_search_scores_on_validation_and_leaves_the_best(tmp_path: Path) ->
     run, model = fit([recorder, lcsc])
     assert lcsc.result is not None and lcsc.result.evaluations <= 5 + 2 * 3
     steps = [s.step for s in lcsc._combiner().store.snapshots]
-    assert_close(parameters_only(model.state_dict()), by_hand(recorder, steps, lcsc.result.weights), rtol=1e-5,
-                 atol=1e-6)
+    assert_close(
+        parameters_only(model.state_dict()), by_hand(recorder, steps, lcsc.result.weights), rtol=1e-5, atol=1e-6
+    )
     _, val = digits_loaders()
     assert run.validate(model, val, verbose=False)[0]["val_acc"] == pytest.approx(lcsc.result.fitness)
     best = max(entry["fitness"] for entry in lcsc.result.history)  # type: ignore[type-var]
@@ -155,15 +172,24 @@ def loop(opt: torch.optim.Optimizer, model: nn.Module, steps: int, start: int = 
 def test_optimizer_wrapper_snapshots_searches_combines_and_resumes(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = small_net()
-    opt = LCSCOptimizer(torch.optim.SGD(model.parameters(), lr=0.2), module=model, every_n_steps=2, keep=3,
-                        directory=tmp_path, background=True)
+    opt = LCSCOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.2),
+        module=model,
+        every_n_steps=2,
+        keep=3,
+        directory=tmp_path,
+        background=True,
+    )
     seen = loop(opt, model, 10)
     opt.store.flush()  # background writes: the store lists what is on disk
     assert [s.step for s in opt.store.snapshots] == [6, 8, 10]
     live = copy.deepcopy(model.state_dict())
     weights = [0.5, -0.25, 0.75]
-    expected = {k: sum(w * seen[s - 1][k] for w, s in zip(weights, (6, 8, 10), strict=True)) for k in seen[0]
-                if not k.endswith("num_batches_tracked")}
+    expected = {
+        k: sum(w * seen[s - 1][k] for w, s in zip(weights, (6, 8, 10), strict=True))
+        for k in seen[0]
+        if not k.endswith("num_batches_tracked")
+    }
     with opt.combined(weights):
         assert_close(model.state_dict(), expected, rtol=1e-5, atol=1e-6)
     for key, value in live.items():
@@ -176,8 +202,9 @@ def test_optimizer_wrapper_snapshots_searches_combines_and_resumes(tmp_path: Pat
     state = copy.deepcopy(opt.state_dict())
     loop(opt, model, 3, start=10)  # an interrupted run went on and snapshotted step 12
     opt.store.flush()
-    restored = LCSCOptimizer(torch.optim.SGD(model.parameters(), lr=0.2), module=model, every_n_steps=2, keep=3,
-                             directory=tmp_path)
+    restored = LCSCOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.2), module=model, every_n_steps=2, keep=3, directory=tmp_path
+    )
     assert [s.step for s in restored.store.snapshots] == [8, 10, 12]
     restored.load_state_dict(state)
     assert [s.step for s in restored.store.snapshots] == [8, 10] and restored.steps == 10
@@ -190,21 +217,30 @@ def test_optimizer_wrapper_snapshots_searches_combines_and_resumes(tmp_path: Pat
 def test_combine_command(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = small_net()
-    opt = LCSCOptimizer(torch.optim.SGD(model.parameters(), lr=0.2), module=model, every_n_steps=3, keep=None,
-                        directory=tmp_path / "snaps")
+    opt = LCSCOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.2),
+        module=model,
+        every_n_steps=3,
+        keep=None,
+        directory=tmp_path / "snaps",
+    )
     seen = loop(opt, model, 9)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
 
     def command(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "weightavg.combine", *args], capture_output=True, text=True,
-                              env=env, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "weightavg.combine", *args], capture_output=True, text=True, env=env, timeout=300
+        )
 
     out = tmp_path / "out.safetensors"
     done = command(str(tmp_path / "snaps"), "--weights", "2,-1.5,0.5", "--output", str(out), "--dtype", "float64")
     assert done.returncode == 0, done.stderr
     combined = read_weights(out, argument="out")
-    expected = {k: 2 * seen[2][k] - 1.5 * seen[5][k] + 0.5 * seen[8][k] for k in seen[0]
-                if not k.endswith("num_batches_tracked")}
+    expected = {
+        k: 2 * seen[2][k] - 1.5 * seen[5][k] + 0.5 * seen[8][k]
+        for k in seen[0]
+        if not k.endswith("num_batches_tracked")
+    }
     assert_close(combined, expected, rtol=1e-5, atol=1e-6)
     assert combined["1.num_batches_tracked"] == seen[8]["1.num_batches_tracked"]
     bad = command(str(tmp_path / "snaps"), "--method", "lcsc", "--output", str(out))
@@ -235,8 +271,13 @@ def test_ddp_two_gloo_processes(tmp_path: Path) -> None:
 def test_combine_command_refuses_a_damaged_snapshot_or_skips_it_by_name(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = small_net()
-    opt = LCSCOptimizer(torch.optim.SGD(model.parameters(), lr=0.2), module=model, every_n_steps=2, keep=None,
-                        directory=tmp_path / "snaps")
+    opt = LCSCOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.2),
+        module=model,
+        every_n_steps=2,
+        keep=None,
+        directory=tmp_path / "snaps",
+    )
     seen = loop(opt, model, 8)
     victim = tmp_path / "snaps" / "snapshot-000000004.safetensors"
     victim.write_bytes(victim.read_bytes()[:-100])  # truncated
@@ -286,22 +327,34 @@ os.kill(os.getpid(), signal.SIGKILL)  # right after the checkpoint, snapshots po
 def test_a_run_killed_right_after_a_checkpoint_resumes_to_the_uninterrupted_combination(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = small_net()
-    full = LCSCOptimizer(torch.optim.SGD(model.parameters(), lr=0.2), module=model, every_n_steps=2, keep=None,
-                         directory=tmp_path / "full")
+    full = LCSCOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.2),
+        module=model,
+        every_n_steps=2,
+        keep=None,
+        directory=tmp_path / "full",
+    )
     loop(full, model, 10)
     full.apply([0.2] * 5)
     expected = {k: v.clone() for k, v in model.state_dict().items()}
 
     folder, checkpoint = tmp_path / "killed", tmp_path / "state.pt"
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    done = subprocess.run([sys.executable, "-c", KILLED_AFTER_CHECKPOINT, str(folder), str(checkpoint)],
-                          capture_output=True, text=True, timeout=120, env=env, cwd=Path(__file__).resolve().parents[2])
+    done = subprocess.run(
+        [sys.executable, "-c", KILLED_AFTER_CHECKPOINT, str(folder), str(checkpoint)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert done.returncode == -9, done.stderr
     saved = torch.load(checkpoint, weights_only=False)
     model = small_net()
     model.load_state_dict(saved["model"])
-    resumed = LCSCOptimizer(torch.optim.SGD(model.parameters(), lr=0.2), module=model, every_n_steps=2, keep=None,
-                            directory=folder)
+    resumed = LCSCOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.2), module=model, every_n_steps=2, keep=None, directory=folder
+    )
     resumed.load_state_dict(saved["opt"])
     assert [s.step for s in resumed.store.snapshots] == [2, 4, 6]  # what the checkpoint counted on is on disk
     loop(resumed, model, 4, start=6)
@@ -313,26 +366,34 @@ def test_a_run_killed_right_after_a_checkpoint_resumes_to_the_uninterrupted_comb
 def test_a_fresh_run_in_a_used_folder_is_refused_unless_overwrite_in_both_faces(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = small_net()
-    crashed = LCSCOptimizer(torch.optim.SGD(model.parameters(), lr=0.2), module=model, every_n_steps=2,
-                            directory=tmp_path / "opt")
+    crashed = LCSCOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.2), module=model, every_n_steps=2, directory=tmp_path / "opt"
+    )
     loop(crashed, model, 10)  # a crashed run left snapshots of steps 2..10
-    again = LCSCOptimizer(torch.optim.SGD(model.parameters(), lr=0.2), module=model, every_n_steps=2,
-                          directory=tmp_path / "opt")
+    again = LCSCOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.2), module=model, every_n_steps=2, directory=tmp_path / "opt"
+    )
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match=r"holds 5 snapshots of an earlier run.*overwrite=True"):
         loop(again, model, 1)
     for key, value in parameters_only(before).items():  # refused before the inner step (forward moved BN stats)
         assert torch.equal(model.state_dict()[key], value), key
-    fresh = LCSCOptimizer(torch.optim.SGD(model.parameters(), lr=0.2), module=model, every_n_steps=2,
-                          directory=tmp_path / "opt", overwrite=True)
+    fresh = LCSCOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.2),
+        module=model,
+        every_n_steps=2,
+        directory=tmp_path / "opt",
+        overwrite=True,
+    )
     loop(fresh, model, 6)
     assert [s.step for s in fresh.store.snapshots] == [2, 4, 6]
 
     root = tmp_path / "run"
     first = LCSC(every_n_steps=3, keep=None, method="uniform", directory="snaps")
     fit([first], epochs=1, default_root_dir=str(root))
-    assert sorted(p.name for p in (root / "snaps").glob("snapshot-*")) == [f"snapshot-{s:09d}.safetensors"
-                                                                            for s in (3, 6)]
+    assert sorted(p.name for p in (root / "snaps").glob("snapshot-*")) == [
+        f"snapshot-{s:09d}.safetensors" for s in (3, 6)
+    ]
     second = LCSC(every_n_steps=3, keep=None, method="uniform", directory="snaps")
     with pytest.raises(ValueError, match=r"holds 2 snapshots of an earlier run.*ckpt_path"):
         fit([second], epochs=1, default_root_dir=str(root))
@@ -342,42 +403,55 @@ def test_a_fresh_run_in_a_used_folder_is_refused_unless_overwrite_in_both_faces(
     assert [s.step for s in third._combiner().store.snapshots] == [4, 8]
 
 
-FITNESS_MODULE = '''
+FITNESS_MODULE = """
 import math
 def good(weights): return -float((weights["w"] - 1.2).pow(2).sum())
 def nan(weights): return math.nan
 def boom(weights): raise ZeroDivisionError("oops")
 not_a_function = 5
-'''
+"""
 
 
 def combine_command(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """The real command in a subprocess, importing the worktree's package and ``folder``'s fitness module."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]),
-                                                                                    str(folder)])}
-    return subprocess.run([sys.executable, "-m", "weightavg.combine", *args], capture_output=True, text=True,
-                          env=env, timeout=300, cwd=folder)
+    env = {
+        **os.environ,
+        "PYTHONWARNINGS": "ignore",
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), str(folder)]),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "weightavg.combine", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=folder,
+    )
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--method", "uniform", "--fitness", "fitness:nan"], "gave no finite score"),
-    (["--method", "lcsc", "--fitness", "fitness:nan", "--generations", "1"], "gave no finite score"),
-    (["--method", "greedy", "--fitness", "fitness:boom"], "raised ZeroDivisionError: oops"),
-    (["--method", "greedy", "--fitness", "nowhere:score"], "no module named 'nowhere'"),
-    (["--method", "greedy", "--fitness", "fitness:absent"], "has no attribute 'absent'"),
-    (["--method", "greedy", "--fitness", "fitness:not_a_function"], "is not callable"),
-    (["--output", "."], "is a folder"),
-    (["--weights", "1,a,2"], "must be comma-separated numbers"),
-    (["s1.safetensors", "broken.safetensors"], "'broken.safetensors' is not a readable safetensors file"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "uniform", "--fitness", "fitness:nan"], "gave no finite score"),
+        (["--method", "lcsc", "--fitness", "fitness:nan", "--generations", "1"], "gave no finite score"),
+        (["--method", "greedy", "--fitness", "fitness:boom"], "raised ZeroDivisionError: oops"),
+        (["--method", "greedy", "--fitness", "nowhere:score"], "no module named 'nowhere'"),
+        (["--method", "greedy", "--fitness", "fitness:absent"], "has no attribute 'absent'"),
+        (["--method", "greedy", "--fitness", "fitness:not_a_function"], "is not callable"),
+        (["--output", "."], "is a folder"),
+        (["--weights", "1,a,2"], "must be comma-separated numbers"),
+        (["s1.safetensors", "broken.safetensors"], "'broken.safetensors' is not a readable safetensors file"),
+    ],
+)
 def test_combine_command_reports_failures_in_one_line(tmp_path: Path, args: list[str], message: str) -> None:
     for i in range(3):
         save_file({"w": torch.full((3,), float(i))}, str(tmp_path / f"s{i}.safetensors"))
     whole = (tmp_path / "s2.safetensors").read_bytes()
     (tmp_path / "broken.safetensors").write_bytes(whole[: len(whole) - 4])  # truncated
     (tmp_path / "fitness.py").write_text(FITNESS_MODULE)
-    inputs = [] if any(a.endswith(".safetensors") for a in args) else ["s0.safetensors", "s1.safetensors",
-                                                                        "s2.safetensors"]
+    inputs = (
+        [] if any(a.endswith(".safetensors") for a in args) else ["s0.safetensors", "s1.safetensors", "s2.safetensors"]
+    )
     output = [] if "--output" in args else ["--output", "out.safetensors"]
     done = combine_command(tmp_path, *inputs, *args, *output)
     assert done.returncode == 2, done.stderr
@@ -390,9 +464,22 @@ def test_combine_command_small_population_and_finite_fitness(tmp_path: Path) -> 
     for i in range(3):
         save_file({"w": torch.full((3,), float(i))}, str(tmp_path / f"s{i}.safetensors"))
     (tmp_path / "fitness.py").write_text(FITNESS_MODULE)
-    done = combine_command(tmp_path, "s0.safetensors", "s1.safetensors", "s2.safetensors", "--method", "lcsc",
-                           "--fitness", "fitness:good", "--population", "2", "--generations", "2", "--output",
-                           "out.safetensors")
+    done = combine_command(
+        tmp_path,
+        "s0.safetensors",
+        "s1.safetensors",
+        "s2.safetensors",
+        "--method",
+        "lcsc",
+        "--fitness",
+        "fitness:good",
+        "--population",
+        "2",
+        "--generations",
+        "2",
+        "--output",
+        "out.safetensors",
+    )
     assert done.returncode == 0, done.stderr  # refused before: "parents=4 must not exceed population=2"
     assert (tmp_path / "out.safetensors").is_file()
 
@@ -401,9 +488,13 @@ def test_combine_command_on_a_full_disk_and_a_read_only_folder(tmp_path: Path) -
     """A real 8 KiB tmpfs (a private mount namespace) that the output does not fit in, then the same read-only."""
     import shutil
 
-    if shutil.which("unshare") is None or subprocess.run(
-        ["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=8k tmpfs {tmp_path}"], capture_output=True
-    ).returncode != 0:
+    if (
+        shutil.which("unshare") is None
+        or subprocess.run(
+            ["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=8k tmpfs {tmp_path}"], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("needs unshare and mount (root or user namespaces) for a real small file system")
     save_file({"w": torch.zeros(100_000)}, str(tmp_path / "big.safetensors"))
     (tmp_path / "full").mkdir()
@@ -415,8 +506,14 @@ def test_combine_command_on_a_full_disk_and_a_read_only_folder(tmp_path: Path) -
         f"PYTHONPATH={root} {sys.executable} -m weightavg.combine big.safetensors --output full/out.safetensors; "
         f"echo rc=$?"
     )
-    done = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, cwd=tmp_path,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=300)
+    done = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        timeout=300,
+    )
     assert done.stdout.split() == ["rc=2", "rc=2"], done.stdout + done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 2 and "Traceback" not in done.stderr, done.stderr

@@ -71,6 +71,8 @@ def test_a_relaid_model_is_refused_not_miscomputed() -> None:
     opt = optim.NoLoCo(torch.optim.SGD(model.parameters(), lr=0.1), sync_every=1)
     model.net.share_memory()  # moves every tensor to new (shared) storage: the flat layout is gone
     model.training_step(next(iter(digits_loaders()[0])), 0).backward()
-    with pytest.warns(UserWarning, match="no longer share the contiguous buffer"), \
-            pytest.raises(RuntimeError, match="no longer share the flat layout"):
+    with (
+        pytest.warns(UserWarning, match="no longer share the contiguous buffer"),
+        pytest.raises(RuntimeError, match="no longer share the flat layout"),
+    ):
         opt.step()

@@ -26,9 +26,14 @@ from weightavg.methods.lcsc import (
 
 def random_states(k: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
-    return [{"w": torch.randn(5, 3, generator=generator, dtype=torch.float64),
-             "b": torch.randn(3, generator=generator, dtype=torch.float64),
-             "count": torch.tensor(10 * i)} for i in range(k)]
+    return [
+        {
+            "w": torch.randn(5, 3, generator=generator, dtype=torch.float64),
+            "b": torch.randn(3, generator=generator, dtype=torch.float64),
+            "count": torch.tensor(10 * i),
+        }
+        for i in range(k)
+    ]
 
 
 def ema_by_hand(states: list[dict[str, torch.Tensor]], decay: float) -> dict[str, torch.Tensor]:
@@ -112,16 +117,21 @@ def test_metric_weights_follow_the_documented_formula(values: list[float], by: s
         expected = metric_by_hand(values, penalty, by)
         assert torch.allclose(weights, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-14)
         assert math.isclose(float(weights.sum()), 1.0, abs_tol=1e-12)
-    assert torch.allclose(metric_weights(values, 0.0, by=by), uniform_weights(len(values)), rtol=0,  # type: ignore
-                          atol=1e-15)
+    assert torch.allclose(
+        metric_weights(values, 0.0, by=by),
+        uniform_weights(len(values)),
+        rtol=0,  # type: ignore
+        atol=1e-15,
+    )
 
 
 def test_metric_weights_default_to_loss_and_scale_free() -> None:
     losses = [0.8, 0.2, 0.4]
     assert torch.equal(metric_weights(losses, 2.0), metric_weights(losses, 2.0, by="loss"))
     # Weights by loss are proportional to L_i^-p: scaling every loss changes nothing.
-    assert torch.allclose(metric_weights(losses, 2.0), metric_weights([10 * v for v in losses], 2.0), rtol=0,
-                          atol=1e-15)
+    assert torch.allclose(
+        metric_weights(losses, 2.0), metric_weights([10 * v for v in losses], 2.0), rtol=0, atol=1e-15
+    )
     expected = torch.tensor([0.8**-2, 0.2**-2, 0.4**-2], dtype=torch.float64)
     assert torch.allclose(metric_weights(losses, 2.0), expected / expected.sum(), rtol=0, atol=1e-15)
 
@@ -318,17 +328,24 @@ def test_search_is_deterministic_for_a_seed() -> None:
     again = lcsc_search(quadratic()[0], 4, settings=SMALL)
     assert again.history == first.history
     assert (again.weights, again.fitness, again.evaluations, again.cache_hits) == (
-        first.weights, first.fitness, first.evaluations, first.cache_hits)
+        first.weights,
+        first.fitness,
+        first.evaluations,
+        first.cache_hits,
+    )
     other = lcsc_search(quadratic()[0], 4, settings=SearchSettings(**{**SMALL.__dict__, "seed": 1}))
     assert other.history != first.history
     assert other.settings["seed"] == 1 and first.settings["seed"] == 0
 
 
-@pytest.mark.parametrize("settings", [
-    SMALL,
-    SearchSettings(population=6, parents=2, children=5, generations=8, mutation_rate=0.0, init_std=0.0),
-    SearchSettings(population=4, parents=4, children=3, generations=0),
-])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        SMALL,
+        SearchSettings(population=6, parents=2, children=5, generations=8, mutation_rate=0.0, init_std=0.0),
+        SearchSettings(population=4, parents=4, children=3, generations=0),
+    ],
+)
 def test_evaluations_are_counted_and_cached(settings: SearchSettings) -> None:
     fitness, calls = quadratic()
     result = lcsc_search(fitness, 4, settings=settings)
@@ -413,8 +430,9 @@ def test_non_finite_fitness_never_wins(mode: str, failure: float) -> None:
             return failure
         return sign * fitness(weights)
 
-    result = lcsc_search(broken, 4, settings=SearchSettings(population=10, parents=3, children=8, generations=15),
-                         mode=mode)  # type: ignore[arg-type]
+    result = lcsc_search(
+        broken, 4, settings=SearchSettings(population=10, parents=3, children=8, generations=15), mode=mode
+    )  # type: ignore[arg-type]
     assert math.isfinite(result.fitness)
     assert result.weights[-1] <= 0.6
     assert result.fitness == broken(torch.tensor(result.weights, dtype=torch.float64))

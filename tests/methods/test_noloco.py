@@ -143,8 +143,9 @@ def test_peer_groups_errors() -> None:
 
 
 # --------------------------------------------------------------------------------------- one replica, NoLoCo
-def noloco_by_hand(phis: list[torch.Tensor], thetas: list[torch.Tensor], delta: torch.Tensor, i: int,
-                   a: float, b: float, c: float) -> tuple[torch.Tensor, torch.Tensor]:
+def noloco_by_hand(
+    phis: list[torch.Tensor], thetas: list[torch.Tensor], delta: torch.Tensor, i: int, a: float, b: float, c: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The paper's outer step for member ``i`` of a group (lists over the group, float64):
     delta_i <- a delta_i - b mean_G(phi - theta) - c (phi_i - mean_G(phi)); phi_i <- phi_i + delta_i."""
     mean_gap = sum(phi - theta for phi, theta in zip(phis, thetas, strict=True)) / len(phis)
@@ -291,8 +292,12 @@ def test_state_round_trip_is_exact(method: type[NoLoCo] | type[DiLoCo], load_mod
     fresh = small_model(seed=1)  # other weights: everything must come from the saved state
     if load_model_first:
         fresh.load_state_dict(saved["model"])
-    resumed = method(torch.optim.SGD(fresh.parameters(), lr=0.05, momentum=0.9), SYNC_EVERY, outer_lr=OUTER_LR,
-                     outer_momentum=OUTER_MOMENTUM)
+    resumed = method(
+        torch.optim.SGD(fresh.parameters(), lr=0.05, momentum=0.9),
+        SYNC_EVERY,
+        outer_lr=OUTER_LR,
+        outer_momentum=OUTER_MOMENTUM,
+    )
     if not load_model_first:
         fresh.load_state_dict(saved["model"])
     resumed.load_state_dict(saved["opt"])

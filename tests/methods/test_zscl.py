@@ -27,8 +27,10 @@ def bn_net(seed: int = 0) -> nn.Sequential:
 
 
 def float64_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: t.detach().clone().double() if t.is_floating_point() else t.detach().clone()
-            for name, t in model.state_dict().items()}
+    return {
+        name: t.detach().clone().double() if t.is_floating_point() else t.detach().clone()
+        for name, t in model.state_dict().items()
+    }
 
 
 @torch.no_grad()
@@ -348,8 +350,9 @@ def test_state_round_trip_resumes_at_the_same_next_batch(kind: str, consumed: in
         loss = original.loss()
         torch.testing.assert_close(resumed.loss(), loss, rtol=0, atol=0)
         x = expected_batch
-        torch.testing.assert_close(loss.double(), 2.0 * kd_reference(model(x), plain_net(0)(x), 2.0),
-                                   rtol=1e-5, atol=1e-6, msg=f"call {call}")
+        torch.testing.assert_close(
+            loss.double(), 2.0 * kd_reference(model(x), plain_net(0)(x), 2.0), rtol=1e-5, atol=1e-6, msg=f"call {call}"
+        )
 
 
 def test_bad_reference_raises_type_error() -> None:

@@ -238,6 +238,19 @@ def instantiate_averaging(config: Any, *, where: str = GROUP, **overrides: Any) 
         raise ConfigError(f"{where}: {cause}") from cause
 
 
-__all__ = ["CONFIGS", "ConfigError", "GROUP", "AveragingConfig", "EMAConfig", "SWAConfig", "WiSEFTConfig",
-           "ZSCLConfig", "LCSCConfig", "EWAConfig", "NoLoCoConfig", "DiLoCoConfig", "instantiate_averaging",
-           "register_configs"]
+__all__ = [
+    "CONFIGS",
+    "ConfigError",
+    "GROUP",
+    "AveragingConfig",
+    "EMAConfig",
+    "SWAConfig",
+    "WiSEFTConfig",
+    "ZSCLConfig",
+    "LCSCConfig",
+    "EWAConfig",
+    "NoLoCoConfig",
+    "DiLoCoConfig",
+    "instantiate_averaging",
+    "register_configs",
+]

@@ -425,8 +425,8 @@ class Averager:
             return
         what, fix = (
             ("entered the average", "its values are NaN/inf from now on; nonfinite='skip' leaves such updates out")
-            if self.nonfinite == "warn" else
-            ("was in the live weights at an update", "that update left the average unchanged")
+            if self.nonfinite == "warn"
+            else ("was in the live weights at an update", "that update left the average unchanged")
         )
         message = f"weightavg: {self.label}: a non-finite value (NaN or inf) {what}, first in {name!r}; {fix}"
         if self.nonfinite == "error":
@@ -467,8 +467,11 @@ class Averager:
                 old, current = group.live[index], owner[0]._buffers.get(owner[1])
                 if current is old:
                     continue
-                if current is None or (current.device, current.dtype, current.shape) != (old.device, old.dtype,
-                                                                                         old.shape):
+                if current is None or (current.device, current.dtype, current.shape) != (
+                    old.device,
+                    old.dtype,
+                    old.shape,
+                ):
                     raise RuntimeError(
                         f"buffer {group.names[index]!r} changed device, dtype or shape after the averager was built "
                         "(e.g. model.to(...)); build the averager after moving the model"
@@ -759,7 +762,8 @@ class Averager:
             if key is not None:
                 tensors[name] = found[key]
         label = (
-            f"{argument}={str(source)!r}" if isinstance(source, (str, os.PathLike))
+            f"{argument}={str(source)!r}"
+            if isinstance(source, (str, os.PathLike))
             else f"{argument} (a {type(source).__name__})"
         )
         self._check_tensors(tensors, source=label)

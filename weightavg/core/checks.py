@@ -12,8 +12,16 @@ from typing import Any
 import torch
 
 
-def check_number(name: str, value: Any, *, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, high_open: bool = False, integer: bool = False) -> None:
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    integer: bool = False,
+) -> None:
     """Raise ``TypeError``/``ValueError`` unless ``value`` is a finite number in the given interval.
 
     Args:
@@ -88,9 +96,7 @@ def _check_available(device: Any, parsed: torch.device) -> None:
             f"{torch.__version__}); use device=None (the live tensors' device) or 'cpu'"
         )
     if parsed.index is not None and count and parsed.index >= count:
-        raise ValueError(
-            f"device={device!r}: this machine has {count} {parsed.type} device(s), indices 0..{count - 1}"
-        )
+        raise ValueError(f"device={device!r}: this machine has {count} {parsed.type} device(s), indices 0..{count - 1}")
 
 
 def check_bool(name: str, value: Any) -> None:

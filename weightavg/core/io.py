@@ -17,7 +17,10 @@ ALIASES_KEY = "weightavg.aliases"
 
 
 def save_safetensors(
-    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str], *, metadata: Mapping[str, str] | None = None,
+    tensors: Mapping[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    *,
+    metadata: Mapping[str, str] | None = None,
     copy: bool = True,
 ) -> Path:
     """Write ``tensors`` to ``path`` atomically: a temporary file in the same folder, fsync, then rename.
@@ -69,8 +72,16 @@ class CastView(Mapping[str, torch.Tensor]):
 
 
 _DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
-    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
 }
 
 
@@ -119,7 +130,10 @@ def write_text_atomically(path: str | os.PathLike[str], text: str) -> Path:
 
 
 def check_keys(
-    expected: Mapping[str, torch.Size], found: Mapping[str, torch.Size], *, source: str,
+    expected: Mapping[str, torch.Size],
+    found: Mapping[str, torch.Size],
+    *,
+    source: str,
     against: str = "the averaged model",
 ) -> None:
     """Raise ``ValueError`` naming missing, unexpected and mis-shaped keys of ``found`` against ``expected``."""

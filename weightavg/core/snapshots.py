@@ -46,8 +46,12 @@ class SnapshotInfo:
     path: Path | None = None
 
     def describe(self) -> dict[str, Any]:
-        return {"step": self.step, "epoch": self.epoch, "metrics": dict(self.metrics),
-                "file": None if self.path is None else self.path.name}
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "metrics": dict(self.metrics),
+            "file": None if self.path is None else self.path.name,
+        }
 
 
 class SnapshotStore:
@@ -80,8 +84,13 @@ class SnapshotStore:
     """
 
     def __init__(
-        self, directory: str | os.PathLike[str] | None = None, *, keep: int | None = None, background: bool = False,
-        read_only: bool = False, skip_damaged: bool = False,
+        self,
+        directory: str | os.PathLike[str] | None = None,
+        *,
+        keep: int | None = None,
+        background: bool = False,
+        read_only: bool = False,
+        skip_damaged: bool = False,
     ) -> None:
         if keep is not None:
             check_number("keep", keep, low=1, integer=True)
@@ -171,7 +180,7 @@ class SnapshotStore:
             with self._lock:
                 excess = 0 if self.keep is None else len(self._snapshots) - self.keep + 1
                 dropped = self._snapshots[: max(excess, 0)]
-                self._snapshots = self._snapshots[len(dropped):]
+                self._snapshots = self._snapshots[len(dropped) :]
             for old in dropped:
                 self._forget(old)
         else:
@@ -265,8 +274,9 @@ class SnapshotStore:
             _fsync_folder(snapshot.path.parent)  # the rename itself is durable before the snapshot is listed
         except Exception as error:  # e.g. a full disk: name the snapshot (the OS names at most the temporary)
             if isinstance(error, OSError) and error.errno is not None:
-                raise OSError(error.errno, f"could not write snapshot step {snapshot.step} ({error.strerror})",
-                              str(snapshot.path)) from error
+                raise OSError(
+                    error.errno, f"could not write snapshot step {snapshot.step} ({error.strerror})", str(snapshot.path)
+                ) from error
             # safetensors reports its own I/O failures (a full disk, a file size limit) as a SafetensorError
             raise OSError(f"could not write snapshot step {snapshot.step} to {snapshot.path}: {error}") from error
         self._commit(snapshot)
@@ -275,7 +285,7 @@ class SnapshotStore:
         with self._lock:
             self._snapshots.append(snapshot)
             dropped = [] if self.keep is None else self._snapshots[: -self.keep]
-            self._snapshots = self._snapshots[len(dropped):]
+            self._snapshots = self._snapshots[len(dropped) :]
         for old in dropped:
             self._forget(old)
         self._write_manifest()
@@ -426,8 +436,8 @@ def combine(
         check_number(f"weights[{index}]", weight)
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype={dtype!r} must be torch.float32 or torch.float64")
-    targets = None if into is None else (
-        dict(into.state_dict(keep_vars=True)) if isinstance(into, nn.Module) else dict(into)
+    targets = (
+        None if into is None else (dict(into.state_dict(keep_vars=True)) if isinstance(into, nn.Module) else dict(into))
     )
     accumulators: dict[str, torch.Tensor] = {}
     integers: dict[str, torch.Tensor] = {}
@@ -438,11 +448,18 @@ def combine(
             if expected is None:
                 expected = shapes
                 if targets is not None:
-                    io.check_keys({k: v.shape for k, v in targets.items() if k in shapes}, shapes,
-                                  source="sources[0]", against="into")
+                    io.check_keys(
+                        {k: v.shape for k, v in targets.items() if k in shapes},
+                        shapes,
+                        source="sources[0]",
+                        against="into",
+                    )
                 for name, shape in shapes.items():
-                    place = targets[name].device if targets is not None and name in targets else torch.device(
-                        device or "cpu")
+                    place = (
+                        targets[name].device
+                        if targets is not None and name in targets
+                        else torch.device(device or "cpu")
+                    )
                     accumulators[name] = torch.zeros(shape, dtype=dtype, device=place)
             else:
                 io.check_keys(expected, shapes, source=f"sources[{index}]", against="sources[0]")

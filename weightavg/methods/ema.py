@@ -1,6 +1,6 @@
 """EMA: the exponential moving average of the weights over optimizer steps (the whole rule; the engine does the rest).
 
-    avg <- decay_t * avg + (1 - decay_t) * live        after optimizer step t  (== lerp(avg, live, 1 - decay_t))
+avg <- decay_t * avg + (1 - decay_t) * live        after optimizer step t  (== lerp(avg, live, 1 - decay_t))
 """
 
 from __future__ import annotations
@@ -51,9 +51,7 @@ class EMA(NotACallback):
 
     def __post_init__(self) -> None:
         if self.decay is not None and self.half_life is not None:
-            raise ValueError(
-                f"decay={self.decay!r} and half_life={self.half_life!r} both set the decay; give only one"
-            )
+            raise ValueError(f"decay={self.decay!r} and half_life={self.half_life!r} both set the decay; give only one")
         if self.decay is not None:
             check_number("decay", self.decay, low=0.0, high=1.0, high_open=True)
         if self.half_life is not None:

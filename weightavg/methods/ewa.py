@@ -249,5 +249,4 @@ def linear_ramp(step: int, maximum: float = 0.3, ramp_steps: int = 10_000) -> fl
     return maximum * min(1.0, step / ramp_steps)
 
 
-__all__ = ["RandomPartitionMoE", "default_ffn_names", "linear_ramp", "mixtures", "share_all", "to_dense",
-                      "to_moe"]
+__all__ = ["RandomPartitionMoE", "default_ffn_names", "linear_ramp", "mixtures", "share_all", "to_dense", "to_moe"]

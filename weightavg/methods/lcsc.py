@@ -274,8 +274,15 @@ def lcsc_search(
             value = -sign * math.inf  # a failed candidate never wins
         cache[key] = value
         best_value = max(best_value, sign * value)
-        history.append({"evaluation": len(history) + 1, "generation": generation, "fitness": value,
-                        "best": sign * best_value, "weights": list(key)})
+        history.append(
+            {
+                "evaluation": len(history) + 1,
+                "generation": generation,
+                "fitness": value,
+                "best": sign * best_value,
+                "weights": list(key),
+            }
+        )
         if bar is not None:
             bar.update(1)
             bar.set_postfix(best=f"{sign * best_value:.5g}")
@@ -312,8 +319,13 @@ def lcsc_search(
     scored.sort(key=lambda pair: -sign * pair[0])
     best_fitness, best = scored[0]
     return SearchResult(
-        weights=[float(w) for w in best], fitness=best_fitness, mode=mode, evaluations=len(history),
-        cache_hits=hits, history=history, settings=asdict(settings),
+        weights=[float(w) for w in best],
+        fitness=best_fitness,
+        mode=mode,
+        evaluations=len(history),
+        cache_hits=hits,
+        history=history,
+        settings=asdict(settings),
     )
 
 
@@ -380,8 +392,17 @@ def choose_weights(
     drives ``lcsc`` and ``greedy`` (which need it) and scores the other recipes' result when given. Every option is
     checked first (``check_options``), before any evaluation. In ``lcsc`` and ``greedy`` a non-finite fitness counts
     as the worst possible score (a diverged candidate never wins); ``progress`` shows a bar over their evaluations."""
-    check_options(method=method, mode=mode, settings=settings, decay=decay, penalty=penalty, by=by,
-                  metric_key=metric_key, rule=rule, progress=progress)
+    check_options(
+        method=method,
+        mode=mode,
+        settings=settings,
+        decay=decay,
+        penalty=penalty,
+        by=by,
+        metric_key=metric_key,
+        rule=rule,
+        progress=progress,
+    )
     if fitness is not None and not callable(fitness):
         raise TypeError(f"fitness={fitness!r} must be a function weights -> number, or None")
     k = len(snapshots)
@@ -416,10 +437,19 @@ def choose_weights(
         history: list[dict[str, object]] = [
             {"evaluation": i + 1, "candidate": i, "fitness": value} for i, value in enumerate(singles)
         ]
-        history += [{"evaluation": k + n + 1, "candidate": c, "fitness": v, "kept": kept}
-                    for n, (c, v, kept) in enumerate(soup.trials)]
-        return SearchResult([float(w) for w in uniform_over(soup.ingredients)], soup.score, mode, len(history), 0,
-                            history, {"method": method, "rule": rule})
+        history += [
+            {"evaluation": k + n + 1, "candidate": c, "fitness": v, "kept": kept}
+            for n, (c, v, kept) in enumerate(soup.trials)
+        ]
+        return SearchResult(
+            [float(w) for w in uniform_over(soup.ingredients)],
+            soup.score,
+            mode,
+            len(history),
+            0,
+            history,
+            {"method": method, "rule": rule},
+        )
     if method == "uniform":
         weights = uniform_weights(k)
     elif method == "ema":
@@ -477,15 +507,17 @@ class Combiner:
 
     def take(self, *, step: int, epoch: int | None = None, metrics: Mapping[str, float] | None = None) -> None:
         """Add the live weights to the store as a snapshot."""
-        self.store.add(self.averager.live_tensors(), step=step, epoch=epoch, metrics=metrics,
-                       aliases=self.averager.aliases())
+        self.store.add(
+            self.averager.live_tensors(), step=step, epoch=epoch, metrics=metrics, aliases=self.averager.aliases()
+        )
 
     def load(self, weights: Sequence[float] | torch.Tensor) -> None:
         """Stream ``sum_i w_i theta_i`` into the buffer (not into the model)."""
         if self.averager.is_swapped:
             self.averager.swap()
-        combine(self.store.snapshots, weights, into=self.averager.averaged_tensors(), store=self.store,
-                dtype=self.dtype)
+        combine(
+            self.store.snapshots, weights, into=self.averager.averaged_tensors(), store=self.store, dtype=self.dtype
+        )
 
     @contextmanager
     def combined(self, weights: Sequence[float] | torch.Tensor) -> Iterator[None]:
@@ -521,8 +553,17 @@ class Combiner:
         the model as it is) drives ``lcsc`` and ``greedy`` and scores the others' result when given."""
         fitness = None if evaluate is None else self.fitness(evaluate)
         return choose_weights(
-            method, self.store.snapshots, fitness, mode=mode, settings=settings, decay=decay, penalty=penalty, by=by,
-            metric_key=metric_key, rule=rule, progress=progress,
+            method,
+            self.store.snapshots,
+            fitness,
+            mode=mode,
+            settings=settings,
+            decay=decay,
+            penalty=penalty,
+            by=by,
+            metric_key=metric_key,
+            rule=rule,
+            progress=progress,
         )
 
     def apply(self, weights: Sequence[float] | torch.Tensor, *, bn_loader: Iterable[Any] | None = None) -> None:
@@ -537,8 +578,11 @@ class Combiner:
     def check_statistics(self) -> bool:
         """Warn (and return ``False``) when the combination in the buffer holds a negative BatchNorm running variance,
         which negative coefficients can produce: recompute the statistics (``torch.optim.swa_utils.update_bn``)."""
-        negative = [name for name, tensor in self.averager.averaged_tensors().items()
-                    if name.endswith("running_var") and tensor.is_floating_point() and bool((tensor < 0).any())]
+        negative = [
+            name
+            for name, tensor in self.averager.averaged_tensors().items()
+            if name.endswith("running_var") and tensor.is_floating_point() and bool((tensor < 0).any())
+        ]
         if negative:
             warnings.warn(
                 f"the combination has negative BatchNorm running variances in {negative[:3]}; recompute the statistics "

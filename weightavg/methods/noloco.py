@@ -125,8 +125,12 @@ class Traffic:
     syncs: int = 0
 
     def as_dict(self) -> dict[str, float]:
-        return {"bytes_sent": self.bytes_sent, "operations": self.operations, "wait_seconds": self.wait_seconds,
-                "syncs": self.syncs}
+        return {
+            "bytes_sent": self.bytes_sent,
+            "operations": self.operations,
+            "wait_seconds": self.wait_seconds,
+            "syncs": self.syncs,
+        }
 
 
 @dataclass
@@ -315,8 +319,10 @@ class Replica:
         check_saved_rule(state.get("rule"), self.rule, what="outer state")  # another method raises
         seed = getattr(self.rule, "seed", None)
         if state.get("seed", seed) != seed:
-            raise ValueError(f"the state was saved with seed={state['seed']!r}; this replica has seed={seed!r} (its "
-                             "peer groups would differ from the saved run's): build it with the saved seed")
+            raise ValueError(
+                f"the state was saved with seed={state['seed']!r}; this replica has seed={seed!r} (its "
+                "peer groups would differ from the saved run's): build it with the saved seed"
+            )
         momentum = [m for group in self.momentum for m in group]
         if [tuple(m.shape) for m in state["momentum"]] != [tuple(m.shape) for m in momentum]:
             raise ValueError("the saved momentum does not match these parameters (another model or grouping)")
@@ -331,8 +337,12 @@ class Replica:
         kernels.copy_(momentum, list(state["momentum"]))
         self.inner_steps, self.outer_steps = int(state["inner_steps"]), int(state["outer_steps"])
         traffic = state.get("traffic", {})
-        self.traffic = Traffic(int(traffic.get("bytes_sent", 0)), int(traffic.get("operations", 0)),
-                               float(traffic.get("wait_seconds", 0.0)), int(traffic.get("syncs", 0)))
+        self.traffic = Traffic(
+            int(traffic.get("bytes_sent", 0)),
+            int(traffic.get("operations", 0)),
+            float(traffic.get("wait_seconds", 0.0)),
+            int(traffic.get("syncs", 0)),
+        )
 
 
 @torch.no_grad()

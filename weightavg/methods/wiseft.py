@@ -87,8 +87,10 @@ def interpolate(
                         for name in names:
                             weights.setdefault(name, weights[present])
     io.check_keys(
-        {name: t.shape for name, t in theta_1.items()}, {name: t.shape for name, t in theta_0.items()},
-        source="zero_shot", against="fine_tuned",
+        {name: t.shape for name, t in theta_1.items()},
+        {name: t.shape for name, t in theta_0.items()},
+        source="zero_shot",
+        against="fine_tuned",
     )
     fisher_0, fisher_1 = _check_fisher(fisher, theta_1)
     out: dict[str, torch.Tensor] = {}
@@ -132,11 +134,15 @@ def _check_fisher(
     floating = {name: t.shape for name, t in theta.items() if t.is_floating_point()}
     io.check_keys(
         {name: shape for name, shape in floating.items() if name in fisher_0},
-        {name: f.shape for name, f in fisher_0.items()}, source="fisher[0]", against="the model's floating entries",
+        {name: f.shape for name, f in fisher_0.items()},
+        source="fisher[0]",
+        against="the model's floating entries",
     )
     io.check_keys(
         {name: shape for name, shape in floating.items() if name in fisher_1},
-        {name: f.shape for name, f in fisher_1.items()}, source="fisher[1]", against="the model's floating entries",
+        {name: f.shape for name, f in fisher_1.items()},
+        source="fisher[1]",
+        against="the model's floating entries",
     )
     return fisher_0, fisher_1
 

@@ -99,14 +99,19 @@ def check_distillation_knobs(
     check_callable("reference_input", reference_input)
     if reference is not None:
         return
-    given = {"distill_weight": distill_weight != 1.0, "temperature": temperature != 2.0,
-             "forward": forward is not None, "reference_input": reference_input is not None}
+    given = {
+        "distill_weight": distill_weight != 1.0,
+        "temperature": temperature != 2.0,
+        "forward": forward is not None,
+        "reference_input": reference_input is not None,
+    }
     ignored = [name for name, set_ in given.items() if set_]
     if ignored:
         warnings.warn(
             f"ZSCL: {', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored without reference= "
             "(they configure the distillation, which needs reference inputs); only the weight ensemble runs",
-            UserWarning, stacklevel=3,
+            UserWarning,
+            stacklevel=3,
         )
 
 
