@@ -167,6 +167,23 @@ def test_wiseft_and_zscl_from_a_pretrained_run_on_a_shifted_domain(tmp_path: Pat
     assert (tmp_path / "wiseft" / "averaging.png").is_file()
     assert "val_original" in wiseft.stderr + wiseft.stdout  # the sweep reports both validation sets
 
+    # A fixed alpha sweeps nothing: the app must not ask it for a figure or validation names (it refused them).
+    fixed = run_app(
+        tmp_path / "fixed",
+        "averaging=wiseft",
+        "averaging.alpha=0.3",
+        "data.shift=invert",
+        f"model.init_from={pretrained}",
+        "trainer.max_epochs=1",
+    )
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+    assert "averaging WiSEFT(alpha=0.3)" in accuracy_table(fixed.stdout)
+    assert not list((tmp_path / "fixed").glob("*.png"))
+    # The row is the exported interpolation (the model the app leaves at alpha=0.3), scored on the original domain.
+    row = accuracy_table(fixed.stdout, column=1)["averaging WiSEFT(alpha=0.3)"]
+    assert row == pytest.approx(run_pretrained_on_original(tmp_path / "fixed" / "averaging.safetensors"), abs=5e-5)
+    assert row != pytest.approx(anchor, abs=5e-5)
+
     zscl = run_app(
         tmp_path / "zscl",
         "averaging=zscl",

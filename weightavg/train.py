@@ -300,9 +300,10 @@ def build_averagers(
         if target.endswith(".WiSEFT"):
             if node.get("monitor") is None and node.get("metric") is None and node.get("alpha") is None:
                 overrides["monitor"] = "val_acc"
-            if node.get("dataloader_names") is None:
+            sweeps = "monitor" in overrides or node.get("monitor") is not None or node.get("metric") is not None
+            if sweeps and node.get("dataloader_names") is None:  # a fixed alpha sweeps nothing: nothing to name/draw
                 overrides["dataloader_names"] = val_names
-            if node.get("figure_path") is None:
+            if sweeps and node.get("figure_path") is None:
                 overrides["figure_path"] = str(output_dir / f"{where.replace('extra_averaging.', '')}.png")
         if target.endswith(".LCSC") and node.get("monitor") is None and node.get("metric") is None:
             overrides["monitor"] = "val_acc"
