@@ -600,6 +600,14 @@ class SWA(AveragingCallback):
 
     @override
     def finalize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        rule = self._bound().rule
+        if self._bound().num_updates == 1 and isinstance(rule, SWARule):
+            # e.g. per-epoch samples over a run that is one epoch long (max_steps over an endless loader)
+            rank_zero_warn(
+                f"weightavg: {self.name} averaged a single sample (every={rule.every}, "
+                f"every_unit={rule.every_unit!r}, in {trainer.global_step} optimizer steps): the average is the "
+                "weights at that sample; sample more often (every_unit='step', every=...) or start earlier"
+            )
         if self.recompute_bn:
             recompute_batchnorm(trainer, pl_module, self._bound(), self.bn_input, self.bn_batches)
 

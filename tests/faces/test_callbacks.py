@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -362,6 +363,21 @@ def test_swa_refuses_a_batchnorm_recompute_it_cannot_do_before_training() -> Non
     with pytest.raises(ValueError, match="recomputing BatchNorm statistics needs them in the average"):
         fit([recorder, SWA(start=0.5, exclude="*running_var")], epochs=2)
     assert recorder.steps == [0]  # refused at fit start, not after training
+
+
+def test_swa_warns_when_its_average_is_a_single_sample() -> None:
+    """Per-epoch samples in a run of one epoch (max_steps over one pass): the 'average' is one set of weights."""
+    swa = SWA(start=0.5, apply_at_end=False)
+    with pytest.warns(
+        UserWarning, match=r"SWA.* averaged a single sample \(every=1, every_unit='epoch', in \d+ optimizer steps\)"
+    ):
+        fit([swa], epochs=1)
+    assert swa._bound().num_updates == 1
+    per_step = SWA(start=0.5, every_unit="step", apply_at_end=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*single sample")
+        fit([per_step], epochs=1)
+    assert per_step._bound().num_updates > 1
 
 
 def test_contiguous_layout_in_a_trainer() -> None:
