@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from tests.faces.test_callbacks import Recorder, assert_close, ema_reference, fit, swa_reference
 from tests.helpers import DigitsModule, digits_loaders, digits_tensors, fit_digits, trainer
-from weightavg.callbacks import EMA, LIVE_KEY, MARKER_KEY, SWA
+from weightavg.callbacks import EMA, LIVE_KEY, MARKER_KEY, SWA, WiSEFT
 
 
 class DigitsStream(IterableDataset):  # type: ignore[type-arg]
@@ -268,3 +268,57 @@ def test_validate_with_both_logs_live_and_average_under_their_own_names(tmp_path
     with pytest.warns(UserWarning, match=r"monitor='val_loss'\) ranks by a metric measured on the live weights"):
         both = EMA(decay=0.9, name="ema", validate_with="both")
         fit_loss([both, ModelCheckpoint(dirpath=tmp_path, monitor="val_loss")], epochs=1, enable_checkpointing=True)
+
+
+SWEEP_SCRIPT = """
+import sys, torch
+from tests.helpers import DigitsModule, fit_digits
+from weightavg.callbacks import WiSEFT
+torch.set_num_threads(1)
+fit_digits(DigitsModule(), [WiSEFT(monitor="val_acc")], 1, enable_progress_bar=sys.argv[1] == "bar")
+"""
+
+
+def sweep_output(progress_bar: str) -> str:
+    """A WiSE-FT fit in a child process whose stdout and stderr are a real terminal (a pseudo-terminal)."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    from tests.helpers import clean_environment
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a new one is 0 columns wide
+    child = subprocess.Popen(
+        [sys.executable, "-c", SWEEP_SCRIPT, progress_bar],
+        stdout=follower,
+        stderr=follower,
+        cwd=Path(__file__).parents[2],
+        env={**clean_environment(), "PYTHONPATH": str(Path(__file__).parents[2])},
+    )
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    assert child.wait(timeout=300) == 0, b"".join(chunks).decode(errors="replace")[-3000:]
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_the_wiseft_sweep_shows_progress_with_the_trainers_progress_bar_only(capfd: pytest.CaptureFixture[str]) -> None:
+    shown = sweep_output("bar")
+    assert "WiSE-FT sweep: 100%" in shown and "11/11" in shown
+    assert "WiSE-FT sweep" not in sweep_output("none")  # enable_progress_bar=False
+    pl.seed_everything(0, verbose=False)
+    fit_digits(DigitsModule(), [WiSEFT(monitor="val_acc")], 1, enable_progress_bar=True)
+    assert "WiSE-FT sweep" not in capfd.readouterr().err  # not a terminal
