@@ -5,19 +5,24 @@ ends, validation, checkpoints, the end of fit). The averaging math lives in ``we
 
 Several averagers may share a run. Two roles go to one callback each, by their order in ``Trainer(callbacks=...)``:
 
-- the *validator*, the first callback with ``validate_with="average"``: validation runs on its average;
+- the *validator*, the first callback with ``validate_with="average"``: validation runs on its average (a callback
+  with ``validate_with="both"`` validates its average a second time, its metrics under ``metric_prefix``);
 - the *owner*, the first callback with ``apply_at_end=True``: its average goes into the model at the end of fit.
 
-The checkpoint's ``state_dict`` holds the validator's average (without a validator, the owner's; see
-``checkpoint_weights``), so that ``ModelCheckpoint(monitor=...)`` saves the weights it measured; the live weights are
-saved beside it (checkpoint key ``LIVE_KEY``) and put back on resume, and ``MARKER_KEY`` says what ``state_dict``
-holds. Loading weights into the model never writes into an average.
+The checkpoint's ``state_dict`` holds the validator's average (without a validator, the first ``"both"`` callback's,
+else the owner's; see ``checkpoint_weights``), so that ``ModelCheckpoint(monitor=...)`` saves the weights it
+measured; the live weights are saved beside it (checkpoint key ``LIVE_KEY``) and put back on resume, and
+``MARKER_KEY`` says what ``state_dict`` holds. Loading weights into the model never writes into an average.
+
+Each averager logs ``updates`` (and an EMA its ``decay``) under ``weightavg/<name>/`` every ``log_every_n_steps``
+optimizer steps, straight to the Trainer's loggers.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from itertools import islice
@@ -51,6 +56,7 @@ from weightavg.core.checks import (
     resolve_dtype,
 )
 from weightavg.core.io import WeightSource, save_safetensors
+from weightavg.core.progress import progress_bar
 from weightavg.core.rule import Rule, Snapshot
 from weightavg.core.schedules import StartUnit, Unit, Warmup
 from weightavg.core.snapshots import SnapshotStore
@@ -67,7 +73,7 @@ from weightavg.methods.zscl import Distillation, check_distillation_knobs
 from weightavg.strategies import NAME as LOCAL_DDP
 from weightavg.strategies import LocalDDPStrategy
 
-ValidateWith = Literal["average", "live"]
+ValidateWith = Literal["average", "live", "both"]
 CheckpointWeights = Literal["average", "live"]
 #: Checkpoint key of the live weights, saved beside a ``state_dict`` that holds an average.
 LIVE_KEY = "weightavg_live_weights"
@@ -82,8 +88,11 @@ class AveragingCallback(Callback):
     Args:
         rule: the method's rule (``weightavg.methods.EMA(...)``, ...).
         validate_with: ``"average"`` to validate on this callback's average (once it has had an update; before
-            that validation uses the live weights), or ``"live"``. With several averagers the first one set to
-            ``"average"`` is used; the Trainer logs which.
+            that validation uses the live weights), ``"live"``, or ``"both"``: each validation during fit runs on
+            the live weights (metrics under their usual names) and then again on this average, whose metrics are
+            logged under ``metric_prefix`` (``weightavg/<name>/val_loss``: a key ``ModelCheckpoint(monitor=...)``
+            and ``EarlyStopping`` can use). With several averagers the first one set to ``"average"`` is used; the
+            Trainer logs which.
         apply_at_end: at the end of fit, leave the averaged weights in the model (the live ones are discarded).
             With several averagers the first one with ``apply_at_end=True`` does it, and its average is also what
             checkpoints hold under ``state_dict``.
@@ -127,7 +136,7 @@ class AveragingCallback(Callback):
         # Everything that can be checked before training is checked here, not after hours of it.
         if not isinstance(rule, Rule):
             raise TypeError(f"rule={rule!r} must be an averaging rule such as weightavg.methods.EMA(...)")
-        check_choice("validate_with", validate_with, ("average", "live"))
+        check_choice("validate_with", validate_with, ("average", "live", "both"))
         check_choice("checkpoint_weights", checkpoint_weights, ("average", "live"))
         if not isinstance(resume_from_average, bool):
             raise TypeError(f"resume_from_average={resume_from_average!r} must be a bool")
@@ -169,7 +178,8 @@ class AveragingCallback(Callback):
         self._fitting = False  # between on_fit_start and the end of training: the averager belongs to this fit
         self._accept_state = True  # whether a checkpoint being restored is for fitting (else its state is ignored)
         self._peers: list[AveragingCallback] = []
-        self._suspended = False  # set while a peer evaluates its own weights (WiSEFT's sweep)
+        self._suspended = False  # set while a peer evaluates its own weights (WiSEFT's sweep, a "both" pass)
+        self._logged_step = -1
         # Set when weights are loaded into the model outside fit (trainer.test(ckpt_path=...)): evaluation then
         # uses them as they are.
         self._loaded_over = False
@@ -180,17 +190,35 @@ class AveragingCallback(Callback):
     def state_key(self) -> str:
         return f"weightavg[{self.name}]"
 
+    @property
+    def metric_prefix(self) -> str:
+        """Where this callback's metrics go in the loggers and ``trainer.callback_metrics``: ``weightavg/<name>/``
+        (``updates``, EMA's ``decay``, and with ``validate_with="both"`` the validation metrics of the average)."""
+        return f"weightavg/{self.name}/"
+
+    def step_metrics(self, step: int) -> dict[str, float]:
+        """What this averager logs every ``log_every_n_steps`` optimizer steps (host numbers: no device sync):
+        ``updates`` (the number of updates, for SWA the number of samples averaged) and, for an EMA, ``decay``
+        (the per-step decay at ``step``, warmup included)."""
+        averager = self._bound()
+        metrics = {"updates": float(averager.num_updates)}
+        if isinstance(self.rule, EMARule) and step >= self.rule.start_step:
+            metrics["decay"] = self.rule.decay_at(step)
+        return metrics
+
     # ------------------------------------------------------------------ roles and binding
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         ours = [cb for cb in trainer.callbacks if isinstance(cb, AveragingCallback)]  # type: ignore[attr-defined]
         validator = next((cb for cb in ours if cb.validate_with == "average"), None)
+        both = next((cb for cb in ours if cb.validate_with == "both"), None)
         owner = next((cb for cb in ours if cb.apply_at_end), None)
+        writer = validator or both or owner
         for cb in ours:
             cb._peers = ours
             cb._validates = cb is validator
             cb._owns_model = cb is owner
-            cb._writes_checkpoint = cb is (validator or owner)
+            cb._writes_checkpoint = cb is writer
         interpolators = [cb for cb in ours if cb._finishes_model()]
         if owner is not None and interpolators and ours.index(interpolators[0]) < ours.index(owner):
             raise ValueError(
@@ -199,7 +227,7 @@ class AveragingCallback(Callback):
                 "it to interpolate toward its average, or set apply_at_end=False on one of them"
             )
         if stage == "fit" and self is ours[0]:
-            _warn_on_checkpoint_mismatch(trainer, validator, validator or owner)
+            _warn_on_checkpoint_mismatch(trainer, ours, validator, writer)
         if len(ours) > 1 and self is ours[0]:
             ends = owner.name if owner else "the live weights"
             if interpolators:
@@ -280,12 +308,18 @@ class AveragingCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         averager = self._bound()
-        if trainer.global_step > 0:
-            averager.step(trainer.global_step)  # a repeated global_step (gradient accumulation) is ignored
+        step = trainer.global_step
+        if step > 0:
+            averager.step(step)  # a repeated global_step (gradient accumulation) is ignored
         # The epoch's last batch counts as its end, so an epoch-wise average is fresh for the validation that
         # Lightning runs before on_train_epoch_end.
         if batch_idx + 1 == trainer.num_training_batches:
             averager.epoch_end(trainer.current_epoch + 1)
+        # Lightning's own cadence and step, as its LearningRateMonitor uses: these rows line up with the module's.
+        due = trainer.loggers and trainer._logger_connector.should_update_logs
+        if due and self._logged_step != logger_step(trainer):
+            self._logged_step = logger_step(trainer)  # once per optimizer step under gradient accumulation
+            log_to_loggers(trainer, {self.metric_prefix + k: v for k, v in self.step_metrics(step).items()})
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -325,6 +359,41 @@ class AveragingCallback(Callback):
         # on_validation_end, not on_validation_epoch_end: the LightningModule's own on_validation_epoch_end (which
         # Lightning calls after the callbacks') must still see the weights that were validated.
         self._swap_back_after_evaluation()
+        if self.validate_with == "both" and self._fitting and not trainer.sanity_checking and not self._suspended:
+            self._validate_average(trainer)
+
+    def _validate_average(self, trainer: pl.Trainer) -> None:
+        """Run fit's validation loop again on this average (on the live weights before its first update, as
+        ``validate_with="average"`` does) and add its metrics under ``metric_prefix``, before checkpoint callbacks
+        (which Lightning runs last) read them; the live validation's metrics stay as they were."""
+        tables: tuple[dict[str, Any], ...] = (
+            trainer.callback_metrics,
+            trainer.logged_metrics,
+            trainer.progress_bar_metrics,
+        )
+        saved = [(table, dict(table)) for table in tables]  # the connector's own dicts, which the rerun updates
+        averager = self._bound()
+        for peer in reversed(self._peers):  # swaps nest in callback order
+            peer._swap_back_after_evaluation()
+            peer._suspended = True
+        swap = averager.has_average
+        if swap:
+            averager.refresh()
+            averager.swap()
+        try:
+            outputs = run_validation(trainer)
+        finally:
+            if swap:
+                averager.swap()
+            for peer in self._peers:
+                peer._suspended = False
+        measured = {self.metric_prefix + key: value for output in outputs for key, value in output.items()}
+        for table, before in saved:
+            table.clear()
+            table.update(before)
+        for table in tables[:2]:
+            table.update(measured)
+        log_to_loggers(trainer, {key: float(value) for key, value in measured.items()})
 
     @override
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -488,20 +557,56 @@ class AveragingCallback(Callback):
 
 
 def _warn_on_checkpoint_mismatch(
-    trainer: pl.Trainer, validator: AveragingCallback | None, writer: AveragingCallback | None
+    trainer: pl.Trainer,
+    ours: Sequence[AveragingCallback],
+    validator: AveragingCallback | None,
+    writer: AveragingCallback | None,
 ) -> None:
     """Warn when a ``ModelCheckpoint(monitor=...)`` would rank checkpoints by a metric measured on other weights
-    than the ones they save (the validated average but live weights saved, or the reverse)."""
-    monitors = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "monitor", None) is not None]
+    than the ones they save (the validated average but live weights saved, or the reverse). A metric under a
+    ``validate_with="both"`` callback's ``metric_prefix`` is measured on its average; any other on the validator's
+    average, or on the live weights without a validator."""
     saves_average = writer is not None and writer.checkpoint_weights == "average"
-    measured = f"{validator.name}'s average" if validator is not None else "the live weights"
     saved = f"{writer.name}'s average" if saves_average and writer is not None else "the live weights"
-    if monitors and measured != saved:
-        rank_zero_warn(
-            f"weightavg: ModelCheckpoint(monitor={monitors[0].monitor!r}) ranks by a metric measured on {measured} "  # type: ignore[attr-defined]
-            f"but the checkpoints' state_dict holds {saved}. Validate on what you save (validate_with='average' "
-            "with checkpoint_weights='average', or validate_with='live' with checkpoint_weights='live')"
-        )
+    for checkpoint in trainer.checkpoint_callbacks:
+        monitor = getattr(checkpoint, "monitor", None)
+        if monitor is None:
+            continue
+        both = next((cb for cb in ours if cb.validate_with == "both" and monitor.startswith(cb.metric_prefix)), None)
+        source = both or validator
+        measured = f"{source.name}'s average" if source is not None else "the live weights"
+        if measured != saved:
+            rank_zero_warn(
+                f"weightavg: ModelCheckpoint(monitor={monitor!r}) ranks by a metric measured on {measured} but the "
+                f"checkpoints' state_dict holds {saved}. Validate on what you save (validate_with='average' with "
+                "checkpoint_weights='average', validate_with='live' with checkpoint_weights='live', or with "
+                "validate_with='both' monitor '<metric_prefix><metric>' for the average, the plain name for live)"
+            )
+            return
+
+
+def logger_step(trainer: pl.Trainer) -> int:
+    """The step Lightning gives the loggers for what the module logs now (its ``LearningRateMonitor`` uses it too):
+    optimizer steps before the current batch's."""
+    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+
+def log_to_loggers(trainer: pl.Trainer, metrics: Mapping[str, float]) -> None:
+    """Write host numbers straight to the Trainer's loggers at Lightning's current step (global rank 0 writes, as
+    the loggers do), as Lightning's ``LearningRateMonitor`` does: nothing goes through ``self.log``, so no device
+    tensor, host sync or distributed-reduction warning."""
+    if metrics:
+        for logger in trainer.loggers:
+            logger.log_metrics(dict(metrics), step=logger_step(trainer))
+
+
+def trainer_shows_progress(trainer: pl.Trainer, progress: bool) -> bool:
+    """Whether a callback's long loop after training shows a progress bar: when asked (``progress``), on global
+    rank 0, when the Trainer's own progress bar is enabled (not ``enable_progress_bar=False``) and stderr, where
+    the bar goes, is a terminal."""
+    bar = trainer.progress_bar_callback
+    enabled = bar is not None and getattr(bar, "is_enabled", True)
+    return progress and enabled and trainer.is_global_zero and sys.stderr.isatty()
 
 
 def _unshare_from_averages(module: torch.nn.Module, averagers: Sequence[Averager]) -> None:
@@ -686,6 +791,8 @@ class WiSEFT(AveragingCallback):
         export_path: write the chosen interpolation as safetensors (global rank 0).
         figure_path: draw metric-vs-alpha per dataloader, with the straight line between the endpoints, as an image
             (needs matplotlib).
+        progress: show a progress bar over the sweep's alphas when the Trainer shows its own progress bar (not with
+            ``enable_progress_bar=False``) and stderr is a terminal.
         name, buffers, include, exclude, device: as for ``AveragingCallback`` (``buffers="copy"`` takes floating
             buffers from theta_1 like integer ones; excluded tensors stay at theta_1).
 
@@ -707,6 +814,7 @@ class WiSEFT(AveragingCallback):
         apply_at_end: bool = True,
         export_path: str | os.PathLike[str] | None = None,
         figure_path: str | os.PathLike[str] | None = None,
+        progress: bool = True,
         name: str | None = None,
         buffers: BufferPolicy = "average",
         include: str | Sequence[str] | None = None,
@@ -714,6 +822,7 @@ class WiSEFT(AveragingCallback):
         device: torch.device | str | None = None,
     ) -> None:
         check_name(name)
+        check_bool("progress", progress)
         super().__init__(
             Snapshot(),
             validate_with="live",
@@ -776,6 +885,7 @@ class WiSEFT(AveragingCallback):
         self.anchor = anchor
         self.leave_at_alpha = apply_at_end
         self.figure_path = figure_path
+        self.progress = progress
         self.curves: dict[str, dict[float, float]] = {}
         self.alpha: float | None = None
         self._logged: dict[float, dict[str, Any]] = {}
@@ -828,6 +938,10 @@ class WiSEFT(AveragingCallback):
     @override
     def _finishes_model(self) -> bool:
         return self.leave_at_alpha
+
+    @override
+    def step_metrics(self, step: int) -> dict[str, float]:
+        return {}  # the anchor is a copy taken once: nothing to follow during fit
 
     @override
     def check_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -914,14 +1028,23 @@ class WiSEFT(AveragingCallback):
             raise ValueError(f"dataloader_names={names!r} names {len(names)} dataloaders; the fit has {len(loaders)}")
         curves: dict[str, dict[float, float]] = {name: {} for name in names}
         self._logged = {}
-        for alpha in self.alphas:
-            averager.blend(alpha)
-            if self.monitor is not None:
-                values, self._logged[alpha] = logged_validation(trainer, self.monitor, len(loaders))
-            else:
-                values = metric_on_loaders(trainer, pl_module, loaders, self.metric, self.forward)
-            for name, value in zip(names, values, strict=True):
-                curves[name][alpha] = value
+        enabled = trainer_shows_progress(trainer, self.progress)
+        bar = progress_bar(len(self.alphas), "WiSE-FT sweep", enabled=enabled, unit="alpha")
+        try:
+            for alpha in self.alphas:
+                averager.blend(alpha)
+                if self.monitor is not None:
+                    values, self._logged[alpha] = logged_validation(trainer, self.monitor, len(loaders))
+                else:
+                    values = metric_on_loaders(trainer, pl_module, loaders, self.metric, self.forward)
+                for name, value in zip(names, values, strict=True):
+                    curves[name][alpha] = value
+                if bar is not None:
+                    bar.set_postfix(alpha=f"{alpha:g}", **{self.monitor or "metric": f"{values[0]:.4g}"})
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
         return trainer.strategy.broadcast(curves)
 
     def _choose(self, trainer: pl.Trainer) -> float:
@@ -944,8 +1067,7 @@ class WiSEFT(AveragingCallback):
         for name, curve in self.curves.items():
             for alpha, value in curve.items():
                 metrics[f"wiseft/{name}/{label}@alpha={alpha:g}"] = value
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+        log_to_loggers(trainer, metrics)
         if self.curves:
             table = "; ".join(
                 f"{name}: " + ", ".join(f"{a:g}={v:.4g}" for a, v in curve.items())
@@ -954,24 +1076,30 @@ class WiSEFT(AveragingCallback):
             rank_zero_info(f"weightavg: WiSE-FT {label} by alpha: {table}; chose alpha={self.alpha:g}")
 
 
-def logged_validation(trainer: pl.Trainer, monitor: str, count: int) -> tuple[list[float], dict[str, Any]]:
-    """Run fit's validation loop once on the model as it is; return ``monitor`` per dataloader and everything logged.
+def run_validation(trainer: pl.Trainer) -> list[dict[str, Any]]:
+    """Run fit's validation loop once on the model as it is; return what it logged, one dict per dataloader.
 
     Loggers, checkpoint callbacks and early stopping are set aside for the run (they belong to fit's own validations),
-    so it can be repeated for candidate weights at the end of fit.
+    so it can be repeated for candidate weights at the end of fit, or for an average inside a validation.
     """
     loop = trainer.fit_loop.epoch_loop.val_loop
-    loggers, callbacks = trainer.loggers, trainer.callbacks  # type: ignore[attr-defined]
+    loggers, callbacks, stage = trainer.loggers, trainer.callbacks, trainer.state.stage  # type: ignore[attr-defined]
     trainer.loggers = []
     kept = [cb for cb in callbacks if not isinstance(cb, (Checkpoint, EarlyStopping))]
     trainer.callbacks = kept  # type: ignore[attr-defined]
     trainer.validating = True
     try:
-        outputs = loop.run()
+        outputs: list[dict[str, Any]] = loop.run()
     finally:
-        trainer.training = True
+        trainer.state.stage = stage
         trainer.loggers = loggers
         trainer.callbacks = callbacks  # type: ignore[attr-defined]
+    return outputs
+
+
+def logged_validation(trainer: pl.Trainer, monitor: str, count: int) -> tuple[list[float], dict[str, Any]]:
+    """Run fit's validation loop once (``run_validation``); return ``monitor`` per dataloader and everything logged."""
+    outputs = run_validation(trainer)
     logged = {key: value for output in outputs for key, value in output.items()}
     values = []
     for index in range(count):
@@ -1200,7 +1328,8 @@ class LCSC(AveragingCallback):
         apply_at_end: leave the chosen combination in the model (else only ``result`` and the files are produced).
         export_path: write the chosen combination as safetensors. result_path: write ``result`` as JSON.
         dtype: accumulation dtype of combinations (``torch.float32`` or ``torch.float64``).
-        progress: show a progress bar over the search's evaluations.
+        progress: show a progress bar over the search's evaluations (``lcsc`` and ``greedy``) when the Trainer shows
+            its own progress bar (not with ``enable_progress_bar=False``) and stderr is a terminal.
         recompute_bn, bn_input, bn_batches: recompute the BatchNorm statistics of the chosen combination with one
             pass over the training data before it is exported and applied (as for ``SWA``; candidates during the
             search are scored with combined statistics).
@@ -1232,7 +1361,7 @@ class LCSC(AveragingCallback):
         export_path: str | os.PathLike[str] | None = None,
         result_path: str | os.PathLike[str] | None = None,
         dtype: str | torch.dtype = "float32",
-        progress: bool = False,
+        progress: bool = True,
         recompute_bn: bool = True,
         bn_input: Callable[[Any], Any] | None = None,
         bn_batches: int | None = None,
@@ -1429,7 +1558,7 @@ class LCSC(AveragingCallback):
                 by=self.by,
                 metric_key=self.metric_key,
                 rule=self.greedy_rule,
-                progress=self.progress,
+                progress=trainer_shows_progress(trainer, self.progress),
             )
         finally:
             for peer in self._peers:
@@ -1677,11 +1806,9 @@ class _OuterStep(AveragingCallback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.log_traffic:
-            with warnings.catch_warnings():  # each rank's own counters: summing them over ranks is not wanted
-                warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
-                for key, value in self._replica().traffic.as_dict().items():
-                    pl_module.log(f"{self.name}/{key}", float(value))
+        if self.log_traffic:  # this rank's own counters (rank 0's reach the loggers): not reduced over ranks
+            traffic = self._replica().traffic.as_dict()
+            log_to_loggers(trainer, {self.metric_prefix + k: float(v) for k, v in traffic.items()})
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

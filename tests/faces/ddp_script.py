@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 sys.path.insert(0, str(Path(__file__).parents[2]))
 
@@ -273,6 +275,9 @@ def replicas() -> None:
         trainer.fit(model, train, val, ckpt_path=ckpt_path)
         return trainer, model
 
+    # The callbacks' own logging must raise none of Lightning's self.log warnings (sync_dist, batch size).
+    library = r".*self\.log\('(weightavg/)?(NoLoCo|DiLoCo)"
+    warnings.filterwarnings("error", message=library, category=PossibleUserWarning)
     spy = NoCollectives()
     # File names from each rank's own (unsynced) metric: the strategy must still use rank 0's name on every rank.
     checkpoints = ModelCheckpoint(

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from tests.faces.test_callbacks import Recorder, assert_close, ema_reference, fit, swa_reference
 from tests.helpers import DigitsModule, digits_loaders, digits_tensors, fit_digits, trainer
-from weightavg.callbacks import EMA, LIVE_KEY, MARKER_KEY, SWA
+from weightavg.callbacks import EMA, LIVE_KEY, MARKER_KEY, SWA, WiSEFT
 
 
 class DigitsStream(IterableDataset):  # type: ignore[type-arg]
@@ -215,3 +215,110 @@ def test_ema_warms_up_by_default_in_every_face() -> None:
         for k, v in weights.items():
             avg[k] = decay * avg[k] + (1 - decay) * v if v.is_floating_point() else v.clone()
     assert_close(ema._bound().averaged_tensors(), avg, rtol=1e-5, atol=1e-6)
+
+
+def test_averagers_log_updates_and_decay_to_the_loggers_at_lightnings_cadence(tmp_path: Path) -> None:
+    """A real CSVLogger run: rows every log_every_n_steps optimizer steps, at Lightning's own step (optimizer steps
+    before the batch), hold EMA's update count and warmed decay and SWA's number averaged, in closed form."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    ema = EMA(decay=0.9, name="ema", apply_at_end=False)  # power warmup: min(0.9, 1 - (1 + t) ** (-2 / 3))
+    swa = SWA(start=2, start_unit="step", every_unit="step", name="swa", validate_with="live", apply_at_end=False)
+    fit_loss([ema, swa], epochs=2, logger=CSVLogger(tmp_path, version=0), log_every_n_steps=3)
+    with open(tmp_path / "lightning_logs" / "version_0" / "metrics.csv") as file:
+        rows = list(csv.DictReader(file))
+    ema_rows = {int(r["step"]): r for r in rows if r.get("weightavg/ema/updates")}
+    swa_rows = {int(r["step"]): r for r in rows if r.get("weightavg/swa/updates")}
+    assert sorted(ema_rows) == sorted(swa_rows) == [2, 5, 8, 11, 14]  # optimizer steps 3, 6, ..., 15 of 16
+    for row_step, row in ema_rows.items():
+        step = row_step + 1
+        assert float(row["weightavg/ema/updates"]) == step + 1  # the copy at binding, then one per step
+        assert float(row["weightavg/ema/decay"]) == pytest.approx(min(0.9, 1 - (1 + step) ** (-2 / 3)), rel=1e-12)
+        assert float(swa_rows[row_step]["weightavg/swa/updates"]) == step - 1  # steps 2..step
+
+
+def evaluated_loss(model: torch.nn.Module) -> float:
+    """The validation loss of ``model`` computed by hand (Lightning averages the two equal batches' means)."""
+    _, val = digits_loaders()
+    with torch.no_grad():
+        losses = [torch.nn.functional.cross_entropy(model(x), y) for x, y in val]
+    return float(torch.stack(losses).mean())
+
+
+def test_validate_with_both_logs_live_and_average_under_their_own_names(tmp_path: Path) -> None:
+    import copy
+
+    best = ModelCheckpoint(dirpath=tmp_path, monitor="weightavg/ema/val_loss", mode="min", save_top_k=1)
+    ema = EMA(decay=0.9, warmup="none", name="ema", validate_with="both", apply_at_end=False)
+    run, model = fit_loss([ema, best], epochs=2, enable_checkpointing=True)
+    metrics = run.callback_metrics
+    model.eval()
+    averaged = copy.deepcopy(model)
+    averaged.load_state_dict(ema._bound().averaged_tensors(), strict=False)
+    live, average = evaluated_loss(model), evaluated_loss(averaged)
+    assert live != pytest.approx(average)
+    assert float(metrics["val_loss"]) == pytest.approx(live, rel=1e-6)
+    assert float(metrics["weightavg/ema/val_loss"]) == pytest.approx(average, rel=1e-6)
+    # Item 11 holds: the best checkpoint (ranked on the average) holds the average and scores what was recorded.
+    torch.testing.assert_close(
+        revalidated_loss(best.best_model_path), float(best.best_model_score), rtol=1e-6, atol=1e-7
+    )
+    with pytest.warns(UserWarning, match=r"monitor='val_loss'\) ranks by a metric measured on the live weights"):
+        both = EMA(decay=0.9, name="ema", validate_with="both")
+        fit_loss([both, ModelCheckpoint(dirpath=tmp_path, monitor="val_loss")], epochs=1, enable_checkpointing=True)
+
+
+SWEEP_SCRIPT = """
+import sys, torch
+from tests.helpers import DigitsModule, fit_digits
+from weightavg.callbacks import WiSEFT
+torch.set_num_threads(1)
+fit_digits(DigitsModule(), [WiSEFT(monitor="val_acc")], 1, enable_progress_bar=sys.argv[1] == "bar")
+"""
+
+
+def sweep_output(progress_bar: str) -> str:
+    """A WiSE-FT fit in a child process whose stdout and stderr are a real terminal (a pseudo-terminal)."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    from tests.helpers import clean_environment
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a new one is 0 columns wide
+    child = subprocess.Popen(
+        [sys.executable, "-c", SWEEP_SCRIPT, progress_bar],
+        stdout=follower,
+        stderr=follower,
+        cwd=Path(__file__).parents[2],
+        env={**clean_environment(), "PYTHONPATH": str(Path(__file__).parents[2])},
+    )
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    assert child.wait(timeout=300) == 0, b"".join(chunks).decode(errors="replace")[-3000:]
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_the_wiseft_sweep_shows_progress_with_the_trainers_progress_bar_only(capfd: pytest.CaptureFixture[str]) -> None:
+    shown = sweep_output("bar")
+    assert "WiSE-FT sweep: 100%" in shown and "11/11" in shown
+    assert "WiSE-FT sweep" not in sweep_output("none")  # enable_progress_bar=False
+    pl.seed_everything(0, verbose=False)
+    fit_digits(DigitsModule(), [WiSEFT(monitor="val_acc")], 1, enable_progress_bar=True)
+    assert "WiSE-FT sweep" not in capfd.readouterr().err  # not a terminal

@@ -250,8 +250,8 @@ def test_swa_recomputes_batchnorm_statistics_on_the_average() -> None:
 def test_bad_arguments_name_the_argument() -> None:
     with pytest.raises(ValueError, match=r"decay=1\.5.*\[0, 1\)"):
         EMA(decay=1.5, warmup="none")
-    with pytest.raises(ValueError, match="validate_with='both'"):
-        EMA(decay=0.9, warmup="none", validate_with="both")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="validate_with='averaged'"):
+        EMA(decay=0.9, warmup="none", validate_with="averaged")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="every_n_steps=0"):
         EMA(every_n_steps=0)
     with pytest.raises(ValueError, match="start=-1"):

@@ -85,6 +85,7 @@ class WiSEFTConfig:
     apply_at_end: bool = True
     export_path: str | None = None
     figure_path: str | None = None
+    progress: bool = True
     name: str | None = None
     buffers: str = "average"
     include: list[str] | None = None
@@ -132,7 +133,7 @@ class LCSCConfig:
     export_path: str | None = None
     result_path: str | None = None
     dtype: str = "float32"
-    progress: bool = False
+    progress: bool = True
     recompute_bn: bool = True
     bn_batches: int | None = None
     name: str | None = None
