@@ -87,11 +87,6 @@ BY_NAME: dict[str, list[Any]] = {
     "dataloader_names": ["a", [5], ["a", "a"]],
     "buffers": ["all", 5],
 }
-#: Arguments fixed in the branches of other items of issue 11 (LCSC's own arguments): not required here until merged.
-ELSEWHERE = {
-    ("callbacks.LCSC", n)
-    for n in ("monitor", "decay", "penalty", "by", "rule", "metric_key", "bn_input", "bn_batches", "result_path")
-}
 
 
 def bad_values(name: str, annotation: Any) -> list[Any]:
@@ -190,16 +185,7 @@ def _faces() -> list[tuple[str, Builder, dict[str, Any]]]:
 
 FACES = _faces()
 CASES = [
-    pytest.param(
-        face,
-        build,
-        name,
-        value,
-        id=f"{face}-{name}={value!r}"[:120],
-        marks=[pytest.mark.xfail(reason="fixed in another branch of issue 11", strict=False)]
-        if (face, name) in ELSEWHERE
-        else [],
-    )
+    pytest.param(face, build, name, value, id=f"{face}-{name}={value!r}"[:120])
     for face, build, params in FACES
     for name, annotation in params.items()
     for value in bad_values(name, annotation)
@@ -244,17 +230,7 @@ def _config_cases() -> list[Any]:
                 continue
             for value in bad_values(field, params.get(field, Any)):
                 if isinstance(value, (str, int, float, bool, list)) or value is None:
-                    cases.append(
-                        pytest.param(
-                            key,
-                            field,
-                            value,
-                            id=f"{key}-{field}={value!r}",
-                            marks=[pytest.mark.xfail(strict=False)]
-                            if (f"callbacks.{cls.__name__}", field) in ELSEWHERE
-                            else [],
-                        )
-                    )
+                    cases.append(pytest.param(key, field, value, id=f"{key}-{field}={value!r}"))
     return cases
 
 
@@ -334,6 +310,7 @@ class NoForward(pl.LightningModule):
     ("callback", "names"),
     [
         (lambda: cb.SWA(start=0.0), "forward()"),
+        (lambda: cb.LCSC(method="uniform"), "LCSC(recompute_bn=True)"),
         (lambda: cb.WiSEFT(monitor="val_acc"), "validation dataloaders"),
         (lambda: cb.LCSC(method="greedy"), "method='greedy'"),
     ],

@@ -63,8 +63,7 @@ from weightavg.core.snapshots import SnapshotStore
 from weightavg.methods.ema import EMA as EMARule
 from weightavg.methods.ewa import check_selector, linear_ramp, share_all, to_dense, to_moe
 from weightavg.methods.ewa import mixtures as ewa_mixtures
-from weightavg.methods.lcsc import METHODS as COMBINATIONS
-from weightavg.methods.lcsc import Combiner, Method, SearchResult, SearchSettings, combine_dtype
+from weightavg.methods.lcsc import Combiner, Method, SearchResult, SearchSettings, check_options, combine_dtype
 from weightavg.methods.noloco import DiLoCoRule, NoLoCoRule, Replica, average_replicas
 from weightavg.methods.swa import SWA as SWARule
 from weightavg.methods.wiseft import ALPHAS, check_alphas, choose_alpha
@@ -180,6 +179,7 @@ class AveragingCallback(Callback):
         self._peers: list[AveragingCallback] = []
         self._suspended = False  # set while a peer evaluates its own weights (WiSEFT's sweep, a "both" pass)
         self._logged_step = -1
+        self._monitor_seen = False  # whether this fit's first validation logged ``monitor`` (WiSEFT, LCSC)
         # Set when weights are loaded into the model outside fit (trainer.test(ckpt_path=...)): evaluation then
         # uses them as they are.
         self._loaded_over = False
@@ -265,6 +265,7 @@ class AveragingCallback(Callback):
         self.averager.label = self.name
         self._applied = False
         self._fitting = True
+        self._monitor_seen = False
         self._loaded_over = False
         if self._load_hook is not None:
             self._load_hook.remove()
@@ -274,6 +275,18 @@ class AveragingCallback(Callback):
         self.check_model(trainer, pl_module)
         self.bind_extra(trainer, pl_module)
         self._apply_pending()
+
+    def _check_monitor_logged(self, trainer: pl.Trainer, monitor: str | None) -> None:
+        """At fit's first validation, refuse a ``monitor`` that ``validation_step`` does not log, naming the logged
+        keys: the search or sweep that reads it runs after training, so a typo must surface now."""
+        if monitor is None or self._monitor_seen or not self._fitting or trainer.sanity_checking:
+            return
+        logged = set(trainer.callback_metrics)
+        if monitor not in logged and not any(k.startswith(f"{monitor}/dataloader_idx_") for k in logged):
+            raise ValueError(
+                f"{self.name}: monitor={monitor!r} is not logged by validation_step; logged: {sorted(logged)}"
+            )
+        self._monitor_seen = True
 
     def _before_model_load(self, module: torch.nn.Module, *args: Any) -> None:
         """Runs before anything is loaded into the model (Lightning's checkpoint restore, ``load_state_dict``): the
@@ -694,14 +707,8 @@ class SWA(AveragingCallback):
 
     @override
     def check_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.recompute_bn or not self._bound().check_update_bn(pl_module):
-            return
-        check_forward(pl_module, "SWA(recompute_bn=True)")
-        if self.bn_batches is None and not math.isfinite(trainer.num_training_batches):
-            raise ValueError(
-                "SWA(recompute_bn=True) needs bn_batches=... when the training data has no length "
-                "(or recompute_bn=False)"
-            )
+        if self.recompute_bn:
+            check_batchnorm_pass(trainer, pl_module, self._bound(), self.bn_batches, "SWA(recompute_bn=True)")
 
     @override
     def finalize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -717,14 +724,31 @@ class SWA(AveragingCallback):
             recompute_batchnorm(trainer, pl_module, self._bound(), self.bn_input, self.bn_batches)
 
 
-def check_forward(pl_module: pl.LightningModule, who: str) -> None:
-    """Refuse at fit start a BatchNorm recomputation that could only fail after training: it calls the module
-    (``torch.optim.swa_utils.update_bn``), so the LightningModule must define ``forward``."""
+def check_batchnorm_pass(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, averager: Averager, bn_batches: int | None, who: str
+) -> None:
+    """Refuse at fit start a BatchNorm recomputation (``recompute_batchnorm``) that could only fail after training:
+    statistics not in the average, a LightningModule without ``forward`` (the pass calls the module, as
+    ``torch.optim.swa_utils.update_bn`` does), or training data without a length and no ``bn_batches``. A model
+    without BatchNorm passes (nothing is recomputed)."""
+    if not averager.check_update_bn(pl_module):
+        return
     if getattr(pl_module.forward, "__func__", None) is pl.LightningModule.forward:  # not overridden
         raise ValueError(
             f"{who} recomputes BatchNorm statistics by calling the model on training batches, but "
             f"{type(pl_module).__name__} defines no forward(): define forward(), or pass recompute_bn=False"
         )
+    if bn_batches is None and not math.isfinite(trainer.num_training_batches):
+        raise ValueError(f"{who} needs bn_batches=... when the training data has no length (or recompute_bn=False)")
+
+
+def check_fitness(monitor: Any, metric: Any) -> None:
+    """Refuse at construction a fitness given twice, or a ``monitor`` that cannot name a logged metric (whether it
+    is logged is checked at fit's first validation: ``AveragingCallback._check_monitor_logged``)."""
+    if monitor is not None and metric is not None:
+        raise ValueError("give monitor= (a metric validation_step logs) or metric= (computed here), not both")
+    if monitor is not None and (not isinstance(monitor, str) or not monitor):
+        raise ValueError(f"monitor={monitor!r} must be the name of a logged validation metric, e.g. 'val_acc'")
 
 
 def recompute_batchnorm(
@@ -849,10 +873,7 @@ class WiSEFT(AveragingCallback):
         if isinstance(select_on, bool) or not isinstance(select_on, (int, str)):
             raise TypeError(f"select_on={select_on!r} must be a dataloader index (int) or name (str)")
         check_choice("mode", mode, ("max", "min"))
-        if monitor is not None and metric is not None:
-            raise ValueError("give monitor= (a metric validation_step logs) or metric= (computed here), not both")
-        if monitor is not None and (not isinstance(monitor, str) or not monitor):
-            raise ValueError(f"monitor={monitor!r} must be the name of a logged validation metric")
+        check_fitness(monitor, metric)
         if metric is not None and not callable(metric):
             raise TypeError(f"metric={metric!r} must be a torchmetrics.Metric or a function (outputs, targets)")
         if isinstance(select_on, int) and select_on < 0:
@@ -889,7 +910,6 @@ class WiSEFT(AveragingCallback):
         self.curves: dict[str, dict[float, float]] = {}
         self.alpha: float | None = None
         self._logged: dict[float, dict[str, Any]] = {}
-        self._monitor_seen = False
 
     @staticmethod
     def _check_sweep_arguments(
@@ -947,7 +967,6 @@ class WiSEFT(AveragingCallback):
     def check_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Refuse at fit start a sweep that could only fail after training: no validation data, names or
         ``select_on`` that do not fit the dataloaders."""
-        self._monitor_seen = False
         if self.monitor is None and self.metric is None:
             return
         loop = trainer.fit_loop.epoch_loop.val_loop
@@ -972,13 +991,7 @@ class WiSEFT(AveragingCallback):
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
-        # The first validation shows whether the module logs ``monitor``: say so now rather than after training.
-        if self.monitor is None or self._monitor_seen or not self._fitting or trainer.sanity_checking:
-            return
-        logged = set(trainer.callback_metrics)
-        if self.monitor not in logged and not any(k.startswith(f"{self.monitor}/dataloader_idx_") for k in logged):
-            raise ValueError(f"monitor={self.monitor!r} is not logged by validation_step; logged: {sorted(logged)}")
-        self._monitor_seen = True
+        self._check_monitor_logged(trainer, self.monitor)
 
     @staticmethod
     def _loaders(trainer: pl.Trainer) -> list[Any]:
@@ -1407,15 +1420,24 @@ class LCSC(AveragingCallback):
             check_number("keep", keep, low=1, integer=True)
         if background and directory is None:
             raise ValueError("background=True writes snapshot files: give a directory= (memory snapshots need none)")
-        check_choice("method", method, COMBINATIONS)
-        check_choice("mode", mode, ("max", "min"))
-        if monitor is not None and metric is not None:
-            raise ValueError("give monitor= (a metric validation_step logs) or metric= (computed here), not both")
+        check_fitness(monitor, metric)
         check_number("search_on", search_on, low=0, integer=True)
         if isinstance(settings, Mapping):  # a config node
             settings = SearchSettings(**dict(settings))
-        if settings is not None and not isinstance(settings, SearchSettings):
-            raise TypeError(f"settings={settings!r} must be a weightavg.methods.lcsc.SearchSettings")
+        # Every recipe's options, whichever ``method`` uses: a mistake surfaces here, not after training.
+        check_options(
+            method=method,
+            mode=mode,
+            settings=settings,
+            decay=decay,
+            penalty=penalty,
+            by=by,
+            metric_key=metric_key,
+            rule=rule,
+            progress=progress,
+        )
+        check_output_file("result_path", result_path)
+        check_callable("bn_input", bn_input)
         self.every_n_steps, self.every_n_epochs, self.keep = every_n_steps, every_n_epochs, keep
         if not isinstance(overwrite, bool):
             raise TypeError(f"overwrite={overwrite!r} must be a bool")
@@ -1456,6 +1478,8 @@ class LCSC(AveragingCallback):
                     f"{self.name} scores candidates on validation dataloader search_on={self.search_on}, but this fit "
                     f"has {count} validation dataloaders"
                 )
+        if self.recompute_bn:
+            check_batchnorm_pass(trainer, pl_module, self._bound(), self.bn_batches, f"{self.name}(recompute_bn=True)")
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -1583,6 +1607,11 @@ class LCSC(AveragingCallback):
             averager.refresh()
             averager.swap()  # by pointer: the live weights stay in the averager for later checkpoints
             self._applied = True
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self._check_monitor_logged(trainer, self.monitor)
 
     def _evaluator(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Callable[[], float] | None:
         if self.monitor is None and self.metric is None:

@@ -155,6 +155,16 @@ def test_errors_before_training() -> None:
         LCSC(dtype="float16")
 
 
+def test_a_monitor_typo_fails_at_the_first_validation_naming_the_logged_keys() -> None:
+    lcsc = LCSC(every_n_steps=2, monitor="val_accuracy", settings=SMALL_SEARCH, recompute_bn=False)
+    run = trainer(max_epochs=3, callbacks=[lcsc])
+    with pytest.raises(
+        ValueError, match=r"monitor='val_accuracy' is not logged by validation_step; logged: .*'val_acc'"
+    ):
+        run.fit(DigitsModule(), *digits_loaders())
+    assert run.global_step == 8  # after the first epoch's validation, not after three epochs and the search
+
+
 def loop(opt: torch.optim.Optimizer, model: nn.Module, steps: int, start: int = 0) -> list[dict[str, torch.Tensor]]:
     x, y = digits_tensors()
     seen = []
