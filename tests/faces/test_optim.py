@@ -399,3 +399,15 @@ def test_include_pattern_matching_nothing_is_refused_at_construction() -> None:
         weightavg.optim.EMA(sgd(model), module=model, include="2.*")  # the head is "3.*"
     averaged = weightavg.optim.EMA(sgd(model), module=model, include="3.*")
     assert averaged.averager.names == ["3.weight", "3.bias"]
+
+
+def test_model_converted_after_wrapping_is_refused_at_the_next_step_and_swap() -> None:
+    model = mlp(batchnorm=False)
+    optimizer = weightavg.optim.EMA(sgd(model), module=model)
+    loss_at(model, 0).backward()
+    optimizer.step()
+    model.double()
+    with pytest.raises(RuntimeError, match=r"'0.weight' changed after the averager was built"), optimizer.averaged():
+        pass
+    with pytest.raises(RuntimeError, match=r"'0.weight' changed after the averager was built"):
+        optimizer.step()
