@@ -764,3 +764,19 @@ def test_state_missing_a_counter_names_it() -> None:
     del state["num_updates"]
     with pytest.raises(ValueError, match="missing 'num_updates'"):
         Averager(mlp(0), EMA()).load_state_dict(state)
+
+
+def test_model_converted_after_binding_is_refused_naming_the_tensor() -> None:
+    """model.double() keeps the Parameter objects but changes their dtype: a swap would put float32 averages into a
+    float64 model, an update would mix them; both refuse, naming the tensor and what changed."""
+    model = nn.Linear(3, 2)
+    averager = Averager(model, EMA(decay=0.5, warmup="none"))
+    averager.step()
+    model.double()
+    with pytest.raises(
+        RuntimeError, match=r"'weight' changed after the averager was built .*torch.float32.*torch.float64"
+    ):
+        averager.step()
+    with pytest.raises(RuntimeError, match=r"'weight' changed .*model.half\(\)"):
+        averager.swap()
+    assert not averager.is_swapped and model.weight.dtype == torch.float64

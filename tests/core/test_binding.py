@@ -129,7 +129,21 @@ def test_include_and_exclude_globs_on_canonical_names() -> None:
     names = {e.name for e in bind_module(model, include=["body.*"], exclude="*running*")}
     assert names == {"body.0.weight", "body.0.bias", "body.1.weight", "body.1.bias", "body.1.num_batches_tracked"}
     # Patterns match the canonical name only: the tied head weight goes by its embedding's name.
-    assert "embed.weight" in {e.name for e in bind_module(model, exclude="head.*")}
+    assert "embed.weight" not in {e.name for e in bind_module(model, exclude="embed.*")}
+
+
+def test_error_pattern_matching_nothing_quotes_it_and_lists_names() -> None:
+    """A pattern that matches no name is a typo (it would silently follow everything, or not what was meant)."""
+    model = TiedNet()
+    with pytest.raises(ValueError, match=r"include=\['nothing.\*'\]: pattern 'nothing.\*' matches no .*'embed.weight'"):
+        bind_module(model, include="nothing.*")
+    with pytest.raises(ValueError, match=r"exclude=\['\*.bias', 'bdy.\*'\]: pattern 'bdy.\*' .*'body.0.bias'"):
+        Averager(model, EMA(), exclude=["*.bias", "bdy.*"])
+    with pytest.raises(ValueError, match=r"pattern 'head.\*' .* only tied names \['head.weight'\]"):
+        Averager(model, EMA(), exclude="head.*")
+    # Patterns on buffers the policy leaves out still name something in the model: no error.
+    names = {e.name for e in bind_module(model, buffers="ignore", exclude="*running*")}
+    assert "body.1.running_mean" not in names and "body.0.weight" in names
 
 
 def test_parameters_restriction() -> None:
@@ -160,7 +174,7 @@ def test_error_no_floating_tensors() -> None:
     with pytest.raises(ValueError, match=r"module OnlyIntegers has no floating parameters or buffers"):
         bind_module(OnlyIntegers())
     with pytest.raises(ValueError, match=r"module TiedNet has no floating"):
-        bind_module(TiedNet(), include="nothing.*")
+        bind_module(TiedNet(), include="body.1.num_batches_tracked")
     with pytest.raises(ValueError, match=r"module TiedNet has no floating"):
         bind_module(TiedNet(), buffers="copy", include="body.1.running_*")
     with pytest.raises(ValueError, match=r"given parameters has no floating"):

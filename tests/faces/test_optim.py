@@ -391,3 +391,23 @@ def test_wrapper_refuses_another_methods_state_and_warns_on_changed_settings() -
     other = wrappers.EMA(torch.optim.SGD(model.parameters(), lr=0.1), decay=0.99)
     with pytest.warns(UserWarning, match=r"EMA\(decay=0.9\).*EMA\(decay=0.99\)"):
         other.load_state_dict(state)
+
+
+def test_include_pattern_matching_nothing_is_refused_at_construction() -> None:
+    model = mlp()
+    with pytest.raises(ValueError, match=r"include=\['2.\*'\]: pattern '2.\*' matches no .*'0.weight'"):
+        weightavg.optim.EMA(sgd(model), module=model, include="2.*")  # the head is "3.*"
+    averaged = weightavg.optim.EMA(sgd(model), module=model, include="3.*")
+    assert averaged.averager.names == ["3.weight", "3.bias"]
+
+
+def test_model_converted_after_wrapping_is_refused_at_the_next_step_and_swap() -> None:
+    model = mlp(batchnorm=False)
+    optimizer = weightavg.optim.EMA(sgd(model), module=model)
+    loss_at(model, 0).backward()
+    optimizer.step()
+    model.double()
+    with pytest.raises(RuntimeError, match=r"'0.weight' changed after the averager was built"), optimizer.averaged():
+        pass
+    with pytest.raises(RuntimeError, match=r"'0.weight' changed after the averager was built"):
+        optimizer.step()

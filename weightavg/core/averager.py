@@ -52,6 +52,26 @@ class _Group:
     pointers: list[int] = field(default_factory=list)
     # Live-dtype buffers that hold a blend of the average and the live weights while it is swapped in.
     work: list[torch.Tensor] | None = None
+    # The live tensors' (device, dtype) when bound: ``model.half()`` / ``model.to(...)`` keep the Parameter objects
+    # but change this, and the group's averages, staging and swap buffers no longer fit them.
+    spec: tuple[torch.device, torch.dtype] | None = None
+
+
+def _check_live(group: _Group, *, every: bool) -> None:
+    """Raise ``RuntimeError`` naming the first followed tensor whose device, dtype (or, with ``every``, shape) is no
+    longer what it was when bound. ``every=False`` checks each group's first tensor only (the per-update check)."""
+    count = len(group.live) if every else 1
+    for index in range(count):
+        live = group.live[index]
+        device, dtype = group.spec or (live.device, live.dtype)
+        now = (live.device, live.dtype, tuple(live.shape))
+        then = (device, dtype, tuple(group.avg[index].shape))
+        if now != then:
+            raise RuntimeError(
+                f"weightavg: {group.names[index]!r} changed after the averager was built (device, dtype, shape: "
+                f"{then} -> {now}, e.g. model.half() or model.to(...)); the average cannot follow it: convert or move "
+                "the model before building the averager"
+            )
 
 
 @torch.no_grad()
@@ -264,7 +284,7 @@ class Averager:
                 group = groups.get(key)
                 if group is None:
                     direct = avg_device == live.device and avg_dtype == live.dtype
-                    group = groups[key] = _Group([], [], entry.averaged, direct=direct)
+                    group = groups[key] = _Group([], [], entry.averaged, direct=direct, spec=(live.device, live.dtype))
                     if avg_device != live.device:
                         group.staging = []
                 group.live.append(live)
@@ -378,6 +398,8 @@ class Averager:
         """
         if self._saved is not None:
             raise RuntimeError("cannot update the average while it is swapped into the model; swap back first")
+        for group in self._groups:
+            _check_live(group, every=False)
         enabled = self._live_finite() if self.nonfinite != "warn" else None
         for group in self._groups:
             guard = None if enabled is None else enabled.to(group.avg[0].device, non_blocking=True)
@@ -497,6 +519,8 @@ class Averager:
             self._blend = None
             return
         views: list[torch.Tensor] = []
+        for group in self._groups:
+            _check_live(group, every=True)
         for group in self._groups:
             if group.views is None:
                 group.views = [torch.empty_like(live) for live in group.live]

@@ -67,6 +67,26 @@ def _patterns(value: str | Sequence[str] | None, argument: str) -> tuple[str, ..
     return patterns
 
 
+def _check_patterns_match(
+    patterns: tuple[str, ...] | None, argument: str, canonical: list[str], aliases: list[str], module: str
+) -> None:
+    """Raise ``ValueError`` quoting the first pattern of ``argument`` that matches no canonical name (a typo would
+    otherwise average everything, or nothing it meant to), with a few of the names that exist."""
+    if patterns is None:
+        return
+    for pattern in patterns:
+        if any(fnmatch.fnmatchcase(name, pattern) for name in canonical):
+            continue
+        tied = [name for name in aliases if fnmatch.fnmatchcase(name, pattern)]
+        if tied:
+            hint = f"; it matches only tied names {tied[:5]}, and patterns match each tensor's first name"
+        else:
+            shown = ", ".join(map(repr, canonical[:8])) + (", ..." if len(canonical) > 8 else "")
+            hint = f"; names in module {module} include {shown}"
+        what = "parameter or persistent buffer"
+        raise ValueError(f"{argument}={list(patterns)!r}: pattern {pattern!r} matches no {what}{hint}")
+
+
 def _persistent_buffers(module: nn.Module) -> dict[int, tuple[list[str], tuple[nn.Module, str]]]:
     """Map id(buffer) -> (its names in the state_dict, its first owner), persistent buffers only, in module order."""
     found: dict[int, tuple[list[str], tuple[nn.Module, str]]] = {}
@@ -112,7 +132,7 @@ def bind_module(
     for name, param in module.named_parameters(remove_duplicate=False):
         param_names.setdefault(id(param), []).append(name)
         param_objects[id(param)] = param
-    wanted = None
+    all_param_names = param_names
     if parameters is not None:
         wanted = [id(p) for p in parameters]
         missing = [i for i in wanted if i not in param_objects]
@@ -124,6 +144,13 @@ def bind_module(
         wanted_set = set(wanted)
         param_names = {k: v for k, v in param_names.items() if k in wanted_set}
 
+    buffer_names = _persistent_buffers(module)
+    canonical = [names[0] for names in all_param_names.values()] + [names[0] for names, _ in buffer_names.values()]
+    aliases = [name for names in all_param_names.values() for name in names[1:]]
+    aliases += [name for names, _ in buffer_names.values() for name in names[1:]]
+    _check_patterns_match(include_patterns, "include", canonical, aliases, type(module).__name__)
+    _check_patterns_match(exclude_patterns, "exclude", canonical, aliases, type(module).__name__)
+
     entries: list[Entry] = []
     for key, names in param_names.items():
         tensor = param_objects[key]
@@ -132,7 +159,7 @@ def bind_module(
 
     if buffers != "ignore":
         buffer_objects = {id(b): b for b in module.buffers()}
-        for key, (names, owner) in _persistent_buffers(module).items():
+        for key, (names, owner) in buffer_names.items():
             tensor = buffer_objects[key]
             if _selected(names[0], include_patterns, exclude_patterns):
                 averaged = buffers == "average" and _is_float(tensor)
