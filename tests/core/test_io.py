@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 import torch
@@ -160,10 +161,10 @@ def test_failed_write_leaves_the_old_file_intact(
     drift(drift_model, 7)
     changed.step()
 
-    def write_half_then_fail(tensors: dict, filename: str, metadata: dict | None = None) -> None:
-        assert Path(filename) != path, "must write to a temporary file, not the target"
-        with open(filename, "wb") as handle:
-            handle.write(b"partial")
+    def write_half_then_fail(tensors: dict, file: BinaryIO, metadata: dict | None = None) -> None:
+        file.write(b"partial")
+        file.flush()
+        assert path.read_bytes() == old_bytes, "must write to a temporary file, not the target"
         raise failure
 
     monkeypatch.setattr(io, "_write_safetensors", write_half_then_fail)

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from weightavg.core import io
 from weightavg.core.snapshots import MANIFEST, SnapshotInfo, SnapshotStore, combine, open_weights
 
 REPO = Path(__file__).resolve().parents[2]
@@ -231,23 +232,35 @@ def test_recovery_rebuilds_the_manifest_from_file_metadata(tmp_path: Path, damag
     assert manifest_of(folder) == expected_manifest
 
 
-def test_the_writer_removes_temporaries_and_foreign_files_stay_unlisted(tmp_path: Path) -> None:
+def test_the_writer_removes_killed_writers_temporaries_only_and_foreign_files_stay_unlisted(tmp_path: Path) -> None:
     folder = tmp_path / "snaps"
     written, _ = fill(folder, n=2)
     data = written[-1].path.read_bytes()  # type: ignore[union-attr]
-    leftovers = [folder / ".snapshot-000000011.safetensors.x1y2.tmp", folder / ".snapshot-000000012.safetensors.tmp"]
+    mark = io.TEMPORARY_MARK
+    leftovers = [folder / f".snapshot-000000011.safetensors{mark}4242-x1y2", folder / f".{MANIFEST}{mark}4243-ab"]
     leftovers[0].write_bytes(data[: len(data) // 2])
     leftovers[1].write_bytes(data)  # even a complete temporary: it was never renamed, so never committed
+    # A live writer's temporary (locked, as a writer holds it until its rename), and files that are not ours.
+    live_handle, live = io._locked_temporary(folder / "snapshot-000000012.safetensors")
+    foreign = [folder / ".tmpAbC123", folder / ".snapshot-000000013.safetensors.tmp"]
+    for path in foreign:
+        path.write_bytes(b"someone else's")
     save_file({"w": torch.ones(3)}, str(folder / "snapshot-000000030.safetensors"))  # valid, but not one of ours
     save_file({"w": torch.ones(3)}, str(folder / "snapshot-000000031.safetensors"), metadata={"other": "x"})
     recovered = SnapshotStore(folder)
     assert recovered.snapshots == written
     assert all(path.exists() for path in leftovers)  # opening removes nothing: they may be a live writer's
-    recovered.add(random_states(1)[0], step=5)  # the writer's first write cleans its own leftovers
-    assert not any(path.exists() for path in leftovers)
+    try:
+        recovered.add(random_states(1)[0], step=5)  # the writer's first write removes the killed writers' leftovers
+        assert not any(path.exists() for path in leftovers)
+        assert Path(live).exists()  # but never a live writer's temporary
+    finally:
+        os.close(live_handle)
+    assert all(path.exists() for path in foreign)
     assert [s.step for s in recovered.snapshots] == [1, 4, 5]
     assert [entry["step"] for entry in manifest_of(folder)] == [1, 4, 5]
     assert (folder / "snapshot-000000030.safetensors").exists()  # foreign files are left alone
+    assert io.remove_stale_temporaries(folder) == [Path(live)]  # once its writer is gone, it is a leftover too
 
 
 DAMAGES = {
@@ -508,7 +521,7 @@ def test_a_killed_writer_never_leaves_a_listed_partial_snapshot(tmp_path: Path) 
                     found = {name: tensors[name].clone() for name in tensors}
                 assert_same_tensors(found, written_by_writer(snapshot.step))
             store.discard_after(steps[-1])  # what a resuming writer does first: it cleans its own leftovers
-            assert not list(folder.glob(".snapshot-*.tmp")), index  # the interrupted write's temporary is gone
+            assert not list(folder.glob(f".*{io.TEMPORARY_MARK}*")), index  # the interrupted write's temporary is gone
             # Every complete snapshot file in the folder is listed; nothing else named like a snapshot is.
             assert sorted(folder.glob("snapshot-*.safetensors")) == [s.path for s in listed]
             # Nothing else is left behind: the folder is the writer's alone, so any other file is debris of the killed
@@ -767,7 +780,7 @@ def folder_state(folder: Path) -> dict[str, tuple[int, int, bytes]]:
 def test_opening_a_folder_to_read_changes_nothing_in_it(tmp_path: Path) -> None:
     folder = tmp_path / "snaps"
     written, states = fill(folder, n=3)
-    (folder / ".snapshot-000000011.safetensors.abcd.tmp").write_bytes(b"a live writer's temporary")
+    (folder / f".snapshot-000000011.safetensors{io.TEMPORARY_MARK}1-abcd").write_bytes(b"a writer's temporary")
     (folder / MANIFEST).write_text('{"version": 1, "snapshots": []}')  # stale: a writer is about to rewrite it
     folder_mtime = folder.stat().st_mtime_ns
     before = folder_state(folder)
