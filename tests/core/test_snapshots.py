@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -667,6 +668,7 @@ def test_combine_errors(tmp_path: Path) -> None:
 MEASURE = r"""
 import json, sys, torch
 from pathlib import Path
+from typing import Any
 from weightavg.core.snapshots import combine
 torch.set_num_threads(1)
 
@@ -795,3 +797,76 @@ def test_opening_a_folder_to_read_changes_nothing_in_it(tmp_path: Path) -> None:
     assert folder_state(folder) == before and folder.stat().st_mtime_ns == folder_mtime
     with pytest.raises(RuntimeError, match="read_only=True"):
         SnapshotStore(folder, read_only=True).add(states[0], step=99)
+
+
+LIVE_WRITERS = r"""
+import os, sys, time, torch
+from pathlib import Path
+from typing import Any
+from weightavg.core.snapshots import SnapshotStore
+torch.set_num_threads(1)
+stop, pids = Path(sys.argv[1]), []
+for folder, background in zip(sys.argv[2::2], sys.argv[3::2]):
+    pid = os.fork()
+    if pid == 0:
+        store, step = SnapshotStore(folder, keep=4, background=background == "1"), 0
+        while not stop.exists():
+            step += 1
+            store.add({"w": torch.full((200_000,), float(step)), "n": torch.tensor(step)}, step=step)
+        store.close()
+        os._exit(0)
+    pids.append(pid)
+print(*[os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids], flush=True)
+"""
+
+
+def test_reading_a_folder_that_runs_are_writing_never_breaks_them(tmp_path: Path) -> None:
+    """``python -m weightavg.combine`` (its ``main``) on folders that a foreground and a background writer keep writing:
+    each read gives a uniform average of consecutive snapshots or a one-line error saying to read again; the writers
+    never fail, and their folders end as they would alone (the newest four snapshots and their manifest)."""
+    from weightavg import combine as command
+
+    folders, stop = [tmp_path / "fore", tmp_path / "back"], tmp_path / "stop"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
+    specs = [str(item) for folder, bg in zip(folders, ("0", "1"), strict=True) for item in (folder, bg)]
+    writers = subprocess.Popen(
+        [sys.executable, "-c", LIVE_WRITERS, str(stop), *specs], env=env, text=True, stdout=subprocess.PIPE
+    )
+    outcomes: list[tuple[int, str]] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not all(len(list(f.glob("snapshot-*"))) >= 2 for f in folders if f.is_dir()) or not all(
+            f.is_dir() for f in folders
+        ):
+            assert time.monotonic() < deadline and writers.poll() is None
+            time.sleep(0.05)
+        end = time.monotonic() + 8
+        while time.monotonic() < end:
+            for folder in folders:
+                output, stderr = tmp_path / "out.safetensors", io_text()
+                with contextlib.redirect_stderr(stderr):
+                    code = command.main([str(folder), "--output", str(output), "--no-progress"])
+                outcomes.append((code, stderr.getvalue()))
+                if code == 0:
+                    w, n = load_file(str(output))["w"], int(load_file(str(output))["n"])
+                    assert torch.equal(w, torch.full_like(w, float(w[0])))  # no torn file
+                    k = round((n - float(w[0])) * 2) + 1  # mean of k consecutive steps ending at n
+                    assert 1 <= k <= 5 and abs(float(w[0]) - (n - (k - 1) / 2)) < 1e-3, (n, float(w[0]))  # fp32 sums
+    finally:
+        stop.write_text("")
+        out, _ = writers.communicate(timeout=60)
+    assert out.split() == ["0", "0"], out  # both writers finished cleanly
+    for code, message in outcomes:
+        assert code == 0 or (code == 2 and "read the folder again" in message), message
+    assert sum(code == 0 for code, _ in outcomes) >= len(outcomes) // 4, outcomes
+    for folder in folders:
+        steps = [entry["step"] for entry in manifest_of(folder)]
+        assert len(steps) == 4 and files_in(folder) == sorted(
+            [MANIFEST, *(f"snapshot-{s:09d}.safetensors" for s in steps)]
+        )
+
+
+def io_text() -> Any:
+    import io as text_io
+
+    return text_io.StringIO()

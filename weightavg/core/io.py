@@ -230,6 +230,10 @@ def open_safetensors(path: str | os.PathLike[str], *, label: str, device: str = 
         raise FileNotFoundError(f"{label}: no such safetensors file")
     try:
         handle = safe_open(str(path), framework="pt", device=device)
+    except (OSError, RuntimeError):  # safetensors' own "unable to open file" is a RuntimeError
+        if not Path(path).is_file():  # deleted since the check above
+            raise FileNotFoundError(f"{label}: no such safetensors file") from None
+        raise
     except SafetensorError as error:
         reason = f"not a complete safetensors file: {error}"
         raise DamagedFileError(f"{label} is damaged or truncated ({reason})", reason) from None
