@@ -32,11 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
 
 from weightavg.core import io
 from weightavg.core.checks import check_number
-from weightavg.core.snapshots import SnapshotInfo, SnapshotStore, combine, open_weights
+from weightavg.core.io import describe_error
+from weightavg.core.snapshots import SnapshotInfo, SnapshotStore, combine, open_snapshot_file
 from weightavg.methods.lcsc import (
     METHODS,
     SearchResult,
@@ -86,7 +86,7 @@ def load_fitness(spec: str) -> Callable[[dict[str, torch.Tensor]], float]:
     except ModuleNotFoundError as error:
         raise CommandError(f"--fitness {spec!r}: no module named {error.name!r} (is it on PYTHONPATH?)") from None
     except Exception as error:  # the user's module failed while importing: say how, in one line
-        raise CommandError(f"--fitness {spec!r}: importing {module_name!r} failed: {_describe(error)}") from None
+        raise CommandError(f"--fitness {spec!r}: importing {module_name!r} failed: {describe_error(error)}") from None
     if not hasattr(module, attribute):
         raise CommandError(f"--fitness {spec!r}: {module_name!r} has no attribute {attribute!r}")
     function = getattr(module, attribute)
@@ -95,12 +95,6 @@ def load_fitness(spec: str) -> Callable[[dict[str, torch.Tensor]], float]:
             f"--fitness {spec!r}: {attribute!r} is not callable ({type(function).__name__}): name a function"
         )
     return function  # type: ignore[no-any-return]
-
-
-def _describe(error: BaseException) -> str:
-    """``Type: message`` on one line."""
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 Scorer = Callable[[dict[str, torch.Tensor]], float]
@@ -113,7 +107,7 @@ def _scorer(spec: str, function: Callable[[dict[str, torch.Tensor]], Any]) -> Sc
         try:
             value = function(weights)
         except Exception as error:  # the user's function: report it in one line instead of a traceback
-            raise CommandError(f"--fitness {spec!r} raised {_describe(error)}") from None
+            raise CommandError(f"--fitness {spec!r} raised {describe_error(error)}") from None
         try:
             return float(value)
         except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor with more than one element
@@ -146,17 +140,11 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 def check_readable(snapshots: Sequence[SnapshotInfo]) -> None:
     """Open every snapshot's header before combining any (cheap: no tensor is read), so that a damaged or foreign
-    file is named before work is done, not found half-way through a search."""
+    file is named (``DamagedFileError``) before work is done, not found half-way through a search."""
     for snapshot in snapshots:
-        if snapshot.path is None:
-            continue
-        try:
-            with open_weights(snapshot.path) as tensors:
-                list(tensors)
-        except (OSError, SafetensorError) as error:
-            raise CommandError(
-                f"{str(snapshot.path)!r} is not a readable safetensors file ({_describe(error)})"
-            ) from None
+        if snapshot.path is not None:
+            with open_snapshot_file(snapshot):
+                pass
 
 
 def parse_weights(text: str, k: int) -> list[float]:
@@ -216,7 +204,7 @@ def run(args: argparse.Namespace) -> SearchResult:
         )
     combined = combine(snapshots, result.weights, dtype=dtype)
     assert snapshots[-1].path is not None
-    with open_weights(snapshots[-1].path) as newest:
+    with open_snapshot_file(snapshots[-1]) as newest:
         dtypes = {name: newest[name].dtype for name in combined}
     cast = None if args.save_dtype == "same" else getattr(torch, args.save_dtype)
     tensors = {
@@ -236,8 +224,8 @@ def _write(argument: str, path: str, write: Callable[[], object]) -> None:
     """Run ``write``; a failure (disk full, a folder made read-only meanwhile) names the argument and the file."""
     try:
         write()
-    except (OSError, SafetensorError) as error:
-        raise CommandError(f"writing {argument} {path!r} failed: {_describe(error)}") from None
+    except OSError as error:
+        raise CommandError(f"writing {argument} {path!r} failed: {describe_error(error)}") from None
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -284,13 +272,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         result = run(args)
-    except (ValueError, OSError, SafetensorError) as error:
+    except (ValueError, OSError) as error:
         # One line, no traceback: these are the user's arguments, inputs, fitness or disk, never a bug to debug here.
-        # (SafetensorError: a damaged or foreign file; OSError: unreadable inputs, a full disk, a read-only folder.)
-        print(
-            f"weightavg.combine: {_describe(error) if isinstance(error, SafetensorError) else _oneline(error)}",
-            file=sys.stderr,
-        )
+        # (ValueError includes DamagedFileError; OSError: unreadable inputs, a snapshot deleted by a run writing the
+        # folder, a full disk, a read-only folder.)
+        print(f"weightavg.combine: {_oneline(error)}", file=sys.stderr)
         return 2
     print(f"coefficients: [{_listed(result.weights)}]; fitness {result.fitness:.6g}; written {args.output}")
     return 0

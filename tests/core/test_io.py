@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import io as io_module
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 import torch
@@ -160,10 +164,10 @@ def test_failed_write_leaves_the_old_file_intact(
     drift(drift_model, 7)
     changed.step()
 
-    def write_half_then_fail(tensors: dict, filename: str, metadata: dict | None = None) -> None:
-        assert Path(filename) != path, "must write to a temporary file, not the target"
-        with open(filename, "wb") as handle:
-            handle.write(b"partial")
+    def write_half_then_fail(tensors: dict, file: BinaryIO, metadata: dict | None = None) -> None:
+        file.write(b"partial")
+        file.flush()
+        assert path.read_bytes() == old_bytes, "must write to a temporary file, not the target"
         raise failure
 
     monkeypatch.setattr(io, "_write_safetensors", write_half_then_fail)
@@ -240,3 +244,93 @@ def test_save_streams_the_average_without_a_model_sized_copy(tmp_path: Path, con
     assert loaded["0.weight"].shape == (2500, 2000) and loaded["0.weight"].dtype == torch.float32
     path.unlink()
     Path(str(path) + ".warm").unlink()
+
+
+KILLED_EXPORTS = r"""
+import contextlib, json, os, random, signal, sys, time, torch
+from pathlib import Path
+from safetensors.torch import load_file
+from weightavg.core import io
+torch.set_num_threads(1)
+target, chance = Path(sys.argv[1]), random.Random(1234)
+
+
+def export(value):
+    io.save_safetensors({"w": torch.full((8_000_000,), float(value))}, target)  # 32 MB
+
+
+export(0)
+start = time.monotonic()
+export(0)
+duration = time.monotonic() - start
+trials = []
+for value in range(1, 25):
+    pid = os.fork()
+    if pid == 0:
+        export(value)
+        os._exit(0)
+    time.sleep(chance.uniform(0.0, 1.3 * duration))
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)  # a real kill at a random moment of the export (or just after it)
+    _, status = os.waitpid(pid, 0)
+    w = load_file(str(target))["w"]
+    complete = bool(torch.equal(w, torch.full_like(w, float(w[0]))))
+    leftovers = sorted(p.name for p in target.parent.iterdir() if p != target)
+    trials.append([value, os.waitstatus_to_exitcode(status), float(w[0]), complete, leftovers])
+export(99)
+print(json.dumps({"trials": trials, "after": sorted(os.listdir(target.parent))}))
+"""
+
+
+def test_killed_exports_leave_the_old_or_new_file_and_the_next_export_removes_their_temporaries(
+    tmp_path: Path,
+) -> None:
+    """Exports SIGKILLed at random moments: the target is always the previous or the new complete file, and each
+    export removes the temporaries earlier killed ones left (they used to stay, up to model size each)."""
+    folder = tmp_path / "out"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(Path(__file__).parents[2])}
+    done = subprocess.run(
+        [sys.executable, "-c", KILLED_EXPORTS, str(folder / "avg.safetensors")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    current, killed_with_leftover = 0.0, 0
+    for value, code, found, complete, leftovers in result["trials"]:
+        assert complete and found in (current, float(value)), (value, found, current)
+        current = found
+        assert all(io.TEMPORARY_MARK in name and name.startswith(".avg.safetensors") for name in leftovers), leftovers
+        assert len(leftovers) <= 1, leftovers  # this export's own, at most: earlier ones were removed
+        if code == 0:
+            assert leftovers == [], leftovers  # a completed export leaves nothing behind
+        killed_with_leftover += bool(leftovers)
+    assert killed_with_leftover >= 2, result["trials"]  # the kills did hit exports mid-write
+    assert result["after"] == ["avg.safetensors"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_every_load_names_a_damaged_file(tmp_path: Path, damage: str) -> None:
+    from weightavg import combine as command
+    from weightavg.core.snapshots import combine
+
+    _, averager = averaged_model()
+    path = averager.save(tmp_path / "ema.safetensors")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else os.urandom(len(data)))
+    quoted = f"'{path}'"
+    for load, label in (
+        (lambda: averager.load(path), f"path={quoted}"),
+        (lambda: averager.load_weights(path, argument="anchor"), f"anchor={quoted}"),
+        (lambda: load_into_module(TiedNet(), path), f"path={quoted}"),
+        (lambda: combine([path], [1.0]), quoted),
+    ):
+        with pytest.raises(io.DamagedFileError, match=rf"{re.escape(label)} is damaged"):
+            load()
+    output = tmp_path / "out.safetensors"
+    stderr = io_module.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        assert command.main([str(path), "--output", str(output), "--no-progress"]) == 2
+    assert str(path) in stderr.getvalue() and "damaged" in stderr.getvalue(), stderr.getvalue()

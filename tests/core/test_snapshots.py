@@ -14,12 +14,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from weightavg.core import io
 from weightavg.core.snapshots import MANIFEST, SnapshotInfo, SnapshotStore, combine, open_weights
 
 REPO = Path(__file__).resolve().parents[2]
@@ -231,23 +233,35 @@ def test_recovery_rebuilds_the_manifest_from_file_metadata(tmp_path: Path, damag
     assert manifest_of(folder) == expected_manifest
 
 
-def test_the_writer_removes_temporaries_and_foreign_files_stay_unlisted(tmp_path: Path) -> None:
+def test_the_writer_removes_killed_writers_temporaries_only_and_foreign_files_stay_unlisted(tmp_path: Path) -> None:
     folder = tmp_path / "snaps"
     written, _ = fill(folder, n=2)
     data = written[-1].path.read_bytes()  # type: ignore[union-attr]
-    leftovers = [folder / ".snapshot-000000011.safetensors.x1y2.tmp", folder / ".snapshot-000000012.safetensors.tmp"]
+    mark = io.TEMPORARY_MARK
+    leftovers = [folder / f".snapshot-000000011.safetensors{mark}4242-x1y2", folder / f".{MANIFEST}{mark}4243-ab"]
     leftovers[0].write_bytes(data[: len(data) // 2])
     leftovers[1].write_bytes(data)  # even a complete temporary: it was never renamed, so never committed
+    # A live writer's temporary (locked, as a writer holds it until its rename), and files that are not ours.
+    live_handle, live = io._locked_temporary(folder / "snapshot-000000012.safetensors")
+    foreign = [folder / ".tmpAbC123", folder / ".snapshot-000000013.safetensors.tmp"]
+    for path in foreign:
+        path.write_bytes(b"someone else's")
     save_file({"w": torch.ones(3)}, str(folder / "snapshot-000000030.safetensors"))  # valid, but not one of ours
     save_file({"w": torch.ones(3)}, str(folder / "snapshot-000000031.safetensors"), metadata={"other": "x"})
     recovered = SnapshotStore(folder)
     assert recovered.snapshots == written
     assert all(path.exists() for path in leftovers)  # opening removes nothing: they may be a live writer's
-    recovered.add(random_states(1)[0], step=5)  # the writer's first write cleans its own leftovers
-    assert not any(path.exists() for path in leftovers)
+    try:
+        recovered.add(random_states(1)[0], step=5)  # the writer's first write removes the killed writers' leftovers
+        assert not any(path.exists() for path in leftovers)
+        assert Path(live).exists()  # but never a live writer's temporary
+    finally:
+        os.close(live_handle)
+    assert all(path.exists() for path in foreign)
     assert [s.step for s in recovered.snapshots] == [1, 4, 5]
     assert [entry["step"] for entry in manifest_of(folder)] == [1, 4, 5]
     assert (folder / "snapshot-000000030.safetensors").exists()  # foreign files are left alone
+    assert io.remove_stale_temporaries(folder) == [Path(live)]  # once its writer is gone, it is a leftover too
 
 
 DAMAGES = {
@@ -508,7 +522,7 @@ def test_a_killed_writer_never_leaves_a_listed_partial_snapshot(tmp_path: Path) 
                     found = {name: tensors[name].clone() for name in tensors}
                 assert_same_tensors(found, written_by_writer(snapshot.step))
             store.discard_after(steps[-1])  # what a resuming writer does first: it cleans its own leftovers
-            assert not list(folder.glob(".snapshot-*.tmp")), index  # the interrupted write's temporary is gone
+            assert not list(folder.glob(f".*{io.TEMPORARY_MARK}*")), index  # the interrupted write's temporary is gone
             # Every complete snapshot file in the folder is listed; nothing else named like a snapshot is.
             assert sorted(folder.glob("snapshot-*.safetensors")) == [s.path for s in listed]
             # Nothing else is left behind: the folder is the writer's alone, so any other file is debris of the killed
@@ -654,6 +668,7 @@ def test_combine_errors(tmp_path: Path) -> None:
 MEASURE = r"""
 import json, sys, torch
 from pathlib import Path
+from typing import Any
 from weightavg.core.snapshots import combine
 torch.set_num_threads(1)
 
@@ -767,7 +782,7 @@ def folder_state(folder: Path) -> dict[str, tuple[int, int, bytes]]:
 def test_opening_a_folder_to_read_changes_nothing_in_it(tmp_path: Path) -> None:
     folder = tmp_path / "snaps"
     written, states = fill(folder, n=3)
-    (folder / ".snapshot-000000011.safetensors.abcd.tmp").write_bytes(b"a live writer's temporary")
+    (folder / f".snapshot-000000011.safetensors{io.TEMPORARY_MARK}1-abcd").write_bytes(b"a writer's temporary")
     (folder / MANIFEST).write_text('{"version": 1, "snapshots": []}')  # stale: a writer is about to rewrite it
     folder_mtime = folder.stat().st_mtime_ns
     before = folder_state(folder)
@@ -782,3 +797,76 @@ def test_opening_a_folder_to_read_changes_nothing_in_it(tmp_path: Path) -> None:
     assert folder_state(folder) == before and folder.stat().st_mtime_ns == folder_mtime
     with pytest.raises(RuntimeError, match="read_only=True"):
         SnapshotStore(folder, read_only=True).add(states[0], step=99)
+
+
+LIVE_WRITERS = r"""
+import os, sys, time, torch
+from pathlib import Path
+from typing import Any
+from weightavg.core.snapshots import SnapshotStore
+torch.set_num_threads(1)
+stop, pids = Path(sys.argv[1]), []
+for folder, background in zip(sys.argv[2::2], sys.argv[3::2]):
+    pid = os.fork()
+    if pid == 0:
+        store, step = SnapshotStore(folder, keep=4, background=background == "1"), 0
+        while not stop.exists():
+            step += 1
+            store.add({"w": torch.full((200_000,), float(step)), "n": torch.tensor(step)}, step=step)
+        store.close()
+        os._exit(0)
+    pids.append(pid)
+print(*[os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids], flush=True)
+"""
+
+
+def test_reading_a_folder_that_runs_are_writing_never_breaks_them(tmp_path: Path) -> None:
+    """``python -m weightavg.combine`` (its ``main``) on folders that a foreground and a background writer keep writing:
+    each read gives a uniform average of consecutive snapshots or a one-line error saying to read again; the writers
+    never fail, and their folders end as they would alone (the newest four snapshots and their manifest)."""
+    from weightavg import combine as command
+
+    folders, stop = [tmp_path / "fore", tmp_path / "back"], tmp_path / "stop"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
+    specs = [str(item) for folder, bg in zip(folders, ("0", "1"), strict=True) for item in (folder, bg)]
+    writers = subprocess.Popen(
+        [sys.executable, "-c", LIVE_WRITERS, str(stop), *specs], env=env, text=True, stdout=subprocess.PIPE
+    )
+    outcomes: list[tuple[int, str]] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not all(len(list(f.glob("snapshot-*"))) >= 2 for f in folders if f.is_dir()) or not all(
+            f.is_dir() for f in folders
+        ):
+            assert time.monotonic() < deadline and writers.poll() is None
+            time.sleep(0.05)
+        end = time.monotonic() + 8
+        while time.monotonic() < end:
+            for folder in folders:
+                output, stderr = tmp_path / "out.safetensors", io_text()
+                with contextlib.redirect_stderr(stderr):
+                    code = command.main([str(folder), "--output", str(output), "--no-progress"])
+                outcomes.append((code, stderr.getvalue()))
+                if code == 0:
+                    w, n = load_file(str(output))["w"], int(load_file(str(output))["n"])
+                    assert torch.equal(w, torch.full_like(w, float(w[0])))  # no torn file
+                    k = round((n - float(w[0])) * 2) + 1  # mean of k consecutive steps ending at n
+                    assert 1 <= k <= 5 and abs(float(w[0]) - (n - (k - 1) / 2)) < 1e-3, (n, float(w[0]))  # fp32 sums
+    finally:
+        stop.write_text("")
+        out, _ = writers.communicate(timeout=60)
+    assert out.split() == ["0", "0"], out  # both writers finished cleanly
+    for code, message in outcomes:
+        assert code == 0 or (code == 2 and "read the folder again" in message), message
+    assert sum(code == 0 for code, _ in outcomes) >= len(outcomes) // 4, outcomes
+    for folder in folders:
+        steps = [entry["step"] for entry in manifest_of(folder)]
+        assert len(steps) == 4 and files_in(folder) == sorted(
+            [MANIFEST, *(f"snapshot-{s:09d}.safetensors" for s in steps)]
+        )
+
+
+def io_text() -> Any:
+    import io as text_io
+
+    return text_io.StringIO()

@@ -450,7 +450,7 @@ def combine_command(folder: Path, *args: str) -> subprocess.CompletedProcess[str
         (["--method", "greedy", "--fitness", "fitness:not_a_function"], "is not callable"),
         (["--output", "."], "is a folder"),
         (["--weights", "1,a,2"], "must be comma-separated numbers"),
-        (["s1.safetensors", "broken.safetensors"], "'broken.safetensors' is not a readable safetensors file"),
+        (["s1.safetensors", "broken.safetensors"], "snapshot file broken.safetensors is damaged or truncated"),
     ],
 )
 def test_combine_command_reports_failures_in_one_line(tmp_path: Path, args: list[str], message: str) -> None:

@@ -1,19 +1,34 @@
-"""Safetensors export and import of averaged weights: atomic writes, loads whose errors name the offending key."""
+"""Safetensors export and import of averaged weights: atomic writes that clean up after killed writers, loads whose
+errors name the damaged file or the offending key."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import pickle
 import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO, Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 
 ALIASES_KEY = "weightavg.aliases"
+#: In the name of every temporary file the library writes: ``.{target name}.weightavg-tmp-{pid}-{random}``.
+TEMPORARY_MARK = ".weightavg-tmp-"
+
+
+class DamagedFileError(ValueError):
+    """A weights file that cannot be read: truncated, corrupt, or not a safetensors file / torch checkpoint at all.
+    The message names the file (and the argument it was given as); ``reason`` is what the reader found."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 def save_safetensors(
@@ -23,21 +38,35 @@ def save_safetensors(
     metadata: Mapping[str, str] | None = None,
     copy: bool = True,
 ) -> Path:
-    """Write ``tensors`` to ``path`` atomically: a temporary file in the same folder, fsync, then rename.
+    """Write ``tensors`` to ``path`` atomically (see ``atomic_file``): a crash leaves any earlier file intact.
 
-    A crash mid-write leaves any earlier file at ``path`` intact. The file is streamed one tensor at a time from the
-    tensors' own memory: contiguous host tensors (views of one flat buffer included) are written without any copy;
-    others (on an accelerator, non-contiguous) are copied to host one at a time, so the transient peak is the largest
-    such tensor, never the model. ``copy`` is kept for callers' compatibility and no longer changes anything.
+    The file is streamed one tensor at a time from the tensors' own memory: contiguous host tensors (views of one flat
+    buffer included) are written without any copy; others (on an accelerator, non-contiguous) are copied to host one
+    at a time, so the transient peak is the largest such tensor, never the model. ``copy`` is kept for callers'
+    compatibility and no longer changes anything.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(handle)
+    with atomic_file(target) as file:
+        _write_safetensors(tensors, file, metadata=dict(metadata or {}))
+    return target
+
+
+@contextmanager
+def atomic_file(target: Path) -> Iterator[IO[bytes]]:
+    """A binary file that replaces ``target`` when the block ends without error: written to a temporary beside it,
+    fsynced, given the usual permissions, renamed over ``target``.
+
+    The temporary, ``.{target name}.weightavg-tmp-{pid}-{random}``, stays locked (``flock``) by its writer until the
+    rename; the kernel drops the lock when the writer dies. A write first removes the unlocked temporaries of the same
+    target (those of killed writers), never a live writer's. A failed write removes its own temporary.
+    """
+    remove_stale_temporaries(target.parent, target.name)
+    handle, temporary = _locked_temporary(target)
     try:
-        _write_safetensors(tensors, temporary, metadata=dict(metadata or {}))
-        with open(temporary, "rb") as written:
-            os.fsync(written.fileno())
+        with open(handle, "wb", closefd=False) as file:  # every write through the locked descriptor (see below)
+            yield file
+        os.fsync(handle)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
@@ -45,7 +74,53 @@ def save_safetensors(
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    return target
+    finally:
+        # Closing releases the lock. (Only now: where flock is emulated by POSIX locks, as on NFS, closing any other
+        # descriptor of the file would release it too, which is why the file is never reopened.)
+        os.close(handle)
+
+
+def _locked_temporary(target: Path) -> tuple[int, str]:
+    """Create and lock a new temporary for ``target``; its descriptor and path."""
+    while True:
+        handle, temporary = tempfile.mkstemp(prefix=f".{target.name}{TEMPORARY_MARK}{os.getpid()}-", dir=target.parent)
+        if os.name != "posix":
+            return handle, temporary
+        import fcntl
+
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks: write unlocked (no cleaner can lock its leftovers either)
+            return handle, temporary
+        if os.fstat(handle).st_nlink:
+            return handle, temporary
+        os.close(handle)  # a cleaner locked it before we did and removed it: take another
+
+
+def remove_stale_temporaries(folder: Path, name: str | None = None) -> list[Path]:
+    """Remove the temporaries that killed writers left in ``folder`` (those of the file ``name``, or of any file):
+    the ones no live writer holds locked. Returns the removed paths. Without ``flock`` (not POSIX, or a file system
+    without locks) none is removed: a live writer's temporary could not be told from a leftover."""
+    if os.name != "posix":
+        return []
+    import fcntl
+
+    removed = []
+    for leftover in folder.glob(f".{'*' if name is None else glob.escape(name)}{TEMPORARY_MARK}*"):
+        try:
+            handle = os.open(leftover, os.O_RDONLY)
+        except OSError:  # renamed or removed meanwhile
+            continue
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while its writer lives
+            if os.path.isfile(leftover):
+                leftover.unlink()
+                removed.append(leftover)
+        except OSError:
+            pass  # a live writer's (or already renamed, or no locks here): leave it
+        finally:
+            os.close(handle)
+    return removed
 
 
 class CastView(Mapping[str, torch.Tensor]):
@@ -85,7 +160,7 @@ _DTYPES = {
 }
 
 
-def _write_safetensors(tensors: Mapping[str, torch.Tensor], path: str, *, metadata: dict[str, str]) -> None:
+def _write_safetensors(tensors: Mapping[str, torch.Tensor], file: IO[bytes], *, metadata: dict[str, str]) -> None:
     """Write the safetensors format (8-byte header size, JSON header padded to 8 bytes, raw little-endian data) by
     streaming each tensor's bytes. ``safetensors.torch.save_file`` would first turn every tensor into ``bytes`` (a
     second model-sized copy) and refuses tensors that share storage (views of a flat buffer)."""
@@ -102,30 +177,21 @@ def _write_safetensors(tensors: Mapping[str, torch.Tensor], path: str, *, metada
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
-    with open(path, "wb") as file:
-        file.write(len(encoded).to_bytes(8, "little"))
-        file.write(encoded)
-        for tensor in tensors.values():
-            host = tensor.detach()
-            if host.device.type != "cpu" or not host.is_contiguous():
-                host = host.to("cpu").contiguous()  # one tensor at a time
-            if host.numel():
-                file.write(host.reshape(-1).view(torch.uint8).numpy().data)
+    file.write(len(encoded).to_bytes(8, "little"))
+    file.write(encoded)
+    for tensor in tensors.values():
+        host = tensor.detach()
+        if host.device.type != "cpu" or not host.is_contiguous():
+            host = host.to("cpu").contiguous()  # one tensor at a time
+        if host.numel():
+            file.write(host.reshape(-1).view(torch.uint8).numpy().data)
 
 
 def write_text_atomically(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder, fsync and rename."""
+    """Write ``text`` to ``path`` atomically (see ``atomic_file``)."""
     target = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_file(target) as file:
+        file.write(text.encode())
     return target
 
 
@@ -155,11 +221,37 @@ def check_keys(
         raise ValueError(f"{source} does not match {against}: " + ", ".join(problems))
 
 
-def load_safetensors(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Read a safetensors file into a name -> tensor dict on ``device``."""
+@contextmanager
+def open_safetensors(path: str | os.PathLike[str], *, label: str, device: str = "cpu") -> Iterator[Any]:
+    """``safetensors.safe_open`` (memory-mapped, each tensor read on access) for every load in the library: a missing
+    file raises ``FileNotFoundError``, a truncated or corrupt one ``DamagedFileError``, both naming it as ``label``
+    (e.g. ``"path='avg.safetensors'"``)."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"path={str(path)!r}: no such safetensors file")
-    return load_file(str(path), device=str(device))
+        raise FileNotFoundError(f"{label}: no such safetensors file")
+    try:
+        handle = safe_open(str(path), framework="pt", device=device)
+    except (OSError, RuntimeError):  # safetensors' own "unable to open file" is a RuntimeError
+        if not Path(path).is_file():  # deleted since the check above
+            raise FileNotFoundError(f"{label}: no such safetensors file") from None
+        raise
+    except SafetensorError as error:
+        reason = f"not a complete safetensors file: {error}"
+        raise DamagedFileError(f"{label} is damaged or truncated ({reason})", reason) from None
+    with handle:
+        yield handle
+
+
+def load_safetensors(
+    path: str | os.PathLike[str], device: torch.device | str = "cpu", *, argument: str = "path"
+) -> dict[str, torch.Tensor]:
+    """Read a safetensors file into a name -> tensor dict on ``device`` (errors as ``open_safetensors``'s)."""
+    with open_safetensors(path, label=f"{argument}={str(path)!r}", device=str(device)) as handle:
+        return _read_all(handle)
+
+
+def _read_all(handle: Any) -> dict[str, torch.Tensor]:
+    names = handle.keys()  # a safe_open handle is not iterable
+    return {name: handle.get_tensor(name) for name in names}
 
 
 def aliases_metadata(aliases: Mapping[str, tuple[str, ...]]) -> dict[str, str]:
@@ -194,12 +286,10 @@ def read_weights(source: WeightSource, *, argument: str) -> dict[str, torch.Tens
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"{argument}={str(source)!r}: no such file")
-    if _is_safetensors(path):
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
+    if path.suffix == ".safetensors" or _is_safetensors(path):
+        with open_safetensors(path, label=f"{argument}={str(source)!r}") as handle:
             metadata = handle.metadata() or {}
-        tensors = load_safetensors(path)
+            tensors = _read_all(handle)
         for name, extra in json.loads(metadata.get(ALIASES_KEY, "{}")).items():
             for alias in extra:
                 tensors.setdefault(alias, tensors[name])
@@ -213,21 +303,30 @@ def read_weights(source: WeightSource, *, argument: str) -> dict[str, torch.Tens
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as error:
-            raise ValueError(f"{argument}={str(source)!r} is not a loadable torch checkpoint: {error}") from None
+            raise DamagedFileError(
+                f"{argument}={str(source)!r} is damaged or truncated: it is not a loadable torch checkpoint ({error})"
+            ) from None
         warnings.warn(
             f"{argument}={str(source)!r} holds Python objects besides tensors; it was loaded with weights_only=False "
             "(only pass checkpoints you trust)",
             stacklevel=3,
         )
-    except Exception as error:  # not a torch file at all
-        raise ValueError(
-            f"{argument}={str(source)!r} is neither a safetensors file nor a torch checkpoint: {error}"
+    except Exception as error:  # not a torch file at all, or a truncated one
+        raise DamagedFileError(
+            f"{argument}={str(source)!r} is damaged or not a weights file: it is neither a complete safetensors file "
+            f"nor a loadable torch checkpoint ({describe_error(error)})"
         ) from None
     if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
         loaded = loaded["state_dict"]  # a Lightning checkpoint
     if not isinstance(loaded, Mapping):
         raise ValueError(f"{argument}={str(source)!r} holds a {type(loaded).__name__}, not a state dict")
     return read_weights(loaded, argument=argument)
+
+
+def describe_error(error: BaseException) -> str:
+    """``Type: message`` on one line (torch's unpickling errors span many)."""
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _is_safetensors(path: Path) -> bool:

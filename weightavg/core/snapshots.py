@@ -15,7 +15,7 @@ import queue
 import threading
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,7 +145,7 @@ class SnapshotStore:
         if snapshot.path is None:
             yield self._memory[snapshot.step]
             return
-        with open_weights(snapshot.path) as tensors:
+        with open_snapshot_file(snapshot) as tensors:
             yield tensors
 
     # ------------------------------------------------------------------ writing
@@ -242,11 +242,8 @@ class SnapshotStore:
         manifest from the files. Never done by merely opening a folder: a reader would break a live writer."""
         if self._claimed or self.directory is None:
             return
-        # Writes that never completed: our temporaries, and the hidden ``.tmpXXXXXX`` that safetensors writes through.
-        for pattern in (".snapshot-*.tmp", f".{MANIFEST}.*.tmp", ".tmp*"):
-            for leftover in self.directory.glob(pattern):
-                if leftover.is_file():
-                    leftover.unlink(missing_ok=True)
+        # Writes that never completed: temporaries of killed writers (a live writer's stay locked, and are kept).
+        io.remove_stale_temporaries(self.directory)
         self._claimed = True
         self._write_manifest()  # rebuilt from the files: a missing or stale manifest is repaired
 
@@ -323,12 +320,10 @@ class SnapshotStore:
         """Snapshots already in the folder: every complete file, described by its own metadata (the writer rewrites
         the manifest from them, so a run killed between a rename and a manifest update loses nothing). Reads only."""
         assert self.directory is not None
-        from safetensors import safe_open
-
         found = []
         for path in sorted(self.directory.glob("snapshot-*.safetensors")):
             try:
-                with safe_open(str(path), framework="pt") as handle:
+                with io.open_safetensors(path, label=f"snapshot file {path}") as handle:
                     text = (handle.metadata() or {}).get(_META)
                 if text is None:
                     continue  # a complete safetensors file that is not one of ours: leave it alone, unlisted
@@ -337,9 +332,9 @@ class SnapshotStore:
             except FileNotFoundError:
                 continue  # deleted since it was listed (the writer keeps only ``keep``): not damaged
             except Exception as error:  # truncated or corrupt: never dropped silently
-                reason = f"{type(error).__name__}: {error}"
+                reason = error.reason if isinstance(error, io.DamagedFileError) else io.describe_error(error)
                 if not self.skip_damaged:
-                    raise ValueError(
+                    raise io.DamagedFileError(
                         f"snapshot file {path} is damaged and cannot be read ({reason}); move it out of the folder, "
                         "or skip damaged files explicitly (SnapshotStore(..., skip_damaged=True), "
                         "python -m weightavg.combine --skip-damaged)"
@@ -364,12 +359,27 @@ def _fsync_folder(folder: Path) -> None:
 
 
 @contextmanager
-def open_weights(path: str | os.PathLike[str]) -> Iterator[Mapping[str, torch.Tensor]]:
-    """A lazy name -> tensor mapping over a safetensors file (memory-mapped; each tensor read on access)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
+def open_weights(path: str | os.PathLike[str], *, label: str | None = None) -> Iterator[Mapping[str, torch.Tensor]]:
+    """A lazy name -> tensor mapping over a safetensors file (memory-mapped; each tensor read on access). A missing,
+    truncated or corrupt file raises naming it (as ``label``, by default its path)."""
+    with io.open_safetensors(path, label=label or repr(str(path))) as handle:
         yield _LazyTensors(handle)
+
+
+@contextmanager
+def open_snapshot_file(snapshot: SnapshotInfo) -> Iterator[Mapping[str, torch.Tensor]]:
+    """``open_weights`` of a listed snapshot's file; ``FileNotFoundError`` saying to list again if it was deleted since
+    it was listed (a run writing the folder deletes its oldest snapshots: a reader of a live folder may see that)."""
+    assert snapshot.path is not None
+    with ExitStack() as stack:
+        try:
+            tensors = stack.enter_context(open_weights(snapshot.path, label=f"snapshot file {snapshot.path}"))
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"snapshot file {snapshot.path} (step {snapshot.step}) was deleted after its folder was read (a run "
+                "writing the folder keeps only its newest snapshots); read the folder again"
+            ) from None
+        yield tensors
 
 
 class _LazyTensors(Mapping[str, torch.Tensor]):
@@ -491,7 +501,7 @@ def _shapes(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Size]:
 def _open_source(source: SnapshotSource, store: SnapshotStore | None) -> Iterator[Mapping[str, torch.Tensor]]:
     if isinstance(source, SnapshotInfo):
         if source.path is not None:
-            with open_weights(source.path) as tensors:
+            with open_snapshot_file(source) as tensors:
                 yield tensors
             return
         if store is None:
@@ -503,9 +513,7 @@ def _open_source(source: SnapshotSource, store: SnapshotStore | None) -> Iterato
         yield source
         return
     if isinstance(source, (str, os.PathLike)):
-        if not Path(source).is_file():
-            raise FileNotFoundError(f"sources: no such file {str(source)!r}")
-        with open_weights(source) as tensors:
+        with open_weights(source, label=f"sources: {str(source)!r}") as tensors:
             yield tensors
         return
     raise TypeError(f"sources: {type(source).__name__} is not a snapshot, a safetensors path or a tensor mapping")
