@@ -1516,7 +1516,6 @@ class LCSC(AveragingCallback):
             return None
         folder = Path(self.directory)
         return folder if folder.is_absolute() else Path(trainer.default_root_dir) / folder
-        self.result = None
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -1525,6 +1524,7 @@ class LCSC(AveragingCallback):
         if trainer.is_global_zero or self.directory is None:
             combiner.store.discard_after(trainer.global_step)
         self._last_snapshot_step = trainer.global_step
+        self.result = None  # a new fit's search: never report the previous fit's choice
 
     def _combiner(self) -> Combiner:
         if self.combiner is None:

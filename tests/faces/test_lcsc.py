@@ -120,6 +120,26 @@ def test_lcsc_search_scores_on_validation_and_leaves_the_best(tmp_path: Path) ->
     assert again.result is not None and again.result.history == lcsc.result.history  # deterministic under a seed
 
 
+class StopAt(pl.Callback):
+    """Interrupts training at an optimizer step (a crash in the middle of a fit)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step >= self.step:
+            raise RuntimeError("stopped")
+
+
+def test_a_new_fit_does_not_report_the_previous_fits_result() -> None:
+    lcsc = LCSC(every_n_steps=4, keep=2, method="uniform", recompute_bn=False)
+    fit([lcsc], epochs=1)
+    assert lcsc.result is not None
+    with pytest.raises(RuntimeError, match="stopped"):
+        fit([lcsc, StopAt(3)], epochs=1)
+    assert lcsc.result is None
+
+
 def test_resume_drops_snapshots_past_the_checkpoint_and_ends_like_an_uninterrupted_run(tmp_path: Path) -> None:
     full = LCSC(every_n_steps=3, keep=None, method="uniform", directory=tmp_path / "full")
     _, model_a = fit([full], epochs=3)
