@@ -780,3 +780,68 @@ def test_model_converted_after_binding_is_refused_naming_the_tensor() -> None:
     with pytest.raises(RuntimeError, match=r"'weight' changed .*model.half\(\)"):
         averager.swap()
     assert not averager.is_swapped and model.weight.dtype == torch.float64
+
+
+@pytest.mark.parametrize("contiguous", [False, True])
+def test_parameters_replaced_after_binding_are_followed(contiguous: bool) -> None:
+    """``load_state_dict(assign=True)`` and ``module.weight = nn.Parameter(...)`` put new Parameter objects into the
+    model; the average follows them from then on: each update blends in the new objects' values (checked against
+    the EMA rule written out in float64), a swap puts the average into the new objects, and the old objects (an
+    optimizer may still hold them) keep their own values, sharing no storage with the model or the average."""
+    model = mlp(0)
+    averager = Averager(model, EMA(decay=0.5, warmup="none"), contiguous=contiguous)
+    reference = {name: t.detach().double().clone() for name, t in model.state_dict().items()}
+    old_weight = model[0].weight
+    replacement = mlp(1).state_dict()
+    model.load_state_dict(replacement, assign=True)
+    assert model[0].weight is not old_weight
+    model[2].bias = nn.Parameter(torch.full_like(model[2].bias, 3.0))
+    for step in range(1, 4):
+        drift(model, step)
+        averager.step()
+        for name, value in model.state_dict().items():
+            reference[name] = 0.5 * reference[name] + 0.5 * value.detach().double()
+    for name, value in averager.averaged_tensors().items():
+        torch.testing.assert_close(value.double(), reference[name], rtol=0, atol=1e-6, msg=name)
+    live = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    with averager.averaged():
+        for name, value in model.state_dict().items():
+            torch.testing.assert_close(value.double(), reference[name], rtol=0, atol=1e-6, msg=name)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, live[name]), name
+    # The old object kept the value it had and owns its storage.
+    assert torch.equal(old_weight.detach(), mlp(0)[0].weight.detach())
+    with torch.no_grad():
+        old_weight.add_(100.0)
+    assert torch.equal(model[0].weight.detach(), live["0.weight"])
+
+
+def test_parameter_replaced_by_another_shape_or_dtype_is_refused_naming_it() -> None:
+    model = mlp(0)
+    averager = Averager(model, EMA(decay=0.5, warmup="none"))
+    model[2].weight = nn.Parameter(torch.zeros(3, 8, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=r"parameter '2.weight' was replaced .*torch.float32.*torch.float64"):
+        averager.step()
+    with pytest.raises(RuntimeError, match=r"parameter '2.weight' was replaced"):
+        averager.swap()
+    assert not averager.is_swapped
+    model[2].weight = nn.Parameter(torch.zeros(3, 8))
+    assert averager.step()  # a compatible one is followed again
+    del model[2].weight
+    model[2].register_parameter("weight", None)
+    with pytest.raises(RuntimeError, match=r"parameter '2.weight' was removed"):
+        averager.step()
+
+
+def test_parameter_replaced_while_swapped_in_is_followed_after_swapping_back() -> None:
+    model = mlp(0)
+    averager = Averager(model, EMA(decay=0.5, warmup="none"))
+    averager.step()
+    old = model[0].weight
+    averager.swap()
+    model[0].weight = nn.Parameter(torch.full_like(old, 2.0))
+    averager.swap()
+    assert torch.equal(old.detach(), mlp(0)[0].weight.detach())  # the old object has its live storage back
+    assert averager.step()
+    expected = 0.5 * mlp(0)[0].weight.detach() + 0.5 * 2.0
+    torch.testing.assert_close(averager.averaged_tensors()["0.weight"], expected)

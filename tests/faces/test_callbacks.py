@@ -429,3 +429,23 @@ def test_nonfinite_policy_is_checked_at_construction_and_reaches_the_engine() ->
     callback.averager.step()
     with pytest.raises(FloatingPointError, match=r"guarded.*first in 'net.0.weight'"):
         callback.averager.state_dict()
+
+
+class ReloadedWithAssign(DigitsModule):
+    """Model surgery in the middle of fit: at the start of epoch 2 the weights are loaded with
+    ``load_state_dict(assign=True)`` (new Parameter objects) and a new optimizer trains those."""
+
+    def on_train_epoch_start(self) -> None:
+        if self.current_epoch == 1:
+            self.load_state_dict({k: v.clone() for k, v in self.state_dict().items()}, assign=True)
+            self.trainer.optimizers = [torch.optim.SGD(self.parameters(), lr=self.hparams.lr)]
+
+
+def test_parameters_replaced_during_fit_are_followed() -> None:
+    recorder, ema = Recorder(), EMA(decay=0.9, warmup="none", apply_at_end=False)
+    pl.seed_everything(0, verbose=False)
+    model = ReloadedWithAssign()
+    first = model.net[0].weight
+    fit_digits(model, [recorder, ema], 3)
+    assert model.net[0].weight is not first
+    assert_close(ema._bound().averaged_tensors(), ema_reference(recorder, 0.9), rtol=1e-5, atol=1e-6)

@@ -6,6 +6,7 @@ rule what to do at each event. It knows no method and imports neither Lightning 
 
 from __future__ import annotations
 
+import operator
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from weightavg.core import io, kernels
-from weightavg.core.binding import BufferPolicy, Entry, bind_module, bind_tensors
+from weightavg.core.binding import BufferPolicy, Entry, Owner, bind_module, bind_tensors
 from weightavg.core.checks import check_choice, check_device, check_number, resolve_dtype
 from weightavg.core.rule import Clock, Event, Rule, check_saved_rule
 
@@ -45,7 +46,9 @@ class _Group:
     staging: list[torch.Tensor] | None = None
     direct: bool = True
     names: list[str] = field(default_factory=list)
-    owners: list[tuple[nn.Module, str] | None] = field(default_factory=list)
+    owners: list[Owner | None] = field(default_factory=list)
+    # (slot dicts, attributes) of the owners, for a fast identity check of every live tensor (built when needed).
+    slots: tuple[list[dict[str, Any]], list[str]] | None = None
     # With ``contiguous=True``: (flat average, flat live storage) that every tensor of the group views, and the
     # live tensors' data pointers when bound (the layout holds while they are unchanged).
     flat: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -117,9 +120,9 @@ def _viewing_one_buffer(tensors: list[torch.Tensor], sizes: list[int]) -> bool:
 
 
 def _flat_intact(group: _Group) -> bool:
-    """Whether the live tensors still view the flat buffer; if something re-homed their storage (``model.to()``),
-    fall back to per-tensor batched updates for good, with a warning. (New Parameter objects, as from
-    ``load_state_dict(assign=True)``, are not followed at all: bind after such a load.)"""
+    """Whether the live tensors still view the flat buffer; if something re-homed their storage (a ``param.data =``
+    assignment), fall back to per-tensor batched updates for good, with a warning. (Replaced Parameter objects, as
+    from ``load_state_dict(assign=True)``, are re-homed into the buffer by ``Averager._follow``.)"""
     if [t.data_ptr() for t in group.live] == group.pointers:
         return True
     warnings.warn(
@@ -303,6 +306,7 @@ class Averager:
     def tensor_groups(self) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
         """(live tensors, averages) of each averaged group, for methods that run their own arithmetic on them
         (NoLoCo's outer step): one flat tensor each where the group is contiguous, else the group's tensors."""
+        self._follow()
         pairs = []
         for group in self._groups:
             if not group.averaged:
@@ -398,6 +402,7 @@ class Averager:
         """
         if self._saved is not None:
             raise RuntimeError("cannot update the average while it is swapped into the model; swap back first")
+        self._follow()
         for group in self._groups:
             _check_live(group, every=False)
         enabled = self._live_finite() if self.nonfinite != "warn" else None
@@ -472,32 +477,68 @@ class Averager:
         return None
 
     def refresh(self) -> None:
-        """Look buffers up again in their modules: ``Module.to()``/``.cpu()`` replace buffer objects (parameters keep
-        theirs). Called by the faces before swaps; a no-op while swapped in.
+        """Apply the ``nonfinite`` policy and follow replaced tensor objects (``_follow``). Called by the faces
+        before swaps; a no-op while swapped in.
 
         Raises:
-            RuntimeError: if a buffer now has another device, dtype or shape than when the averager was built.
+            RuntimeError: if a followed tensor now has another device, dtype or shape than when the averager was
+                built, or was removed from its module.
         """
         if self._saved is not None:
             return
         self.check_finite()
+        self._follow()
+
+    @torch.no_grad()
+    def _follow(self) -> None:
+        """Follow tensors whose module now holds another object under their name: ``Module.to()``/``.cpu()`` make
+        new buffers, and ``module.weight = nn.Parameter(...)`` or ``load_state_dict(assign=True)`` new parameters.
+        A replacement with the same device, dtype and shape is followed from now on (inside a contiguous group its
+        values move into the flat buffer, and the old object keeps a copy of its own); any other raises. Host-only
+        (an identity check per tensor, no device work unless something was replaced); run before every update,
+        swap and export, so the average never silently tracks a tensor the model no longer uses."""
         changed = False
         for group in self._groups:
+            if group.slots is None:
+                group.slots = (
+                    [o.module._parameters if o.parameter else o.module._buffers for o in group.owners if o],
+                    [o.attr for o in group.owners if o],
+                )
+            dicts, attrs = group.slots
+            if not dicts or (
+                len(dicts) == len(group.live) and all(map(operator.is_, map(dict.get, dicts, attrs), group.live))
+            ):
+                continue  # bare tensors (no module), or nothing replaced: the common case, ~30 ns a tensor
             for index, owner in enumerate(group.owners):
                 if owner is None:
                     continue
-                old, current = group.live[index], owner[0]._buffers.get(owner[1])
+                old, current = group.live[index], owner.current()
                 if current is old:
                     continue
-                if current is None or (current.device, current.dtype, current.shape) != (
-                    old.device,
-                    old.dtype,
-                    old.shape,
-                ):
+                name = group.names[index]
+                kind = "parameter" if owner.parameter else "buffer"
+                if current is None:
                     raise RuntimeError(
-                        f"buffer {group.names[index]!r} changed device, dtype or shape after the averager was built "
-                        "(e.g. model.to(...)); build the averager after moving the model"
+                        f"weightavg: {kind} {name!r} was removed from its module after the averager was built; the "
+                        "average cannot follow it: build the averager for the model as it is now"
                     )
+                then = (old.device, old.dtype, tuple(old.shape))
+                now = (current.device, current.dtype, tuple(current.shape))
+                if now != then:
+                    raise RuntimeError(
+                        f"weightavg: {kind} {name!r} was replaced after the averager was built by a tensor with "
+                        f"another device, dtype or shape ({then} -> {now}, e.g. model.to(...), model.half() with "
+                        "swapped tensors, or load_state_dict(assign=True) of other tensors); the average cannot "
+                        "follow it: convert or move the model before building the averager"
+                    )
+                if group.flat is not None and group.pointers[index] == old.data_ptr():
+                    flat_live = group.flat[1]
+                    offset = group.avg[index].storage_offset() - group.flat[0].storage_offset()
+                    view = flat_live.narrow(0, offset, old.numel()).view_as(old)
+                    old.data = old.detach().clone()  # the old object (an optimizer may hold it) keeps its values
+                    view.copy_(current.detach())
+                    current.data = view
+                    group.pointers[index] = current.data_ptr()
                 group.live[index] = current
                 changed = True
         if changed:
@@ -517,7 +558,9 @@ class Averager:
                 tensor.data = saved
             self._saved = None
             self._blend = None
+            self._follow()  # a tensor replaced while swapped in: the old object got its storage back above
             return
+        self._follow()
         views: list[torch.Tensor] = []
         for group in self._groups:
             _check_live(group, every=True)
@@ -558,6 +601,8 @@ class Averager:
         check_number("alpha", alpha)
         if self._saved is not None and self._blend is None:
             self.swap()  # the plain average is in: take it out first
+        if self._saved is None:
+            self._follow()
         live = self._saved if self._saved is not None else [tensor.data for tensor in self._live]
         views: list[torch.Tensor] = []
         start = 0
@@ -601,6 +646,7 @@ class Averager:
         check_number("alpha", alpha)
         if self._saved is not None:
             self.swap()
+        self._follow()
         for group in self._groups:
             if not group.averaged:
                 continue
@@ -659,6 +705,7 @@ class Averager:
         """Overwrite the live weights with the average (the model keeps the averaged weights from now on)."""
         if self._saved is not None:
             self.swap()
+        self._follow()
         for group in self._groups:
             kernels.copy_(group.live, group.avg)
 
@@ -669,6 +716,8 @@ class Averager:
 
     def live_tensors(self) -> dict[str, torch.Tensor]:
         """Canonical name -> live weights, also while the average is swapped in."""
+        if self._saved is None:
+            self._follow()
         live = self._saved if self._saved is not None else [t.detach() for t in self._live]
         return dict(zip(self._names, live, strict=False))
 
@@ -756,6 +805,8 @@ class Averager:
     def save_model(self, path: str | os.PathLike[str], *, dtype: torch.dtype | None = None) -> Path:
         """Export what the model holds now (the live weights, or the average or blend swapped in) as safetensors,
         atomically, under the followed tensors' names."""
+        if self._saved is None:
+            self._follow()
         tensors = {
             name: t.detach().to(dtype) if dtype is not None and t.is_floating_point() else t.detach()
             for name, t in zip(self._names, self._live, strict=False)

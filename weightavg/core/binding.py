@@ -8,13 +8,29 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal, NamedTuple, get_args
 
 import torch
 from torch import nn
 
 BufferPolicy = Literal["average", "copy", "ignore"]
 BUFFER_POLICIES: tuple[str, ...] = get_args(BufferPolicy)
+
+
+class Owner(NamedTuple):
+    """Where a followed tensor lives in its module: ``module._parameters[attr]`` or ``module._buffers[attr]``.
+
+    Both can be replaced after binding: ``Module.to()`` makes new buffer objects, and ``module.weight =
+    nn.Parameter(...)`` or ``load_state_dict(assign=True)`` new parameter objects; the engine looks them up here.
+    """
+
+    module: nn.Module
+    attr: str
+    parameter: bool
+
+    def current(self) -> torch.Tensor | None:
+        slots = self.module._parameters if self.parameter else self.module._buffers
+        return slots.get(self.attr)
 
 
 @dataclass(frozen=True)
@@ -33,9 +49,8 @@ class Entry:
     names: tuple[str, ...]
     tensor: torch.Tensor
     averaged: bool
-    # For buffers: the submodule and attribute holding it. ``Module.to()`` replaces buffer objects (parameters keep
-    # theirs), so the engine looks buffers up again through this before a swap.
-    owner: tuple[nn.Module, str] | None = None
+    # The submodule and attribute holding it (none for bare tensors), to follow a replaced object.
+    owner: Owner | None = None
 
     @property
     def name(self) -> str:
@@ -87,14 +102,16 @@ def _check_patterns_match(
         raise ValueError(f"{argument}={list(patterns)!r}: pattern {pattern!r} matches no {what}{hint}")
 
 
-def _persistent_buffers(module: nn.Module) -> dict[int, tuple[list[str], tuple[nn.Module, str]]]:
-    """Map id(buffer) -> (its names in the state_dict, its first owner), persistent buffers only, in module order."""
-    found: dict[int, tuple[list[str], tuple[nn.Module, str]]] = {}
+def _named_slots(module: nn.Module, *, parameters: bool) -> dict[int, tuple[list[str], Owner]]:
+    """Map id(tensor) -> (its names in the state_dict, its first owner), for the parameters or the persistent
+    buffers, in ``state_dict`` order."""
+    found: dict[int, tuple[list[str], Owner]] = {}
     for prefix, submodule in module.named_modules(remove_duplicate=False):
-        for attr, buffer in submodule._buffers.items():
-            if buffer is None or attr in submodule._non_persistent_buffers_set:
+        slots = submodule._parameters if parameters else submodule._buffers
+        for attr, tensor in slots.items():
+            if tensor is None or (not parameters and attr in submodule._non_persistent_buffers_set):
                 continue
-            names, _ = found.setdefault(id(buffer), ([], (submodule, attr)))
+            names, _ = found.setdefault(id(tensor), ([], Owner(submodule, attr, parameters)))
             names.append(f"{prefix}.{attr}" if prefix else attr)
     return found
 
@@ -127,11 +144,9 @@ def bind_module(
     include_patterns = _patterns(include, "include")
     exclude_patterns = _patterns(exclude, "exclude")
 
-    param_names: dict[int, list[str]] = {}
-    param_objects: dict[int, torch.Tensor] = {}
-    for name, param in module.named_parameters(remove_duplicate=False):
-        param_names.setdefault(id(param), []).append(name)
-        param_objects[id(param)] = param
+    param_slots = _named_slots(module, parameters=True)
+    param_names = {key: names for key, (names, _) in param_slots.items()}
+    param_objects: dict[int, torch.Tensor] = {id(param): param for param in module.parameters()}
     all_param_names = param_names
     if parameters is not None:
         wanted = [id(p) for p in parameters]
@@ -144,7 +159,7 @@ def bind_module(
         wanted_set = set(wanted)
         param_names = {k: v for k, v in param_names.items() if k in wanted_set}
 
-    buffer_names = _persistent_buffers(module)
+    buffer_names = _named_slots(module, parameters=False)
     canonical = [names[0] for names in all_param_names.values()] + [names[0] for names, _ in buffer_names.values()]
     aliases = [name for names in all_param_names.values() for name in names[1:]]
     aliases += [name for names, _ in buffer_names.values() for name in names[1:]]
@@ -155,7 +170,7 @@ def bind_module(
     for key, names in param_names.items():
         tensor = param_objects[key]
         if _selected(names[0], include_patterns, exclude_patterns):
-            entries.append(Entry(tuple(names), tensor, averaged=_is_float(tensor)))
+            entries.append(Entry(tuple(names), tensor, averaged=_is_float(tensor), owner=param_slots[key][1]))
 
     if buffers != "ignore":
         buffer_objects = {id(b): b for b in module.buffers()}
