@@ -152,6 +152,7 @@ def _optim(cls: type, **kwargs: Any) -> Any:
             base["module"] = model
         if cls is wo.LCSC:
             base["every_n_steps"] = 2
+            base["directory"] = ":memory:"
     return cls(**{**base, **kwargs})
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -59,7 +60,7 @@ from weightavg.core.io import WeightSource, save_safetensors
 from weightavg.core.progress import progress_bar
 from weightavg.core.rule import Rule, Snapshot
 from weightavg.core.schedules import StartUnit, Unit, Warmup
-from weightavg.core.snapshots import SnapshotStore
+from weightavg.core.snapshots import MEMORY, SnapshotStore
 from weightavg.methods.ema import EMA as EMARule
 from weightavg.methods.ewa import check_selector, linear_ramp, share_all, to_dense, to_moe
 from weightavg.methods.ewa import mixtures as ewa_mixtures
@@ -1314,8 +1315,8 @@ class LCSC(AveragingCallback):
     uniform/greedy soup, EMA-equivalent or metric-weighted coefficients, or the last snapshot.
 
     During fit the live weights are snapshotted every ``every_n_steps`` optimizer steps (or ``every_n_epochs``) into a
-    ``SnapshotStore`` (``directory``: safetensors files, found again when a run resumes; ``None``: host memory), keeping
-    the newest ``keep``. When fit ends the chosen coefficients' combination is streamed into a buffer beside the model
+    ``SnapshotStore`` (safetensors files in ``directory``, found again when a run resumes), keeping the newest
+    ``keep``. When fit ends the chosen coefficients' combination is streamed into a buffer beside the model
     and swapped in: candidates are scored on validation dataloader ``search_on`` with the module's logged
     ``monitor`` or a ``metric``; the best goes into the model (``apply_at_end``) and ``result_path`` gets the
     coefficients and the search history.
@@ -1325,8 +1326,10 @@ class LCSC(AveragingCallback):
         keep: how many of the newest snapshots to keep (``None``: all).
         directory: where snapshot files go (global rank 0 writes; every rank reads them at the end, so it must be
             shared); a relative folder is relative to the Trainer's ``default_root_dir`` (stable across resumes,
-            unlike a logger's versioned folder); ``None`` keeps them in host memory (lost on a crash; not found
-            again on resume).
+            unlike a logger's versioned folder). Default: ``weightavg_snapshots/<name>`` there, a folder the callback
+            owns (a fresh fit replaces an earlier run's snapshots in it, with a warning). ``":memory:"`` keeps the
+            snapshots in host memory instead: ``keep`` copies of the model in RAM, lost on a crash, not found on
+            resume.
         background: write snapshot files from a background thread (a checkpoint waits for pending writes).
         overwrite: a fresh fit (no ``ckpt_path``) in a folder holding snapshots is refused when fit starts unless
             ``overwrite=True``, which deletes them; a resumed fit keeps those up to its step and drops the rest.
@@ -1418,8 +1421,10 @@ class LCSC(AveragingCallback):
             check_number("every_n_epochs", every_n_epochs, low=1, integer=True)
         if keep is not None:
             check_number("keep", keep, low=1, integer=True)
-        if background and directory is None:
-            raise ValueError("background=True writes snapshot files: give a directory= (memory snapshots need none)")
+        if background and directory == MEMORY:
+            raise ValueError(
+                f"background=True writes snapshot files; directory={MEMORY!r} keeps them in memory (no writer needed)"
+            )
         check_fitness(monitor, metric)
         check_number("search_on", search_on, low=0, integer=True)
         if isinstance(settings, Mapping):  # a config node
@@ -1442,6 +1447,7 @@ class LCSC(AveragingCallback):
         if not isinstance(overwrite, bool):
             raise TypeError(f"overwrite={overwrite!r} must be a bool")
         self.directory, self.background, self.overwrite = directory, background, overwrite
+        self._in_memory = isinstance(directory, str) and directory == MEMORY
         self.method: Method = method
         self.monitor, self.metric, self.forward, self.mode = monitor, metric, forward, mode
         self.search_on, self.settings = search_on, settings
@@ -1494,8 +1500,15 @@ class LCSC(AveragingCallback):
             store = SnapshotStore(folder, keep=self.keep, background=self.background)
             earlier = store.snapshots
             if earlier and trainer.ckpt_path is None:  # a fresh fit: they are another run's
-                if self.overwrite:
-                    rank_zero_info(f"weightavg: {self.name} deletes {len(earlier)} earlier snapshots in {folder}")
+                if self.overwrite or self.directory is None:
+                    message = f"weightavg: {self.name} deletes {len(earlier)} snapshots of an earlier run in {folder}"
+                    if self.directory is None:  # the callback's own default folder: replaced, and said so
+                        rank_zero_warn(
+                            f"{message} (this fit starts afresh; resume with trainer.fit(..., ckpt_path=...) to keep "
+                            "them, or give each run its own directory= or default_root_dir)"
+                        )
+                    else:
+                        rank_zero_info(message)
                     store.discard_after(-1)
                 else:
                     problem = (
@@ -1511,17 +1524,21 @@ class LCSC(AveragingCallback):
         self.combiner = Combiner(pl_module, store, dtype=self.combine_dtype, averager=self._bound())
 
     def _folder(self, trainer: pl.Trainer) -> Path | None:
-        """``directory``, a relative one under the Trainer's ``default_root_dir``."""
-        if self.directory is None:
+        """``directory`` (default ``weightavg_snapshots/<name>``), a relative one under the Trainer's
+        ``default_root_dir``; ``None`` in memory."""
+        if self._in_memory:
             return None
-        folder = Path(self.directory)
+        if self.directory is None:
+            folder = Path("weightavg_snapshots") / (re.sub(r"[^A-Za-z0-9._-]+", "_", self.name).strip("._") or "LCSC")
+        else:
+            folder = Path(self.directory).expanduser()
         return folder if folder.is_absolute() else Path(trainer.default_root_dir) / folder
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After a checkpoint restored the step count: drop snapshots an interrupted run took past it.
         combiner = self._combiner()
-        if trainer.is_global_zero or self.directory is None:
+        if trainer.is_global_zero or self._in_memory:
             combiner.store.discard_after(trainer.global_step)
         self._last_snapshot_step = trainer.global_step
         self.result = None  # a new fit's search: never report the previous fit's choice
@@ -1532,7 +1549,7 @@ class LCSC(AveragingCallback):
         return self.combiner
 
     def _take(self, trainer: pl.Trainer) -> None:
-        if self.directory is not None and not trainer.is_global_zero:
+        if not self._in_memory and not trainer.is_global_zero:
             return
         logged = {
             key: float(value)
@@ -1561,10 +1578,8 @@ class LCSC(AveragingCallback):
         self._fitting = False
         combiner = self._combiner()
         combiner.store.flush()
-        if self.directory is not None:
-            trainer.strategy.barrier("weightavg-lcsc-snapshots")
-            if not trainer.is_global_zero:  # read what rank 0 wrote (reading never modifies rank 0's folder)
-                combiner.store = SnapshotStore(self._folder(trainer), read_only=True)
+        if not self._in_memory and trainer.world_size > 1:
+            self._open_rank_zero_folder(trainer, combiner)
         if not combiner.store.snapshots:
             rank_zero_info(f"weightavg: {self.name} took no snapshot; the live weights stay")
             return
@@ -1612,6 +1627,30 @@ class LCSC(AveragingCallback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
         self._check_monitor_logged(trainer, self.monitor)
+
+    def _open_rank_zero_folder(self, trainer: pl.Trainer, combiner: Combiner) -> None:
+        """Ranks other than 0 read the folder rank 0 wrote (reading never modifies it); every rank refuses together
+        when one cannot see the same snapshots (a folder on a disk that is not shared), before any collective
+        search could wait for it forever."""
+        trainer.strategy.barrier("weightavg-lcsc-snapshots")
+        folder = self._folder(trainer)
+        expected = trainer.strategy.broadcast([s.step for s in combiner.store.snapshots])
+        problem = None
+        if not trainer.is_global_zero:
+            try:
+                combiner.store = SnapshotStore(folder, read_only=True)
+                seen = [s.step for s in combiner.store.snapshots]
+            except (OSError, ValueError) as error:
+                seen, problem = [], f"{type(error).__name__}: {error}"
+            if seen != expected:
+                problem = problem or f"it sees snapshots at steps {seen}"
+        if not trainer.strategy.reduce_boolean_decision(problem is None, all=True):
+            where = f"this rank ({trainer.global_rank}): {problem}" if problem else "another rank could not"
+            raise RuntimeError(
+                f"{self.name}: not every rank can read the snapshots rank 0 wrote in {folder} (steps {expected}; "
+                f"{where}); with several processes directory= must be a folder every rank can read (a shared file "
+                f"system), or directory={MEMORY!r}"
+            )
 
     def _evaluator(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Callable[[], float] | None:
         if self.monitor is None and self.metric is None:

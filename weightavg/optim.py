@@ -11,6 +11,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ from weightavg.core.checks import check_bool, check_directory, check_number
 from weightavg.core.io import WeightSource
 from weightavg.core.rule import Rule, Snapshot
 from weightavg.core.schedules import StartUnit, Unit, Warmup
-from weightavg.core.snapshots import SnapshotStore
+from weightavg.core.snapshots import MEMORY, SnapshotStore
 from weightavg.methods.ema import EMA as EMARule
 from weightavg.methods.ewa import linear_ramp, mixtures, share_all, to_dense
 from weightavg.methods.lcsc import Combiner, Method, SearchResult, combine_dtype
@@ -422,6 +423,15 @@ class ZSCL(AveragingOptimizer):
             self.distillation.load_state_dict(state["distillation"])
 
 
+def _rank_folder(folder: Path) -> Path:
+    """``folder/rank<N>`` under ``torch.distributed`` with several processes (each writes its own snapshots, no two
+    race on one manifest), else ``folder``."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and torch.distributed.get_world_size() > 1:
+        return folder / f"rank{torch.distributed.get_rank()}"
+    return folder
+
+
 class LCSC(AveragingOptimizer):
     """``optimizer`` plus snapshots of the model every ``every_n_steps`` steps, combined afterwards
     (``weightavg.methods.lcsc``): ``opt.search(evaluate)`` runs LCSC's evolutionary search (or a soup / EMA /
@@ -434,18 +444,21 @@ class LCSC(AveragingOptimizer):
         every_n_steps: snapshot interval in optimizer steps.
         keep: keep the newest ``keep`` snapshots (``None``: all).
         directory: where snapshot files go (found again on resume; ``load_state_dict`` drops those past the restored
-            step); ``None`` keeps them in host memory.
+            step). Required: a folder (relative ones are relative to the working directory; under
+            ``torch.distributed`` with several processes each rank writes its own ``rank<N>`` subfolder), or
+            ``":memory:"`` to keep the snapshots in host memory (``keep`` copies of the model in RAM, lost on a
+            crash, not found on resume).
         background: write files from a background thread (``state_dict()`` waits for pending writes).
         overwrite: a fresh run (no ``load_state_dict`` before the first ``step()``) in a folder that holds snapshots
             is refused at that first step unless ``overwrite=True``, which deletes them. A resumed run keeps the
-            snapshots up to its restored step and drops those past it. Relative folders are relative to the working
-            directory.
+            snapshots up to its restored step and drops those past it.
         dtype: accumulation dtype of combinations (``"float32"`` or ``"float64"``).
         buffers, include, exclude: which tensors the snapshots hold (as for ``weightavg.Averager``).
 
     Example:
         >>> model = nn.Linear(4, 2)
-        >>> opt = LCSC(torch.optim.SGD(model.parameters(), lr=0.1), module=model, every_n_steps=2)
+        >>> sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> opt = LCSC(sgd, module=model, every_n_steps=2, directory=":memory:")
         >>> for _ in range(6):
         ...     model(torch.randn(8, 4)).pow(2).mean().backward()
         ...     opt.step()
@@ -474,7 +487,14 @@ class LCSC(AveragingOptimizer):
         if not isinstance(module, nn.Module):
             raise TypeError(f"module={module!r} must be the model (an nn.Module): snapshots are taken by name")
         check_number("every_n_steps", every_n_steps, low=1, integer=True)
+        if directory is None:
+            raise ValueError(
+                "directory= is required: a folder for the snapshot files (keep of them, each the model's size), or "
+                f"directory={MEMORY!r} to hold them in host memory (lost on a crash, not found on resume)"
+            )
         check_directory("directory", directory)
+        if not (isinstance(directory, str) and directory == MEMORY):
+            directory = _rank_folder(Path(directory).expanduser())
         super().__init__(
             optimizer, Snapshot(), module=module, buffers=buffers, include=include, exclude=exclude, dtype="live"
         )

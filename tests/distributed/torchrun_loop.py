@@ -1,5 +1,6 @@
 """The docs' plain training loop, launched by ``torchrun`` (env:// rendezvous): each rank trains on its own data with
-``weightavg.optim.NoLoCo`` or ``DiLoCo``, then averages; rank 0 writes what every rank reported as JSON to ARGV[2]."""
+``weightavg.optim.NoLoCo`` or ``DiLoCo``, then averages; rank 0 writes what every rank reported as JSON to ARGV[2].
+``lcsc``: each rank snapshots with ``weightavg.optim.LCSC(directory=ARGV[2])`` (its own ``rank<N>`` subfolder)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,18 @@ import sys
 import torch
 import torch.distributed as dist
 
-from weightavg.optim import DiLoCo, NoLoCo
+from weightavg.optim import LCSC, DiLoCo, NoLoCo
+
+
+def snapshots(folder: str) -> None:
+    model = torch.nn.Linear(4, 2)
+    opt = LCSC(torch.optim.SGD(model.parameters(), lr=0.1), module=model, every_n_steps=2, directory=folder)
+    for _ in range(4):
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert [s.step for s in opt.store.snapshots] == [2, 4], opt.store.snapshots
+    dist.barrier()
 
 
 def main() -> None:
@@ -18,6 +30,10 @@ def main() -> None:
     method, output = sys.argv[1], sys.argv[2]
     dist.init_process_group("gloo")
     rank = dist.get_rank()
+    if method == "lcsc":
+        snapshots(output)
+        dist.destroy_process_group()
+        return
     torch.manual_seed(100 + rank)  # different starts: the wrapper's start broadcast must align them
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
     inner = torch.optim.AdamW(model.parameters(), lr=1e-2)

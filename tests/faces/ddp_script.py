@@ -143,7 +143,8 @@ def combination() -> None:
         settings=SearchSettings(population=4, parents=2, children=2, generations=2),
         name="search",
     )
-    trainer = pl.Trainer(callbacks=[search], **options)  # type: ignore[arg-type]
+    # No directory=: the default folder, weightavg_snapshots/<name> under the (shared) default_root_dir.
+    trainer = pl.Trainer(callbacks=[search], default_root_dir=sys.argv[1], **options)  # type: ignore[arg-type]
     trainer.fit(model, train, val)
     assert search.result is not None
     same_on_every_rank({"w": torch.tensor(search.result.weights)}, "the searched coefficients")
@@ -151,6 +152,21 @@ def combination() -> None:
     if trainer.is_global_zero:
         files = sorted(p.name for p in folder.glob("snapshot-*.safetensors"))
         assert len(files) == 4, files
+        default_folder = Path(sys.argv[1]) / "weightavg_snapshots" / "search"
+        default = sorted(p.name for p in default_folder.glob("snapshot-*.safetensors"))
+        assert len(default) == 4, default
+    # A folder that is not shared (each rank its own root, as with local disks on several nodes): every rank
+    # refuses together before the search, none waits forever for a collective validation.
+    unshared = LCSC(every_n_steps=2, keep=2, monitor="val_acc", name="unshared")
+    root = Path(sys.argv[1]) / f"rank{trainer.global_rank}"
+    trainer = pl.Trainer(callbacks=[unshared], default_root_dir=root, **options)  # type: ignore[arg-type]
+    try:
+        trainer.fit(model, train, val)
+    except RuntimeError as error:
+        assert "not every rank can read the snapshots" in str(error), error
+    else:
+        raise AssertionError("an unshared snapshot folder was not refused")
+    if trainer.is_global_zero:
         print("DDP LCSC OK", search.result.weights)
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from tests.faces.test_callbacks import LiveAtEnd, Recorder, assert_close
 from tests.helpers import (
     DigitsModule,
+    clean_environment,
     digits_loaders,
     digits_tensors,
     fit_digits,
@@ -281,7 +282,9 @@ def test_combine_command(tmp_path: Path) -> None:
 
 def test_negative_running_variance_is_reported() -> None:
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
-    opt = LCSCOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), module=model, every_n_steps=1, keep=2)
+    opt = LCSCOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0), module=model, every_n_steps=1, keep=2, directory=":memory:"
+    )
     for variance in (3.0, 0.5):
         model(torch.randn(4, 4)).sum().backward()
         with torch.no_grad():
@@ -431,6 +434,66 @@ def test_a_fresh_run_in_a_used_folder_is_refused_unless_overwrite_in_both_faces(
     third = LCSC(every_n_steps=4, keep=None, method="uniform", directory="snaps", overwrite=True)
     fit([third], epochs=1, default_root_dir=str(root))
     assert [s.step for s in third._combiner().store.snapshots] == [4, 8]
+
+
+def test_snapshots_default_to_files_under_the_run_folder_and_memory_is_explicit(tmp_path: Path) -> None:
+    """No directory=: files in <default_root_dir>/weightavg_snapshots/<name>, where a resumed fit finds them and a
+    fresh fit replaces them with a warning; directory=":memory:" holds them in RAM, writing nothing."""
+    root = tmp_path / "run"
+    first = LCSC(every_n_steps=3, keep=None, method="uniform", recompute_bn=False)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    fit([first, checkpoint], epochs=2, default_root_dir=str(root), enable_checkpointing=True)
+    folder = root / "weightavg_snapshots" / "LCSC"
+    assert first._combiner().store.directory == folder
+    assert sorted(p.name for p in folder.glob("snapshot-*")) == [
+        f"snapshot-{s:09d}.safetensors" for s in (3, 6, 9, 12, 15)
+    ]
+    resumed = LCSC(every_n_steps=3, keep=None, method="uniform", recompute_bn=False)
+    fit([resumed], epochs=2, default_root_dir=str(root), ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=8.ckpt"))
+    assert [s.step for s in resumed._combiner().store.snapshots] == [3, 6, 9, 12, 15]
+    named = LCSC(every_n_steps=3, keep=None, method="uniform", recompute_bn=False, name="soup / run 2")
+    fresh = LCSC(every_n_steps=4, keep=None, method="uniform", recompute_bn=False)
+    with pytest.warns(UserWarning, match=r"deletes 5 snapshots of an earlier run .*ckpt_path"):
+        fit([fresh, named], epochs=1, default_root_dir=str(root))
+    assert [s.step for s in fresh._combiner().store.snapshots] == [4, 8]
+    assert sorted(p.name for p in folder.glob("snapshot-*")) == [f"snapshot-{s:09d}.safetensors" for s in (4, 8)]
+    assert (root / "weightavg_snapshots" / "soup_run_2").is_dir()  # a name made safe for a folder
+
+    memory = LCSC(every_n_steps=3, keep=2, method="uniform", recompute_bn=False, directory=":memory:")
+    fit([memory], epochs=1, default_root_dir=str(tmp_path / "memory"))
+    assert memory._combiner().store.directory is None
+    assert [s.step for s in memory._combiner().store.snapshots] == [3, 6]
+    assert not (tmp_path / "memory" / "weightavg_snapshots").exists()
+    with pytest.raises(ValueError, match=r"background=True writes snapshot files; directory=':memory:'"):
+        LCSC(directory=":memory:", background=True)
+
+
+def test_optimizer_wrapper_needs_a_directory_or_memory_named_explicitly(tmp_path: Path) -> None:
+    model = small_net()
+    with pytest.raises(ValueError, match=r"directory= is required.*directory=':memory:'"):
+        LCSCOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), module=model, every_n_steps=2)
+    opt = LCSCOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), module=model, every_n_steps=2, directory=":memory:"
+    )
+    loop(opt, model, 4)
+    assert opt.store.directory is None and [s.step for s in opt.store.snapshots] == [2, 4]
+
+
+def test_optimizer_wrapper_ranks_write_their_own_subfolders(tmp_path: Path) -> None:
+    """Under torch.distributed with two processes, each rank writes ``directory/rank<N>`` (no two race on one
+    manifest)."""
+    script = Path(__file__).parents[1] / "distributed" / "torchrun_loop.py"
+    env = {**clean_environment(), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[2]), env.get("PYTHONPATH", "")])
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    result = subprocess.run(
+        [*command, str(script), "lcsc", str(tmp_path)], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for rank in (0, 1):
+        names = sorted(p.name for p in (tmp_path / f"rank{rank}").glob("snapshot-*"))
+        assert names == [f"snapshot-{s:09d}.safetensors" for s in (2, 4)], (rank, names)
+    assert not list(tmp_path.glob("snapshot-*"))
 
 
 FITNESS_MODULE = """

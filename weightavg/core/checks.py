@@ -180,8 +180,9 @@ def check_output_file(name: str, value: Any) -> None:
 
 
 def check_directory(name: str, value: Any) -> None:
-    """``None`` or a path that is a folder or does not exist yet (it is created); refuse a file or a non-path."""
-    if value is None:
+    """``None``, ``":memory:"`` or a path that is a folder or does not exist yet (it is created); refuse a file or a
+    non-path."""
+    if value is None or (isinstance(value, str) and value == ":memory:"):
         return
     path = Path(check_path(name, value)).expanduser()
     if path.exists() and not path.is_dir():

@@ -27,6 +27,9 @@ from weightavg.core import io, kernels
 from weightavg.core.checks import check_number
 
 MANIFEST = "manifest.json"
+#: The ``directory`` that keeps snapshots in host memory instead of files (SQLite's spelling for an in-memory
+#: database): ``keep`` copies of the model in RAM, lost on a crash and not found again on resume.
+MEMORY = ":memory:"
 _META = "weightavg.snapshot"
 
 
@@ -55,7 +58,7 @@ class SnapshotInfo:
 
 
 class SnapshotStore:
-    """Snapshots of a run, on disk (``directory``) or in host memory (``directory=None``).
+    """Snapshots of a run, on disk (``directory``) or in host memory (``directory=None`` or ``MEMORY``).
 
     Args:
         directory: the folder for ``snapshot-<step>.safetensors`` files and ``manifest.json``. Snapshots already
@@ -97,6 +100,8 @@ class SnapshotStore:
         for flag, value in (("background", background), ("read_only", read_only), ("skip_damaged", skip_damaged)):
             if not isinstance(value, bool):
                 raise TypeError(f"{flag}={value!r} must be a bool")
+        if isinstance(directory, str) and directory == MEMORY:
+            directory = None
         if background and directory is None:
             raise ValueError("background=True writes files: give a directory (snapshots in memory need no writer)")
         if read_only and (directory is None or background):
