@@ -730,6 +730,114 @@ def test_combine_memory_does_not_grow_with_the_number_of_snapshots(tmp_path: Pat
     assert growth[12] < growth[2] + model_bytes, growth  # about one accumulator plus one snapshot, whatever K
 
 
+LCSC_PEAK = r"""
+import json, sys, torch
+from pathlib import Path
+from torch import nn
+import weightavg.core.snapshots as snapshots
+from weightavg.methods.lcsc import Combiner
+torch.set_num_threads(1)
+snapshots._CHUNK_BYTES = 4 << 20  # below the 20 MB weights: every group is bounded by one tensor
+
+
+def status(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+
+
+def reset():
+    Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts from the current RSS
+    return status("VmRSS")
+
+
+model = nn.Sequential(nn.Linear(2000, 2500), nn.Linear(2500, 2000))  # 40 MB of fp32
+store = snapshots.SnapshotStore(None if sys.argv[2] == "memory" else sys.argv[1], keep=2)
+combiner = Combiner(model, store)
+measured = {"size": sum(p.numel() * 4 for p in model.parameters())}
+for step in (1, 2, 3):  # the third take is into a full store
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * step)
+    start = reset()
+    combiner.take(step=step)
+    measured[f"take{step}"] = status("VmHWM") - start
+combiner.load([0.25, 0.75])  # first use of every code path
+add, anonymous = torch._foreach_add_, []
+
+
+def sampled(*args, **kwargs):  # anonymous memory (not the files' mapped pages) where it peaks: at each add
+    anonymous.append(status("RssAnon"))
+    return add(*args, **kwargs)
+
+
+torch._foreach_add_ = sampled
+start, anonymous_start = reset(), status("RssAnon")
+combiner.load([-0.5, 1.5])
+measured["load"] = status("VmHWM") - start
+measured["load_anonymous"] = max(anonymous) - anonymous_start
+torch._foreach_add_ = add
+reference = {}  # the same sum written out: fp32 zeros plus each snapshot times its weight, oldest first
+for snapshot, weight in zip(store.snapshots, [-0.5, 1.5]):
+    with store.open(snapshot) as tensors:
+        for name, tensor in tensors.items():
+            reference.setdefault(name, torch.zeros(tensor.shape)).add_(tensor, alpha=weight)
+got = combiner.averager.averaged_tensors()
+measured["identical"] = sorted(got) == sorted(reference) and all(torch.equal(got[k], reference[k]) for k in reference)
+print(json.dumps(measured))
+"""
+
+
+@pytest.mark.parametrize("where", ["memory", "files"])
+def test_lcsc_snapshots_and_combinations_add_no_model_sized_copy(tmp_path: Path, where: str) -> None:
+    """Peaks of a 40 MB model's LCSC: taking a snapshot into a full in-memory store holds ``keep`` copies, not
+    ``keep + 1``; a synchronous file snapshot streams from the live tensors (it used to copy the model first);
+    combining into the Combiner's fp32 buffer sums in place (it used to add a model-sized fp32 accumulator), reading
+    files through their mapped pages; the result is bit-identical to the sum written out."""
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux /proc to read and reset the peak RSS")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-c", LCSC_PEAK, str(tmp_path / "snaps"), where],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    measured = json.loads(done.stdout)
+    size = measured["size"]
+    assert size > 39e6 and measured["identical"], measured
+    assert measured["take3"] < 0.25 * size, measured
+    if where == "memory":
+        assert measured["take1"] > 0.9 * size, measured  # the measurement sees the copy a memory store must hold
+        assert measured["load"] < 0.25 * size, measured
+    else:
+        assert measured["take1"] < 0.25 * size, measured
+        assert measured["load_anonymous"] < 0.25 * size, measured
+        assert measured["load"] < 1.25 * size, measured  # at most one snapshot's mapped pages
+
+
+def test_combine_in_place_handles_tied_and_aliased_targets_and_checks_before_writing() -> None:
+    """Summing into ``into`` in place stays correct when two names share one tensor (tied weights) and when a source
+    is ``into``'s own tensors; a source of the wrong shape is refused before ``into`` changes."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 5, bias=False))
+    net[1].weight = net[0].weight  # tied: state_dict lists the tensor under both names
+    other = {name: torch.randn_like(t) for name, t in net.state_dict().items()}
+    other["1.weight"] = other["0.weight"]
+    own = {name: t.detach().clone().double() for name, t in net.state_dict().items()}
+    combine([net.state_dict(), other], [0.25, 0.75], into=net)
+    expected = 0.25 * own["0.weight"] + 0.75 * other["0.weight"].double()
+    torch.testing.assert_close(net[0].weight.double(), expected, rtol=1e-6, atol=1e-7)
+    assert net[1].weight is net[0].weight
+    before = net[0].weight.detach().clone()
+    bad = {name: torch.zeros(6, 3) for name in other}
+    with pytest.raises(ValueError, match=r"sources\[1\]"):
+        combine([other, bad], [0.5, 0.5], into=net)
+    assert torch.equal(net[0].weight, before)
+
+
 # ------------------------------------------------------------------------------------------- failed writes, readers
 FULL_DISK = r"""
 import os, resource, signal, sys, torch

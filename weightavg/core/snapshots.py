@@ -190,8 +190,16 @@ class SnapshotStore:
                 self._forget(old)
         else:
             self._claim()
-        # Copies: the model trains on while the snapshot waits to be written (and safetensors refuses shared storage).
-        host = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
+        if self.directory is not None and self._queue is None:
+            # Written now: streamed from the tensors' own memory (host copies only of device or strided ones, one at a
+            # time), never a model-sized copy.
+            host = {name: t.detach() for name, t in tensors.items()}
+        else:
+            # Copies, one allocation each: the model trains on while the snapshot is held or waits to be written.
+            host = {
+                name: torch.empty_like(t, device="cpu", memory_format=torch.contiguous_format).copy_(t.detach())
+                for name, t in tensors.items()
+            }
         if self.directory is None:
             snapshot = SnapshotInfo(step, epoch, clean)
             self._memory[step] = host
@@ -272,7 +280,7 @@ class SnapshotStore:
     def _write(self, snapshot: SnapshotInfo, host: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
         assert snapshot.path is not None
         try:
-            io.save_safetensors(host, snapshot.path, metadata=metadata, copy=False)  # add() made the host copies
+            io.save_safetensors(host, snapshot.path, metadata=metadata)
             _fsync_folder(snapshot.path.parent)  # the rename itself is durable before the snapshot is listed
         except Exception as error:  # e.g. a full disk: name the snapshot (the OS names at most the temporary)
             if isinstance(error, OSError) and error.errno is not None:
@@ -408,6 +416,8 @@ class _LazyTensors(Mapping[str, torch.Tensor]):
         return len(self._keys)
 
 
+_CHUNK_BYTES = 64 * 2**20  # what combine holds of one source at a time (beyond what the file's page cache holds)
+
 SnapshotSource = SnapshotInfo | Mapping[str, torch.Tensor] | str | os.PathLike[str]
 
 
@@ -423,9 +433,11 @@ def combine(
 ) -> dict[str, torch.Tensor]:
     """``sum_i weights[i] * sources[i]`` over floating entries; integer entries from the last source.
 
-    Sources are read one at a time (memory-mapped files, in-memory snapshots or mappings), each added with one batched
-    ``add_`` per tensor group into an accumulator of ``dtype`` (fp32, or fp64 on request): memory is one model's
-    accumulator plus one source, whatever their number.
+    Sources are read one at a time (memory-mapped files, in-memory snapshots or mappings), each added with batched
+    ``add_`` ops into an accumulator of ``dtype`` (fp32, or fp64 on request). Memory beyond ``into`` and the sources
+    is at most 64 MiB of one source's tensors at a time plus, for each ``into`` tensor not of ``dtype`` (or without
+    ``into``), an accumulator of its size: ``into`` tensors of ``dtype`` are summed in place (the same result). Every
+    source's names and shapes are checked first, so an error there leaves ``into`` unchanged.
 
     Args:
         sources: snapshots (of ``store``, or files), safetensors paths, or name -> tensor mappings; oldest first
@@ -438,7 +450,7 @@ def combine(
         device: where to accumulate without ``into`` (default CPU).
 
     Returns:
-        Name -> combined tensor (the accumulator's; cast copies are in ``into``).
+        Name -> combined tensor (``into``'s own where it was summed in place, else the accumulator).
 
     Raises:
         ValueError: naming the argument when lengths differ, a weight is not finite, or the sources' keys or shapes
@@ -454,43 +466,59 @@ def combine(
     targets = (
         None if into is None else (dict(into.state_dict(keep_vars=True)) if isinstance(into, nn.Module) else dict(into))
     )
-    accumulators: dict[str, torch.Tensor] = {}
-    integers: dict[str, torch.Tensor] = {}
-    expected: dict[str, torch.Size] | None = None
-    for index, (source, weight) in enumerate(zip(sources, coefficients, strict=True)):
+    # Every source's names and shapes are checked before anything is written: a bad source leaves ``into`` as it was.
+    expected: dict[str, torch.Size] = {}
+    for index, source in enumerate(sources):
         with _open_source(source, store) as tensors:
             shapes = _shapes(tensors)
-            if expected is None:
-                expected = shapes
-                if targets is not None:
-                    io.check_keys(
-                        {k: v.shape for k, v in targets.items() if k in shapes},
-                        shapes,
-                        source="sources[0]",
-                        against="into",
-                    )
-                for name, shape in shapes.items():
-                    place = (
-                        targets[name].device
-                        if targets is not None and name in targets
-                        else torch.device(device or "cpu")
-                    )
-                    accumulators[name] = torch.zeros(shape, dtype=dtype, device=place)
-            else:
-                io.check_keys(expected, shapes, source=f"sources[{index}]", against="sources[0]")
-            floating, loaded = [], []
+        if index == 0:
+            expected = shapes
+            if targets is not None:
+                io.check_keys(
+                    {k: v.shape for k, v in targets.items() if k in shapes}, shapes, source="sources[0]", against="into"
+                )
+        else:
+            io.check_keys(expected, shapes, source=f"sources[{index}]", against="sources[0]")
+    # A target of the accumulation dtype is the accumulator itself (no model-sized fp32 copy beside it), unless a
+    # source shares its memory; the sums are the same either way.
+    shared = {
+        t.untyped_storage().data_ptr() for source in sources if isinstance(source, Mapping) for t in source.values()
+    }
+    accumulators: dict[str, torch.Tensor] = {}
+    in_place: set[str] = set()
+    for name, shape in expected.items():
+        target = None if targets is None else targets.get(name)
+        free = target is not None and target.untyped_storage().data_ptr() not in shared
+        if target is not None and free and target.dtype == dtype:
+            accumulators[name] = target.data
+            in_place.add(name)
+            shared.add(target.untyped_storage().data_ptr())  # a tied name (same tensor) gets its own accumulator
+        else:
+            place = torch.device(device or "cpu") if target is None else target.device
+            accumulators[name] = torch.empty(shape, dtype=dtype, device=place)
+    torch._foreach_zero_(list(accumulators.values()))
+    integers: dict[str, torch.Tensor] = {}
+    for index, (source, weight) in enumerate(zip(sources, coefficients, strict=True)):
+        with _open_source(source, store) as tensors:
+            floating: list[torch.Tensor] = []
+            loaded: list[torch.Tensor] = []
+            pending = 0
             for name in expected:
-                tensor = tensors[name]
+                tensor = tensors[name]  # read from a file: a copy, so groups of _CHUNK_BYTES bound what is held
                 if tensor.is_floating_point():
                     floating.append(accumulators[name])
                     loaded.append(tensor.to(device=accumulators[name].device, dtype=dtype))
+                    pending += loaded[-1].numel() * loaded[-1].element_size()
+                    if pending >= _CHUNK_BYTES:
+                        torch._foreach_add_(floating, loaded, alpha=weight)
+                        floating, loaded, pending = [], [], 0
                 elif index == len(sources) - 1:
                     integers[name] = tensor.to(accumulators[name].device)
             if floating:
                 torch._foreach_add_(floating, loaded, alpha=weight)
     result = {name: integers.get(name, acc) for name, acc in accumulators.items()}
     if targets is not None:
-        names = [name for name in result if name in targets]
+        names = [name for name in result if name in targets and name not in in_place]
         kernels.copy_([targets[name].data for name in names], [result[name] for name in names])
     return result
 
