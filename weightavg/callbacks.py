@@ -502,9 +502,9 @@ class AveragingCallback(Callback):
         # not some average is swapped in right now.
         model_state = checkpoint["state_dict"]
         current = pl_module.state_dict()
-        aliases = averager.aliases()
+        keys = averager.module_keys()  # with a compiled submodule's _orig_mod. where the model has one
         for name, tensor in averager.averaged_tensors().items():
-            for key in (name, *aliases[name]):
+            for key in keys[name]:
                 if key in model_state:
                     model_state[key] = tensor.detach().to(dtype=current[key].dtype, device=current[key].device)
 
@@ -524,9 +524,9 @@ class AveragingCallback(Callback):
             return
         live = dict(pl_module.state_dict())
         for averager in swapped:
-            aliases = averager.aliases()
+            keys = averager.module_keys()
             for name, tensor in averager.live_tensors().items():
-                for key in (name, *aliases[name]):
+                for key in keys[name]:
                     live[key] = tensor
         checkpoint[LIVE_KEY] = live
 

@@ -199,3 +199,84 @@ def test_error_bad_arguments() -> None:
         bind_tensors([torch.zeros(2), 3])  # type: ignore[list-item]
     with pytest.raises(ValueError, match=r"include=/exclude= .* need a module"):
         Averager([nn.Parameter(torch.zeros(2))], EMA(), include="*")
+
+
+# ------------------------------------------------------------------------------------------- compiled and wrapped
+def _plain() -> nn.Module:
+    torch.manual_seed(0)
+    return TiedNet()
+
+
+def test_wrappers_attributes_are_left_out_of_names_and_kept_as_module_keys() -> None:
+    """torch.compile (the whole model or a submodule), DataParallel and a one-process DDP: the averager's names are
+    the plain architecture's (``state_dict`` of the unwrapped model, tied names included); ``module_keys`` gives the
+    wrapped model's own keys."""
+    import torch.distributed as dist
+
+    plain_names = [entry.names for entry in bind_module(_plain())]
+    compiled = torch.compile(_plain(), backend="eager")
+    assert [entry.names for entry in bind_module(compiled)] == plain_names
+    assert all(entry.module_keys == tuple(f"_orig_mod.{n}" for n in entry.names) for entry in bind_module(compiled))
+    inner = _plain()
+    inner.body = torch.compile(inner.body, backend="eager")  # type: ignore[assignment]
+    entries = bind_module(inner)
+    assert [entry.names for entry in entries] == plain_names
+    assert {k for entry in entries for k in entry.module_keys} == set(inner.state_dict())
+    assert "body._orig_mod.0.weight" in inner.state_dict()
+    assert [entry.names for entry in bind_module(nn.DataParallel(_plain()))] == plain_names
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(_plain())
+        entries = bind_module(ddp)
+        assert [entry.names for entry in entries] == plain_names
+        assert {k for entry in entries for k in entry.module_keys} == set(ddp.state_dict())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_wrapper_whose_own_tensors_collide_with_the_wrapped_names_is_refused() -> None:
+    class Holder(nn.DataParallel):  # type: ignore[type-arg]
+        def __init__(self, module: nn.Module) -> None:
+            super().__init__(module)
+            self.register_parameter("weight", nn.Parameter(torch.zeros(3)))
+
+    with pytest.raises(ValueError, match=r"'module.weight' and 'weight' .* both be named 'weight'"):
+        bind_module(Holder(nn.Linear(2, 3)))
+
+
+def test_compiled_exports_load_into_the_plain_model_and_back() -> None:
+    """An average of a compiled model exports under plain names (it loads into the architecture with torch's own
+    strict ``load_state_dict``); ``load_into_module`` and ``Averager.load_weights`` take a compiled model's prefixed
+    state dict and plain files alike; an averaging state written under prefixed names loads."""
+    import tempfile
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from weightavg import load_into_module
+
+    compiled = torch.compile(_plain(), backend="eager")
+    averager = Averager(compiled, EMA(decay=0.5))
+    with torch.no_grad():
+        for p in compiled.parameters():
+            p.add_(1.0)
+    averager.step()
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "avg.safetensors"
+        averager.save(path)
+        plain = _plain()
+        plain.load_state_dict(load_file(str(path)), strict=False)  # tied head.weight is filled by load_into_module
+        load_into_module(plain, path)
+        torch.testing.assert_close(plain.embed.weight, averager.averaged_tensors()["embed.weight"])
+        target = torch.compile(_plain(), backend="eager")
+        load_into_module(target, path)  # a plain export into a compiled model
+        torch.testing.assert_close(target.embed.weight, plain.embed.weight)
+    prefixed = {f"_orig_mod.{k}": v + 2 for k, v in _plain().state_dict().items()}
+    other = Averager(_plain(), EMA(decay=0.5))
+    other.load_weights(prefixed)
+    torch.testing.assert_close(other.averaged_tensors()["embed.weight"], prefixed["_orig_mod.embed.weight"])
+    state = averager.state_dict()
+    state["averaged"] = {f"module.{k}": v for k, v in state["averaged"].items()}  # as a DDP-era state would be
+    other.load_state_dict(state)
+    torch.testing.assert_close(other.averaged_tensors()["body.0.weight"], averager.averaged_tensors()["body.0.weight"])

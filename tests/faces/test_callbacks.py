@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from safetensors.torch import load_file
 
 from tests.helpers import DigitsModule, digits_loaders, fit_digits, run_ddp_script, trainer
 from weightavg import load_into_module
@@ -449,3 +450,52 @@ def test_parameters_replaced_during_fit_are_followed() -> None:
     fit_digits(model, [recorder, ema], 3)
     assert model.net[0].weight is not first
     assert_close(ema._bound().averaged_tensors(), ema_reference(recorder, 0.9), rtol=1e-5, atol=1e-6)
+
+
+class CompiledDigits(DigitsModule):
+    """DigitsModule with its network compiled in ``__init__``: every ``state_dict`` key has ``net._orig_mod.``."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.net = torch.compile(self.net, backend="aot_eager")  # type: ignore[assignment]
+
+
+def test_a_compiled_submodule_averages_checkpoints_exports_and_resumes(tmp_path: Path) -> None:
+    """A LightningModule with ``torch.compile``d layers: the average equals the same run uncompiled; the export has
+    the plain names (it loads into the uncompiled module); the checkpoint's ``state_dict`` holds the average under
+    the compiled keys and its live weights restore; a resumed run ends bit-identical to an uninterrupted one."""
+    pl.seed_everything(0, verbose=False)
+    plain_run = EMA(decay=0.9, warmup="none")
+    plain = DigitsModule()
+    fit_digits(plain, [plain_run], 2)
+
+    def compiled_fit(epochs: int, callbacks: list[pl.Callback], **kwargs: Any) -> CompiledDigits:
+        pl.seed_everything(0, verbose=False)
+        model = CompiledDigits()
+        fit_digits(model, callbacks, epochs, **kwargs)
+        return model
+
+    live = LiveAtEnd()
+    ema = EMA(decay=0.9, warmup="none", export_path=tmp_path / "ema.safetensors")
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    compiled = compiled_fit(2, [live, ema, checkpoint], enable_checkpointing=True)
+    average = ema._bound().averaged_tensors()
+    assert sorted(average) == sorted(plain_run._bound().averaged_tensors())  # plain names
+    assert_close(average, plain_run._bound().averaged_tensors(), rtol=1e-5, atol=1e-6)
+    exported = DigitsModule()
+    load_into_module(exported, tmp_path / "ema.safetensors")
+    exported.load_state_dict(load_file(str(tmp_path / "ema.safetensors")))  # torch's strict load, plain names
+    assert_close(dict(exported.state_dict()), average)
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert sorted(saved["state_dict"]) == sorted(compiled.state_dict())
+    for name, value in average.items():
+        key = name.replace("net.", "net._orig_mod.", 1)
+        torch.testing.assert_close(saved["state_dict"][key], value)
+        assert torch.equal(saved[LIVE_KEY][key], live.state[key])
+    assert sorted(saved["callbacks"][ema.state_key]["averaging"]["averaged"]) == sorted(average)
+
+    full, resumed = EMA(decay=0.9, warmup="none"), EMA(decay=0.9, warmup="none")
+    compiled_fit(4, [full])
+    compiled_fit(4, [resumed], ckpt_path=str(tmp_path / "last.ckpt"))
+    for name, value in full._bound().averaged_tensors().items():
+        assert torch.equal(value, resumed._bound().averaged_tensors()[name]), name

@@ -411,3 +411,45 @@ def test_model_converted_after_wrapping_is_refused_at_the_next_step_and_swap() -
         pass
     with pytest.raises(RuntimeError, match=r"'0.weight' changed after the averager was built"):
         optimizer.step()
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_a_compiled_model_averages_swaps_and_exports_under_plain_names(tmp_path: Path, backend: str) -> None:
+    """``torch.compile(model)`` in a loop: the average equals the EMA rule written out over the live weights; inside
+    ``averaged()`` the compiled forward computes with the average (no stale graph, no recompilation); the export
+    has the plain names and loads into the uncompiled architecture; the state resumes into an uncompiled run."""
+    from torch._dynamo.utils import counters
+
+    net = mlp(batchnorm=False)
+    model = torch.compile(net, backend=backend)
+    opt = weightavg.optim.EMA(torch.optim.SGD(model.parameters(), lr=0.1), module=model, decay=0.5, warmup="none")
+    expected = {k: v.detach().double().clone() for k, v in net.state_dict().items()}
+    for step in range(6):
+        x, y = batch(step)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        for name, value in net.state_dict().items():
+            expected[name] = 0.5 * expected[name] + 0.5 * value.double()
+    average = opt.averager.averaged_tensors()
+    assert sorted(average) == sorted(expected)  # "0.weight", not "_orig_mod.0.weight"
+    for name, value in expected.items():
+        torch.testing.assert_close(average[name].double(), value, rtol=1e-6, atol=1e-7)
+    plain = mlp(seed=1, batchnorm=False)
+    opt.averager.save(tmp_path / "ema.safetensors")
+    plain.load_state_dict(load_file(str(tmp_path / "ema.safetensors")))  # torch's strict load
+    x, _ = batch(99)
+    with torch.no_grad():
+        model(x)  # the no-grad graph, compiled once
+        graphs = counters["stats"]["unique_graphs"]
+        with opt.averaged():
+            swapped = model(x)
+        live = model(x)
+    torch.testing.assert_close(swapped, plain(x).detach())
+    assert not torch.allclose(live, swapped)
+    assert counters["stats"]["unique_graphs"] == graphs  # swapping recompiled nothing
+    resumed = mlp(seed=2, batchnorm=False)
+    other = weightavg.optim.EMA(torch.optim.SGD(resumed.parameters(), lr=0.1), module=resumed, decay=0.5, warmup="none")
+    other.load_state_dict(opt.state_dict())
+    for name, value in average.items():
+        assert torch.equal(other.averager.averaged_tensors()[name], value)

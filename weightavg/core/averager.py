@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from weightavg.core import io, kernels
-from weightavg.core.binding import BufferPolicy, Entry, Owner, bind_module, bind_tensors
+from weightavg.core.binding import BufferPolicy, Entry, Owner, bind_module, bind_tensors, rekey
 from weightavg.core.checks import check_choice, check_device, check_number, resolve_dtype
 from weightavg.core.rule import Clock, Event, Rule, check_saved_rule
 
@@ -725,6 +725,17 @@ class Averager:
         """Canonical name -> the other ``state_dict`` names of the same (tied) tensor."""
         return {entry.name: entry.names[1:] for entry in self.entries}
 
+    def module_keys(self) -> dict[str, tuple[str, ...]]:
+        """Canonical name -> every key of the tensor in the bound module's own ``state_dict``: its names, or where
+        the module holds wrappers (``torch.compile``, DDP) the keys with their attributes (``net._orig_mod.weight``
+        for ``net.weight``)."""
+        return {entry.name: entry.module_keys for entry in self.entries}
+
+    def _named(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``tensors`` keyed by this averager's names: a compiled or DDP model's keys (``_orig_mod.``, a leading
+        ``module.``) are accepted for them."""
+        return rekey(tensors, {name for entry in self.entries for name in entry.names})
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Everything that affects future updates: the averages, the counters and the rule's description.
@@ -754,7 +765,7 @@ class Averager:
         message = check_saved_rule(state.get("rule"), self.rule, what="averaging state")
         if message is not None:
             warnings.warn(message, stacklevel=2)
-        averaged = state["averaged"]
+        averaged = self._named(state["averaged"])
         for name, tensor in zip(self._names, self._avg, strict=False):
             tensor.copy_(averaged[name])
         self.num_updates = int(state["num_updates"])
@@ -782,7 +793,7 @@ class Averager:
             )
         # Another method's average is refused here; other settings of the same method warn when loaded.
         check_saved_rule(state.get("rule"), self.rule, what="averaging state")
-        self._check_tensors(state["averaged"], source="averaging state")
+        self._check_tensors(self._named(state["averaged"]), source="averaging state")
         if self._saved is not None:
             raise RuntimeError("cannot load averaging state while the average is swapped in; swap back first")
 
@@ -815,8 +826,9 @@ class Averager:
 
     @torch.no_grad()
     def load(self, path: str | os.PathLike[str]) -> None:
-        """Import averaged weights written by ``save`` (names and shapes must match exactly)."""
-        tensors = io.load_safetensors(path)
+        """Import averaged weights written by ``save`` (names and shapes must match; a compiled or DDP model's
+        prefixed names are accepted)."""
+        tensors = self._named(io.load_safetensors(path))
         self._check_tensors(tensors, source=f"path={str(path)!r}")
         self._import(tensors)
 
@@ -829,7 +841,7 @@ class Averager:
         Raises:
             ValueError: naming the missing and mis-shaped entries, and ``argument`` as the source.
         """
-        found = io.read_weights(source, argument=argument)
+        found = self._named(io.read_weights(source, argument=argument))
         aliases = self.aliases()
         tensors = {}
         for name in self._names:

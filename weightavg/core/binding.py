@@ -6,15 +6,74 @@ Only collection lives here: which tensors, under which names, averaged or copied
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Sequence
+import sys
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, get_args
+from typing import Literal, NamedTuple, TypeVar, get_args
 
 import torch
 from torch import nn
 
 BufferPolicy = Literal["average", "copy", "ignore"]
 BUFFER_POLICIES: tuple[str, ...] = get_args(BufferPolicy)
+T = TypeVar("T")
+
+
+def wrapped_module(module: nn.Module) -> nn.Module | None:
+    """The module a wrapper holds (``torch.compile``'s ``OptimizedModule``, ``DistributedDataParallel``,
+    ``DataParallel``), else ``None``. Their attribute (``_orig_mod``, ``module``) is left out of names."""
+    if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        inner: nn.Module = module.module
+        return inner
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing was compiled
+    if eval_frame is not None and isinstance(module, eval_frame.OptimizedModule):
+        compiled: nn.Module = module._orig_mod
+        return compiled
+    return None
+
+
+def _walk(module: nn.Module, name: str = "", key: str = "") -> Iterator[tuple[str, str, nn.Module]]:
+    """``(name, key, submodule)`` for every path to a submodule, as ``named_modules(remove_duplicate=False)``:
+    ``key`` is its prefix in the module's own ``state_dict``, ``name`` the same without wrappers' attributes."""
+    yield name, key, module
+    inner = wrapped_module(module)
+    for attr, child in module._modules.items():
+        if child is None:
+            continue
+        child_key = f"{key}.{attr}" if key else attr
+        child_name = name if child is inner else (f"{name}.{attr}" if name else attr)
+        yield from _walk(child, child_name, child_key)
+
+
+def unwrapped_key(key: str) -> str:
+    """``key`` without wrapper prefixes, by spelling: every ``_orig_mod.`` (torch.compile) and a leading
+    ``module.`` (DistributedDataParallel, DataParallel)."""
+    key = ".".join(part for part in key.split(".") if part != "_orig_mod") if "_orig_mod" in key else key
+    return key.removeprefix("module.")
+
+
+def rekey(found: Mapping[str, T], wanted: Collection[str]) -> dict[str, T]:
+    """``found`` with each key that is not ``wanted`` but is a wanted name once its wrapper prefixes are removed
+    (``unwrapped_key``: a compiled or DDP model's ``state_dict``) renamed to it; other keys as they are."""
+    renamed: dict[str, T] = {}
+    for key, value in found.items():
+        clean = key if key in wanted else unwrapped_key(key)
+        target = clean if clean in wanted and clean not in found else key
+        if target in renamed:
+            raise ValueError(f"two entries name {target!r} once wrapper prefixes are removed (one is {key!r})")
+        renamed[target] = value
+    return renamed
+
+
+def state_dict_names(module: nn.Module) -> dict[str, str]:
+    """``module.state_dict()`` key -> its name without wrappers' attributes (``net._orig_mod.weight`` of a
+    compiled submodule -> ``net.weight``), the names every export and averaging state uses."""
+    names: dict[str, str] = {}
+    for name, key, submodule in _walk(module):
+        for attr, tensor in [*submodule._parameters.items(), *submodule._buffers.items()]:
+            if tensor is not None and attr not in submodule._non_persistent_buffers_set:
+                names[f"{key}.{attr}" if key else attr] = f"{name}.{attr}" if name else attr
+    return names
 
 
 class Owner(NamedTuple):
@@ -38,8 +97,9 @@ class Entry:
     """One tensor the averager follows.
 
     Attributes:
-        names: every name the tensor has in the module's ``state_dict`` (tied tensors have several); the first is
-            the canonical name used in averaging state and exports.
+        names: every name the tensor has in the module's ``state_dict`` (tied tensors have several), without the
+            attributes of wrappers (``wrapped_module``); the first is the canonical name used in averaging state and
+            exports.
         tensor: the live tensor itself (the ``Parameter`` object for parameters, so that a later ``param.data``
             swap can never leave a stale view behind).
         averaged: ``True`` to average, ``False`` to copy the live value at each update (integer buffers, or buffers
@@ -51,10 +111,17 @@ class Entry:
     averaged: bool
     # The submodule and attribute holding it (none for bare tensors), to follow a replaced object.
     owner: Owner | None = None
+    # Its keys in the bound module's own state_dict where wrappers (torch.compile, DDP) make them differ from names.
+    keys: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
         return self.names[0]
+
+    @property
+    def module_keys(self) -> tuple[str, ...]:
+        """Its keys in the bound module's ``state_dict`` (``names`` with wrappers' attributes, if any)."""
+        return self.keys or self.names
 
 
 def check_buffer_policy(buffers: str) -> None:
@@ -102,17 +169,37 @@ def _check_patterns_match(
         raise ValueError(f"{argument}={list(patterns)!r}: pattern {pattern!r} matches no {what}{hint}")
 
 
-def _named_slots(module: nn.Module, *, parameters: bool) -> dict[int, tuple[list[str], Owner]]:
-    """Map id(tensor) -> (its names in the state_dict, its first owner), for the parameters or the persistent
-    buffers, in ``state_dict`` order."""
-    found: dict[int, tuple[list[str], Owner]] = {}
-    for prefix, submodule in module.named_modules(remove_duplicate=False):
+class _Slots(NamedTuple):
+    names: list[str]  # without wrappers' attributes
+    keys: list[str]  # as in the module's state_dict
+    owner: Owner
+
+
+def _named_slots(module: nn.Module, *, parameters: bool) -> dict[int, _Slots]:
+    """Map id(tensor) -> its names and ``state_dict`` keys, and its first owner, for the parameters or the
+    persistent buffers, in ``state_dict`` order.
+
+    Raises:
+        ValueError: when leaving out wrappers' attributes gives two different tensors one name.
+    """
+    found: dict[int, _Slots] = {}
+    named: dict[str, tuple[int, str]] = {}  # name -> (id of its tensor, its first key)
+    for prefix, key_prefix, submodule in _walk(module):
         slots = submodule._parameters if parameters else submodule._buffers
         for attr, tensor in slots.items():
             if tensor is None or (not parameters and attr in submodule._non_persistent_buffers_set):
                 continue
-            names, _ = found.setdefault(id(tensor), ([], Owner(submodule, attr, parameters)))
-            names.append(f"{prefix}.{attr}" if prefix else attr)
+            entry = found.setdefault(id(tensor), _Slots([], [], Owner(submodule, attr, parameters)))
+            name, key = (f"{prefix}.{attr}" if prefix else attr), (f"{key_prefix}.{attr}" if key_prefix else attr)
+            owner, first = named.setdefault(name, (id(tensor), key))
+            if owner != id(tensor):
+                raise ValueError(
+                    f"{key!r} and {first!r} of module {type(module).__name__} would both be named {name!r} once the "
+                    "wrappers' attributes (torch.compile's _orig_mod, DDP's module) are left out"
+                )
+            if name not in entry.names:
+                entry.names.append(name)
+            entry.keys.append(key)
     return found
 
 
@@ -124,7 +211,8 @@ def bind_module(
     exclude: str | Sequence[str] | None = None,
     parameters: Iterable[torch.Tensor] | None = None,
 ) -> list[Entry]:
-    """Collect a module's parameters and persistent buffers in ``state_dict`` order.
+    """Collect a module's parameters and persistent buffers in ``state_dict`` order, named as in the module's
+    ``state_dict`` less the attributes of wrappers (``torch.compile``, DDP, DataParallel: ``wrapped_module``).
 
     Args:
         module: the live model.
@@ -136,7 +224,8 @@ def bind_module(
             belong to ``module``.
 
     Raises:
-        ValueError: on an unknown buffer policy, a parameter not in ``module``, or nothing floating to average.
+        ValueError: on an unknown buffer policy, a parameter not in ``module``, nothing floating to average, or
+            two tensors given one name by leaving wrappers out.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
@@ -145,9 +234,8 @@ def bind_module(
     exclude_patterns = _patterns(exclude, "exclude")
 
     param_slots = _named_slots(module, parameters=True)
-    param_names = {key: names for key, (names, _) in param_slots.items()}
     param_objects: dict[int, torch.Tensor] = {id(param): param for param in module.parameters()}
-    all_param_names = param_names
+    chosen = param_slots
     if parameters is not None:
         wanted = [id(p) for p in parameters]
         missing = [i for i in wanted if i not in param_objects]
@@ -157,28 +245,31 @@ def bind_module(
                 "was built from"
             )
         wanted_set = set(wanted)
-        param_names = {k: v for k, v in param_names.items() if k in wanted_set}
+        chosen = {k: v for k, v in param_slots.items() if k in wanted_set}
 
-    buffer_names = _named_slots(module, parameters=False)
-    canonical = [names[0] for names in all_param_names.values()] + [names[0] for names, _ in buffer_names.values()]
-    aliases = [name for names in all_param_names.values() for name in names[1:]]
-    aliases += [name for names, _ in buffer_names.values() for name in names[1:]]
+    buffer_slots = _named_slots(module, parameters=False)
+    every = [*param_slots.values(), *buffer_slots.values()]
+    canonical = [slots.names[0] for slots in every]
+    aliases = [name for slots in every for name in slots.names[1:]]
     _check_patterns_match(include_patterns, "include", canonical, aliases, type(module).__name__)
     _check_patterns_match(exclude_patterns, "exclude", canonical, aliases, type(module).__name__)
 
+    def entry(tensor: torch.Tensor, slots: _Slots, averaged: bool) -> Entry:
+        keys = () if slots.keys == slots.names else tuple(slots.keys)
+        return Entry(tuple(slots.names), tensor, averaged=averaged, owner=slots.owner, keys=keys)
+
     entries: list[Entry] = []
-    for key, names in param_names.items():
+    for key, slots in chosen.items():
         tensor = param_objects[key]
-        if _selected(names[0], include_patterns, exclude_patterns):
-            entries.append(Entry(tuple(names), tensor, averaged=_is_float(tensor), owner=param_slots[key][1]))
+        if _selected(slots.names[0], include_patterns, exclude_patterns):
+            entries.append(entry(tensor, slots, _is_float(tensor)))
 
     if buffers != "ignore":
         buffer_objects = {id(b): b for b in module.buffers()}
-        for key, (names, owner) in buffer_names.items():
+        for key, slots in buffer_slots.items():
             tensor = buffer_objects[key]
-            if _selected(names[0], include_patterns, exclude_patterns):
-                averaged = buffers == "average" and _is_float(tensor)
-                entries.append(Entry(tuple(names), tensor, averaged=averaged, owner=owner))
+            if _selected(slots.names[0], include_patterns, exclude_patterns):
+                entries.append(entry(tensor, slots, buffers == "average" and _is_float(tensor)))
     _require_floating(entries, f"module {type(module).__name__}")
     return entries
 

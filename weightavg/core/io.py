@@ -17,6 +17,8 @@ from typing import IO, Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from weightavg.core import binding
+
 ALIASES_KEY = "weightavg.aliases"
 #: In the name of every temporary file the library writes: ``.{target name}.weightavg-tmp-{pid}-{random}``.
 TEMPORARY_MARK = ".weightavg-tmp-"
@@ -268,11 +270,13 @@ WeightSource = torch.nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike[
 def read_weights(source: WeightSource, *, argument: str) -> dict[str, torch.Tensor]:
     """Name -> tensor from ``source`` (see ``WeightSource``); tied aliases recorded by ``Averager.save`` are filled.
 
-    Modules and mappings give their own tensors (detached, not copied); files are read on the CPU. ``argument``
-    names the user's argument in errors.
+    Modules and mappings give their own tensors (detached, not copied); files are read on the CPU. A module's names
+    leave out its wrappers' attributes (a compiled submodule's ``_orig_mod.``, DDP's ``module.``), as exports do.
+    ``argument`` names the user's argument in errors.
     """
     if isinstance(source, torch.nn.Module):
-        return {name: tensor.detach() for name, tensor in source.state_dict(keep_vars=True).items()}
+        names = binding.state_dict_names(source)
+        return {names.get(key, key): tensor.detach() for key, tensor in source.state_dict(keep_vars=True).items()}
     if isinstance(source, Mapping):
         bad = [name for name, value in source.items() if not isinstance(name, str) or not torch.is_tensor(value)]
         if bad:
@@ -337,21 +341,26 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= path.stat().st_size
 
 
-def load_into_module(module: torch.nn.Module, path: str | os.PathLike[str], *, strict: bool = True) -> None:
-    """Load weights exported by ``Averager.save`` into a module (tied aliases filled in).
+def load_into_module(module: torch.nn.Module, path: WeightSource, *, strict: bool = True) -> None:
+    """Load weights exported by ``Averager.save`` (or any ``WeightSource``) into a module, tied aliases filled in.
 
-    With ``strict=True``, a key of the module's ``state_dict`` absent from the file, or a key of the file absent from
-    the module, raises ``ValueError`` naming it (buffers left out by the buffer policy count as missing: use
-    ``strict=False`` to load such partial exports over an existing model).
+    Names match with or without wrappers' attributes on either side: a plain export loads into a compiled (or DDP)
+    model and a compiled model's weights into the plain architecture. With ``strict=True``, a key of the module's
+    ``state_dict`` absent from the file, or a key of the file absent from the module, raises ``ValueError`` naming it
+    (buffers left out by the buffer policy count as missing: use ``strict=False`` to load such partial exports over
+    an existing model).
     """
-    if not Path(path).is_file():
+    if isinstance(path, (str, os.PathLike)) and not Path(path).is_file():
         raise FileNotFoundError(f"path={str(path)!r}: no such safetensors file")
-    tensors = read_weights(path, argument="path")
-    own = module.state_dict()
-    expected = {name: value.shape for name, value in own.items()}
+    label = f"path={str(path)!r}" if isinstance(path, (str, os.PathLike)) else f"path (a {type(path).__name__})"
+    names = binding.state_dict_names(module)  # the module's key -> its name without wrappers
+    tensors = binding.rekey(read_weights(path, argument="path"), set(names.values()))
+    keys = {name: key for key, name in names.items()}
+    tensors = {keys.get(name, name): value for name, value in tensors.items()}
+    expected = {name: value.shape for name, value in module.state_dict().items()}
     found = {name: value.shape for name, value in tensors.items()}
     if strict:
-        check_keys(expected, found, source=f"path={str(path)!r}")
+        check_keys(expected, found, source=label)
     else:
-        check_keys({k: v for k, v in expected.items() if k in found}, found, source=f"path={str(path)!r}")
+        check_keys({k: v for k, v in expected.items() if k in found}, found, source=label)
     module.load_state_dict(tensors, strict=strict)

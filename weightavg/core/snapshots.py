@@ -464,7 +464,9 @@ def combine(
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype={dtype!r} must be torch.float32 or torch.float64")
     targets = (
-        None if into is None else (dict(into.state_dict(keep_vars=True)) if isinstance(into, nn.Module) else dict(into))
+        None
+        if into is None
+        else (io.read_weights(into, argument="into") if isinstance(into, nn.Module) else dict(into))
     )
     # Every source's names and shapes are checked before anything is written: a bad source leaves ``into`` as it was.
     expected: dict[str, torch.Size] = {}
