@@ -5,7 +5,9 @@ The runner understands three markers, each written where a reader sees it or nex
 - a block whose first line starts with ``# fragment`` is shown, not run (it says so in the rendered page);
 - ``<!-- docs-test: setup -->`` on the line before a block: the page's setup (the page says its examples run after
   it); it runs once, and every later block of the page runs in a fresh copy of the names it defined;
-- ``<!-- docs-test: setup from PAGE.md -->`` anywhere in a page: its blocks run after the setup block of ``PAGE.md``.
+- ``<!-- docs-test: setup from PAGE.md -->`` anywhere in a page: its blocks run after the setup block of ``PAGE.md``;
+- a block whose first line is ``# torchrun --nproc_per_node=N train.py`` or ``# python train.py`` is a script: it is
+  saved as that file in a fresh folder and run with that command (several processes, as the page says), alone.
 
 Each page runs in one subprocess (imports once: two cores must run the whole set in about two minutes), each block
 in a fresh namespace and a fresh temporary working directory, as ``__main__`` with no command-line arguments.
@@ -31,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SETUP = "<!-- docs-test: setup -->"
 SETUP_FROM = re.compile(r"<!-- docs-test: setup from ([\w./-]+\.md) -->")
+SCRIPT = re.compile(r"# (?:torchrun --nproc_per_node=(\d+)|python) ([\w.-]+\.py)[ \t]*$")
 FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.DOTALL | re.MULTILINE)
 #: Seconds one page may take (the slowest page trains a few small models for a few epochs).
 PAGE_TIMEOUT = 300
@@ -43,6 +46,11 @@ class Block:
     code: str
     setup: bool
     fragment: bool
+
+    @property
+    def script(self) -> re.Match[str] | None:
+        """The command on its first line, for a block that is a script (see the module docstring)."""
+        return SCRIPT.match(self.code.split("\n", 1)[0])
 
 
 def blocks(page: Path) -> list[Block]:
@@ -67,7 +75,24 @@ def plan(page: Path) -> tuple[list[Block], list[Block]]:
         assert other.is_file(), f"{page.name}: 'setup from {named.group(1)}' names no page"
         setup = [b for b in blocks(other) if b.setup] + setup
         assert setup, f"{page.name}: {named.group(1)} has no '{SETUP}' block"
-    return setup, [b for b in own if not b.setup and not b.fragment]
+    return setup, [b for b in own if not b.setup and not b.fragment and b.script is None]
+
+
+def run_script(block: Block, env: dict[str, str]) -> str | None:
+    """Run a script block with the command its first line gives; the error (its output's tail), or None."""
+    match = block.script
+    assert match is not None
+    processes, name = match.groups()
+    with tempfile.TemporaryDirectory(prefix="weightavg-docs-") as work:
+        (Path(work) / name).write_text(block.code)
+        command = [sys.executable, name]
+        if processes is not None:
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+            command.append(name)
+        done = subprocess.run(command, capture_output=True, text=True, cwd=work, env=env, timeout=PAGE_TIMEOUT)
+    if done.returncode == 0:
+        return None
+    return f"{block.page}:{block.line}: {' '.join(command[1:])} exited {done.returncode}\n{done.stderr[-3000:]}"
 
 
 def run_page(page: Path) -> list[dict[str, object]]:
@@ -106,24 +131,11 @@ def run_page(page: Path) -> list[dict[str, object]]:
     return reports
 
 
-#: Pages whose blocks do not run as written yet (NameErrors: no setup markers, README fragments); strict, so a page
-#: that starts passing must be taken off this list.
-NOT_YET_RUNNABLE = {"README.md", "ewa.md", "noloco.md"}
-
-
-@pytest.mark.parametrize(
-    "page",
-    [
-        pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="blocks not yet runnable as written"))
-        if p.name in NOT_YET_RUNNABLE
-        else p
-        for p in PAGES
-    ],
-    ids=[p.name for p in PAGES],
-)
+@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
 def test_every_python_block_runs_as_written(page: Path) -> None:
     setup, todo = plan(page)
-    if not todo:
+    scripts = [b for b in blocks(page) if b.script is not None and not b.fragment]
+    if not todo and not scripts:
         pytest.skip(f"{page.name} has no python block to run")
     from tests.helpers import clean_environment
 
@@ -138,6 +150,7 @@ def test_every_python_block_runs_as_written(page: Path) -> None:
     assert result.returncode == 0, result.stderr[-4000:]
     reports = json.loads(result.stdout.rsplit("\n@@reports@@\n", 1)[1])
     failures = [f"{r['page']}:{r['line']}\n{r['error']}" for r in reports if r["error"] is not None]
+    failures += [error for error in (run_script(block, env) for block in scripts) if error is not None]
     assert not failures, "\n".join(failures)
     assert len(reports) == len(setup) + len(todo)
 
@@ -158,6 +171,10 @@ def test_markers_are_understood() -> None:
         page.write_text("```python\nundefined_name\n```\n")  # a NameError is reported, with its page and line
         (report,) = run_page(page)
         assert report["line"] == 1 and "NameError" in str(report["error"])
+        page.write_text("```python\n# python job.py\nimport sys\nsys.exit(3)\n```\n")  # a script, run alone
+        (block,) = blocks(page)
+        assert plan(page)[1] == [] and block.script is not None
+        assert "job.py exited 3" in str(run_script(block, dict(os.environ)))
 
 
 def table_rows(page: Path, header: str) -> list[list[str]]:
