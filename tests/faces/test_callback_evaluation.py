@@ -273,14 +273,21 @@ def test_validate_with_both_logs_live_and_average_under_their_own_names(tmp_path
 SWEEP_SCRIPT = """
 import sys, torch
 from tests.helpers import DigitsModule, fit_digits
-from weightavg.callbacks import WiSEFT
+from weightavg.callbacks import LCSC, WiSEFT
+from weightavg.methods.lcsc import SearchSettings
 torch.set_num_threads(1)
-fit_digits(DigitsModule(), [WiSEFT(monitor="val_acc")], 1, enable_progress_bar=sys.argv[1] == "bar")
+search = SearchSettings(population=4, parents=2, children=2, generations=2)
+callback = (
+    WiSEFT(monitor="val_acc")
+    if sys.argv[2] == "wiseft"
+    else LCSC(every_n_steps=2, keep=3, monitor="val_acc", settings=search, directory=":memory:")
+)
+fit_digits(DigitsModule(), [callback], 1, enable_progress_bar=sys.argv[1] == "bar")
 """
 
 
-def sweep_output(progress_bar: str) -> str:
-    """A WiSE-FT fit in a child process whose stdout and stderr are a real terminal (a pseudo-terminal)."""
+def sweep_output(progress_bar: str, callback: str = "wiseft") -> str:
+    """A WiSE-FT (or LCSC) fit in a child process whose stdout and stderr are a real terminal (a pseudo-terminal)."""
     import fcntl
     import os
     import pty
@@ -294,7 +301,7 @@ def sweep_output(progress_bar: str) -> str:
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a new one is 0 columns wide
     child = subprocess.Popen(
-        [sys.executable, "-c", SWEEP_SCRIPT, progress_bar],
+        [sys.executable, "-c", SWEEP_SCRIPT, progress_bar, callback],
         stdout=follower,
         stderr=follower,
         cwd=Path(__file__).parents[2],
@@ -322,3 +329,9 @@ def test_the_wiseft_sweep_shows_progress_with_the_trainers_progress_bar_only(cap
     pl.seed_everything(0, verbose=False)
     fit_digits(DigitsModule(), [WiSEFT(monitor="val_acc")], 1, enable_progress_bar=True)
     assert "WiSE-FT sweep" not in capfd.readouterr().err  # not a terminal
+
+
+def test_the_lcsc_search_shows_progress_with_the_trainers_progress_bar_only() -> None:
+    shown = sweep_output("bar", "lcsc")
+    assert "LCSC search: 100%" in shown, shown[-2000:]
+    assert "LCSC search" not in sweep_output("none", "lcsc")

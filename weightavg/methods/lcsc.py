@@ -268,6 +268,8 @@ def lcsc_search(
         key = tuple(round(float(w), 12) for w in weights)
         if key in cache:
             hits += 1
+            if bar is not None:  # a candidate scored before still counts, or the bar would end short of its total
+                bar.update(1)
             return cache[key]
         value = float(fitness(weights.clone()))
         if not math.isfinite(value):
