@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from weightavg.core import io
-from weightavg.core.checks import check_number
+from weightavg.core.checks import check_number, check_output_file
 from weightavg.core.io import describe_error
 from weightavg.core.snapshots import SnapshotInfo, SnapshotStore, combine, open_snapshot_file
 from weightavg.methods.lcsc import (
@@ -42,7 +42,6 @@ from weightavg.methods.lcsc import (
     SearchResult,
     SearchSettings,
     check_options,
-    check_output_file,
     choose_weights,
 )
 

@@ -611,4 +611,4 @@ def test_combine_command_on_a_full_disk_and_a_read_only_folder(tmp_path: Path) -
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 2 and "Traceback" not in done.stderr, done.stderr
     assert "writing --output 'full/out.safetensors' failed" in lines[0] and "No space left" in lines[0]
-    assert "the folder 'full' is not writable" in lines[1]
+    assert "--output='full/out.safetensors' cannot be written: no file can be created in 'full'" in lines[1]

@@ -186,28 +186,6 @@ class SearchSettings:
         check_number("seed", self.seed, integer=True)
 
 
-def check_output_file(argument: str, path: Any) -> None:
-    """Refuse, before any work, an output file that could only fail when written: not a path, a folder, under a file,
-    or in a folder this process cannot write (missing folders are created when the file is written).
-
-    Raises:
-        TypeError: ``path`` is not a ``str``/``os.PathLike``.
-        ValueError: naming ``argument``, the path and what is wrong with it.
-    """
-    if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"{argument}={path!r} must be a file path (str or os.PathLike)")
-    target = Path(path)
-    if str(path) == "" or target.is_dir():
-        raise ValueError(f"{argument}={str(path)!r} is a folder (or empty): give a file path, e.g. result.json")
-    folder = target.parent
-    while not folder.exists() and folder != folder.parent:  # the nearest existing ancestor gets the new folders
-        folder = folder.parent
-    if not folder.is_dir():
-        raise ValueError(f"{argument}={str(path)!r}: {str(folder)!r} is a file, not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):  # also False on a read-only file system, even for root
-        raise ValueError(f"{argument}={str(path)!r}: the folder {str(folder)!r} is not writable")
-
-
 @dataclass
 class SearchResult:
     """The best coefficients, their fitness, and the whole history (one entry per fitness evaluation)."""
