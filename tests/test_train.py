@@ -14,8 +14,8 @@ from weightavg import load_into_module
 from weightavg.train import Classifier
 
 
-def run_app(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
-    env = {**clean_environment(), "PYTHONWARNINGS": "ignore"}
+def run_app(tmp_path: Path, *overrides: str, warnings: str = "ignore") -> subprocess.CompletedProcess[str]:
+    env = {**clean_environment(), "PYTHONWARNINGS": warnings}
     command = [sys.executable, "-m", "weightavg.train", f"hydra.run.dir={tmp_path}", *overrides]
     return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
 
@@ -111,6 +111,14 @@ def test_threads_progress_and_metrics_log(tmp_path: Path) -> None:
     assert "2 torch thread(s) (trainer.threads)" in result.stdout
     header, *rows = (tmp_path / "metrics.csv").read_text().splitlines()  # Lightning's CSV logger in the run folder
     assert {"train_loss", "val_acc", "epoch", "step"} <= set(header.split(",")) and rows
+
+
+def test_the_run_folder_warning_of_the_csv_logger_is_not_shown(tmp_path: Path) -> None:
+    """Hydra's .hydra/ is in the run folder; Lightning would warn that "previous log files ... will be deleted"."""
+    result = run_app(tmp_path, "averaging=none", "trainer.max_epochs=1", warnings="default")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / ".hydra").is_dir() and (tmp_path / "metrics.csv").is_file()
+    assert "exists and is not empty" not in result.stderr, result.stderr[-3000:]
 
 
 def test_invalid_value_exits_nonzero_naming_the_field(tmp_path: Path) -> None:

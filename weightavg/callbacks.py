@@ -42,8 +42,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from weightavg.core.averager import NONFINITE, Averager, NonFinite
-from weightavg.core.binding import BufferPolicy, check_buffer_policy
-from weightavg.core.binding import _patterns as check_patterns
+from weightavg.core.binding import BufferPolicy, check_buffer_policy, check_patterns
 from weightavg.core.call import Forward, eval_mode
 from weightavg.core.checks import (
     check_bool,
@@ -229,6 +228,8 @@ class AveragingCallback(Callback):
             )
         if stage == "fit" and self is ours[0]:
             _warn_on_checkpoint_mismatch(trainer, ours, validator, writer)
+        if stage == "fit" and self.validate_with == "both":
+            self._check_early_stopping_order(trainer)
         if len(ours) > 1 and self is ours[0]:
             ends = owner.name if owner else "the live weights"
             if interpolators:
@@ -375,6 +376,24 @@ class AveragingCallback(Callback):
         self._swap_back_after_evaluation()
         if self.validate_with == "both" and self._fitting and not trainer.sanity_checking and not self._suspended:
             self._validate_average(trainer)
+
+    def _check_early_stopping_order(self, trainer: pl.Trainer) -> None:
+        """Refuse an ``EarlyStopping`` on this average's prefixed metric that checks at validation end and comes
+        before this callback: it would run before the average's validation pass and find no metric. (Set up before
+        this callback, so its check time is already resolved; one that checks at train-epoch end is fine.)"""
+        callbacks = list(trainer.callbacks)  # type: ignore[attr-defined]
+        for stopper in callbacks[: callbacks.index(self)]:
+            monitor = getattr(stopper, "monitor", "")
+            if (
+                isinstance(stopper, EarlyStopping)
+                and monitor.startswith(self.metric_prefix)
+                and getattr(stopper, "_check_on_train_epoch_end", None) is False
+            ):
+                raise ValueError(
+                    f"EarlyStopping(monitor={monitor!r}) checks at validation end and comes before {self.name} "
+                    f"(validate_with='both') in Trainer(callbacks=...): it would run before {self.name}'s average is "
+                    f"validated and find no {monitor!r}. Put EarlyStopping after {self.name}"
+                )
 
     def _validate_average(self, trainer: pl.Trainer) -> None:
         """Run fit's validation loop again on this average (on the live weights before its first update, as

@@ -23,6 +23,7 @@ import copy
 import gzip
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -392,7 +393,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
         default_root_dir=str(output_dir),
     )
     try:
-        trainer.fit(model, train_loader, val_loaders)
+        with warnings.catch_warnings():
+            # The run folder already holds Hydra's .hydra/ (and the app writes only a new metrics.csv there):
+            # Lightning's "exists and is not empty ... will be deleted" warning would only alarm.
+            warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+            trainer.fit(model, train_loader, val_loaders)
     except (ValueError, TypeError) as error:
         if progress.started:
             raise

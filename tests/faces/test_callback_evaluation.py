@@ -10,7 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from torch.utils.data import DataLoader, IterableDataset
 
 from tests.faces.test_callbacks import Recorder, assert_close, ema_reference, fit, swa_reference
@@ -268,6 +268,20 @@ def test_validate_with_both_logs_live_and_average_under_their_own_names(tmp_path
     with pytest.warns(UserWarning, match=r"monitor='val_loss'\) ranks by a metric measured on the live weights"):
         both = EMA(decay=0.9, name="ema", validate_with="both")
         fit_loss([both, ModelCheckpoint(dirpath=tmp_path, monitor="val_loss")], epochs=1, enable_checkpointing=True)
+
+
+def test_early_stopping_on_the_prefixed_metric_at_validation_end_must_follow_the_callback() -> None:
+    """After the callback it reads the average's metric (a threshold every loss meets stops after epoch 0 of 3);
+    before it, it would run before the average's pass and find no metric: refused at fit start."""
+
+    def stopper() -> EarlyStopping:
+        return EarlyStopping("weightavg/ema/val_loss", stopping_threshold=1e9, check_on_train_epoch_end=False)
+
+    after = stopper()
+    run, _ = fit_loss([EMA(decay=0.9, name="ema", validate_with="both"), after], epochs=3)
+    assert run.current_epoch == 1 and after.stopped_epoch == 0
+    with pytest.raises(ValueError, match=r"EarlyStopping\(monitor='weightavg/ema/val_loss'\) checks at validation end"):
+        fit_loss([stopper(), EMA(decay=0.9, name="ema", validate_with="both")], epochs=3)
 
 
 SWEEP_SCRIPT = """

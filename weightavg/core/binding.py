@@ -136,7 +136,7 @@ def _selected(name: str, include: Sequence[str] | None, exclude: Sequence[str] |
     return not (exclude and any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude))
 
 
-def _patterns(value: str | Sequence[str] | None, argument: str) -> tuple[str, ...] | None:
+def check_patterns(value: str | Sequence[str] | None, argument: str) -> tuple[str, ...] | None:
     if value is None:
         return None
     if isinstance(value, str):
@@ -230,8 +230,8 @@ def bind_module(
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     check_buffer_policy(buffers)
-    include_patterns = _patterns(include, "include")
-    exclude_patterns = _patterns(exclude, "exclude")
+    include_patterns = check_patterns(include, "include")
+    exclude_patterns = check_patterns(exclude, "exclude")
 
     param_slots = _named_slots(module, parameters=True)
     param_objects: dict[int, torch.Tensor] = {id(param): param for param in module.parameters()}
