@@ -28,6 +28,7 @@ import weightavg.callbacks as cb
 import weightavg.optim as wo
 from tests.helpers import digits_loaders, trainer
 from weightavg.config import CONFIGS, instantiate_averaging
+from weightavg.core.settings import argument_types
 from weightavg.ewa import to_moe
 
 NAN, INF = math.nan, math.inf
@@ -116,7 +117,7 @@ def bad_values(name: str, annotation: Any) -> list[Any]:
 def parameters(cls: type, shared: type | None, skip: set[str]) -> dict[str, Any]:
     """Name -> annotation of ``cls``'s constructor, with what it forwards through ``**options`` to ``shared``."""
     own = inspect.signature(cls).parameters
-    hints = typing.get_type_hints(cls.__init__)
+    hints = argument_types(cls)
     found = {n: hints.get(n, Any) for n, p in own.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
     if shared is not None and any(p.kind is p.VAR_KEYWORD for p in own.values()):
         shared_hints = typing.get_type_hints(shared.__init__)

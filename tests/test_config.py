@@ -14,30 +14,18 @@ from omegaconf import OmegaConf
 from weightavg.callbacks import AveragingCallback
 from weightavg.config import CONFIGS, ConfigError, instantiate_averaging, register_configs
 
-#: Constructor arguments that are Python callables: no config can hold them.
-CALLABLES = {"bn_input", "forward", "reference_input"}
-
-
-def constructor_parameters(cls: type) -> dict[str, inspect.Parameter]:
-    """Keyword parameters of a callback: its own, plus those it forwards to AveragingCallback via ``**options``."""
-    signature = inspect.signature(cls).parameters
-    own = {k: v for k, v in signature.items() if v.kind is not v.VAR_KEYWORD}
-    if not any(v.kind is v.VAR_KEYWORD for v in signature.values()):
-        return own
-    shared = {k: v for k, v in inspect.signature(AveragingCallback).parameters.items() if k != "rule"}
-    return {**shared, **own}
-
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_config_mirrors_the_constructor(name: str) -> None:
+def test_config_lists_every_constructor_argument_with_its_default(name: str) -> None:
+    """``builds`` reads the callback's signature: every argument, its default, and a type a config can hold."""
     node, _ = CONFIGS[name]
     fields = {f.name: f for f in dataclasses.fields(node) if f.name != "_target_"}
     target = OmegaConf.structured(node)._target_
     module, _, attr = target.rpartition(".")
     cls = getattr(__import__(module, fromlist=[attr]), attr)
-    params = constructor_parameters(cls)
-    configurable = {k for k in params if k not in CALLABLES}
-    assert set(fields) == configurable
+    params = inspect.signature(cls).parameters
+    assert list(fields) == list(params)
+    assert not any(p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in params.values())
     built = OmegaConf.structured(node)
     for key in fields:
         default = params[key].default
@@ -45,6 +33,53 @@ def test_config_mirrors_the_constructor(name: str) -> None:
         if isinstance(default, tuple):
             value = tuple(value)
         assert value == default, f"{name}.{key}: config {value!r} != {default!r}"
+
+
+def test_config_types_are_what_the_command_line_can_give() -> None:
+    """Literals are their values' type, paths and devices strings, optional stays optional, a union of a string
+    and a list (include=) or a callable takes anything (a list, a string, or a ``_target_`` node)."""
+    from typing import Any
+
+    from weightavg.config import EMAConfig, SWAConfig
+
+    types = {f.name: f.type for f in dataclasses.fields(EMAConfig)}
+    assert types["warmup"] is str and types["decay"] == (float | None) and types["export_path"] == (str | None)
+    assert types["device"] == (str | None) and types["dtype"] == (str | None) and types["include"] is Any
+    assert {f.name: f.type for f in dataclasses.fields(SWAConfig)}["bn_input"] is Any
+    node = OmegaConf.structured(EMAConfig)
+    node.include = ["*.weight"]
+    with pytest.raises(Exception, match="warmup"):
+        node.warmup = ["power"]
+
+
+@pytest.mark.parametrize("method", ["ema", "swa", "zscl"])
+def test_a_methods_settings_are_declared_once_and_appear_in_every_face(method: str) -> None:
+    """Each field of the method's settings dataclasses is an argument of the callback, the wrapper and the config,
+    with the same default (the faces may choose their own default only where their docs say so: SWA's start)."""
+    import weightavg.callbacks
+    import weightavg.optim
+    from weightavg.methods import ema, swa, zscl
+
+    groups = {
+        "ema": [ema.EMASettings],
+        "swa": [swa.SWASettings],
+        "zscl": [zscl.EnsembleSettings, zscl.DistillationSettings],
+    }[method]
+    name = {"ema": "EMA", "swa": "SWA", "zscl": "ZSCL"}[method]
+    faces = {
+        "callback": inspect.signature(getattr(weightavg.callbacks, name)).parameters,
+        "wrapper": inspect.signature(getattr(weightavg.optim, name)).parameters,
+        "config": {f.name: f for f in dataclasses.fields(CONFIGS[method][0])},
+    }
+    face_defaults = {("wrapper", "start"): 0.0, ("wrapper", "every_unit"): "step"}
+    for group in groups:
+        for field in dataclasses.fields(group):
+            if field.name == "_":
+                continue
+            for face, params in faces.items():
+                assert field.name in params, f"{group.__name__}.{field.name} missing from the {face}"
+                default = params[field.name].default
+                assert default == face_defaults.get((face, field.name), field.default), (face, field.name)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

@@ -20,12 +20,14 @@ optimizer steps, straight to the Trainer's loggers.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import KW_ONLY, dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any, Literal
@@ -41,34 +43,34 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from weightavg.core.averager import NONFINITE, Averager, NonFinite
-from weightavg.core.binding import BufferPolicy, check_buffer_policy, check_patterns
+from weightavg.core.averager import Averager
+from weightavg.core.binding import BufferPolicy
 from weightavg.core.call import Forward, eval_mode
 from weightavg.core.checks import (
     check_bool,
     check_callable,
     check_choice,
-    check_device,
     check_directory,
     check_name,
     check_number,
     check_output_file,
-    resolve_dtype,
 )
 from weightavg.core.io import WeightSource, save_safetensors
 from weightavg.core.progress import progress_bar
 from weightavg.core.rule import Rule, Snapshot
-from weightavg.core.schedules import StartUnit, Unit, Warmup
+from weightavg.core.settings import EngineOptions, Settings, setting_values
 from weightavg.core.snapshots import MEMORY, SnapshotStore
 from weightavg.methods.ema import EMA as EMARule
+from weightavg.methods.ema import EMASettings
 from weightavg.methods.ewa import check_selector, linear_ramp, share_all, to_dense, to_moe
 from weightavg.methods.ewa import mixtures as ewa_mixtures
 from weightavg.methods.lcsc import Combiner, Method, SearchResult, SearchSettings, check_options, combine_dtype
 from weightavg.methods.noloco import DiLoCoRule, NoLoCoRule, Replica, average_replicas
 from weightavg.methods.swa import SWA as SWARule
+from weightavg.methods.swa import SWASettings
 from weightavg.methods.wiseft import ALPHAS, check_alphas, choose_alpha
 from weightavg.methods.zscl import ZSCL as ZSCLRule
-from weightavg.methods.zscl import Distillation, check_distillation_knobs
+from weightavg.methods.zscl import DistillationSettings, EnsembleSettings
 from weightavg.strategies import NAME as LOCAL_DDP
 from weightavg.strategies import LocalDDPStrategy
 
@@ -81,91 +83,96 @@ LIVE_KEY = "weightavg_live_weights"
 MARKER_KEY = "weightavg"
 
 
-class AveragingCallback(Callback):
-    """Host any averaging rule in a Lightning ``Trainer``.
+@dataclass(eq=False, repr=False)
+class CallbackOptions(Settings):
+    """What the Lightning host does with an average: every averaging callback's options, checked when it is built."""
 
-    Args:
-        rule: the method's rule (``weightavg.methods.EMA(...)``, ...).
-        validate_with: ``"average"`` to validate on this callback's average (once it has had an update; before
-            that validation uses the live weights), ``"live"``, or ``"both"``: each validation during fit runs on
-            the live weights (metrics under their usual names) and then again on this average, whose metrics are
-            logged under ``metric_prefix`` (``weightavg/<name>/val_loss``: a key ``ModelCheckpoint(monitor=...)``
-            and ``EarlyStopping`` can use). With several averagers the first one set to ``"average"`` is used; the
-            Trainer logs which.
-        apply_at_end: at the end of fit, leave the averaged weights in the model (the live ones are discarded).
-            With several averagers the first one with ``apply_at_end=True`` does it, and its average is also what
-            checkpoints hold under ``state_dict``.
-        export_path: write the averaged weights as safetensors here at the end of fit (global rank 0).
-        checkpoint_weights: what a checkpoint's ``state_dict`` holds when this callback writes it (the callback
-            validation uses, else the one with ``apply_at_end=True``): ``"average"`` (``load_from_checkpoint`` gives
-            the averaged model; a resume without the weightavg callback would train on from the average) or
-            ``"live"`` (``state_dict`` holds the training weights; the average stays in the callback state). Either
-            way the checkpoint says which under its top-level ``MARKER_KEY`` entry, and ``ModelCheckpoint(monitor=...)``
-            is warned about at fit start when its metric would be measured on other weights than it saves.
-        resume_from_average: let ``trainer.fit(ckpt_path=...)`` continue from a checkpoint whose ``state_dict``
-            holds an average but whose live weights (``LIVE_KEY``) are missing; refused by default, since training
-            would silently continue from the average with the live trajectory's optimizer state.
-        name: a unique name for this averager (its checkpoint ``state_key`` is ``weightavg[<name>]``); default: the
-            rule's compact repr, e.g. ``EMA(decay=0.999)``. Two identical averagers need distinct names: Lightning
-            refuses two callbacks with one ``state_key`` when the Trainer is built.
-        buffers, include, exclude, device, dtype, contiguous: as for ``weightavg.Averager`` (``contiguous=True``:
-            one update kernel per dtype group instead of one per tensor; single-process runs only).
-        nonfinite: ``"warn"``, ``"skip"`` or ``"error"`` when the live weights hold NaN or inf (as for
-            ``weightavg.Averager``; checked at each validation swap and checkpoint).
+    _: KW_ONLY
+    validate_with: ValidateWith = "average"
+    """``"average"`` to validate on this callback's average (once it has had an update; before that validation uses
+    the live weights), ``"live"``, or ``"both"``: each validation during fit runs on the live weights (metrics under
+    their usual names) and then again on this average, whose metrics are logged under ``metric_prefix``
+    (``weightavg/<name>/val_loss``: a key ``ModelCheckpoint(monitor=...)`` and ``EarlyStopping`` can use; an
+    ``EarlyStopping(check_on_train_epoch_end=False)`` on it must come after this callback, else it is refused at fit
+    start). With several averagers the first one set to ``"average"`` is used; the Trainer logs which."""
+    apply_at_end: bool = True
+    """At the end of fit, leave the averaged weights in the model (the live ones are discarded). With several
+    averagers the first one with ``apply_at_end=True`` does it, and its average is also what checkpoints hold under
+    ``state_dict``."""
+    export_path: str | os.PathLike[str] | None = None
+    """Write the averaged weights as safetensors here at the end of fit (global rank 0), atomically and one tensor
+    at a time; missing folders are created, and a path that could not be written is refused when the callback is
+    built."""
+    name: str | None = None
+    """A unique name for this averager (its checkpoint ``state_key`` is ``weightavg[<name>]``); default: the rule's
+    compact repr, e.g. ``EMA(decay=0.999)``. Two identical averagers need distinct names."""
+    checkpoint_weights: CheckpointWeights = "average"
+    """What a checkpoint's ``state_dict`` holds when this callback writes it (the callback validation uses, else the
+    one with ``apply_at_end=True``): ``"average"`` (``load_from_checkpoint`` gives the averaged model; a resume
+    without the weightavg callback would train on from the average) or ``"live"`` (the training weights; the average
+    stays in the callback state). The checkpoint says which under its top-level ``MARKER_KEY`` entry."""
+    resume_from_average: bool = False
+    """Let ``trainer.fit(ckpt_path=...)`` continue from a checkpoint whose ``state_dict`` holds an average but whose
+    live weights (``LIVE_KEY``) are missing; refused by default, since training would silently continue from the
+    average with the live trajectory's optimizer state."""
+
+    def __post_init__(self) -> None:
+        # Everything that can be checked before training is checked here, not after hours of it.
+        check_choice("validate_with", self.validate_with, ("average", "live", "both"))
+        check_choice("checkpoint_weights", self.checkpoint_weights, ("average", "live"))
+        check_bool("resume_from_average", self.resume_from_average)
+        check_output_file("export_path", self.export_path)
+        check_bool("apply_at_end", self.apply_at_end)
+        check_name(self.name)
+        super().__post_init__()
+
+
+@dataclass(eq=False, repr=False)
+class _HostOptions(CallbackOptions, EngineOptions):
+    """The options of callbacks whose own settings are not declared as a dataclass yet (checked and defaulted here)."""
+
+
+class AveragingCallback(Callback):
+    """Host any averaging rule in a Lightning ``Trainer``: the base of every averaging callback.
+
+    A method's callback declares its fields from the method's settings (``weightavg.methods.ema.EMASettings``), the
+    host's ``CallbackOptions`` and the engine's ``EngineOptions`` (``weightavg.core.settings``), then hands its rule
+    to ``_start_hosting``; every Trainer detail lives here.
     """
 
-    def __init__(
-        self,
-        rule: Rule,
-        *,
-        validate_with: ValidateWith = "average",
-        apply_at_end: bool = True,
-        export_path: str | os.PathLike[str] | None = None,
-        name: str | None = None,
-        buffers: BufferPolicy = "average",
-        include: str | Sequence[str] | None = None,
-        exclude: str | Sequence[str] | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | str | None = None,
-        contiguous: bool = False,
-        nonfinite: NonFinite = "warn",
-        checkpoint_weights: CheckpointWeights = "average",
-        resume_from_average: bool = False,
-    ) -> None:
-        # Everything that can be checked before training is checked here, not after hours of it.
+    rule: Rule
+    name: str | None  # the given name; the rule's repr once hosting starts
+    validate_with: ValidateWith
+    apply_at_end: bool
+    export_path: str | os.PathLike[str] | None
+    checkpoint_weights: CheckpointWeights
+    resume_from_average: bool
+
+    def __init__(self, rule: Rule, **options: Any) -> None:
+        """For callbacks whose settings are not a dataclass yet: ``options`` are ``CallbackOptions`` and
+        ``EngineOptions`` fields, checked and defaulted by them."""
+        given = _HostOptions(**options)
+        for option in dataclasses.fields(_HostOptions):
+            setattr(self, option.name, getattr(given, option.name))
+        self._start_hosting(rule)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # The method's settings were read into the rule when the callback was built: a later assignment would be
+        # silently ignored, so it is refused.
+        if name in self.__dict__.get("_rule_fields", ()):
+            raise AttributeError(
+                f"{type(self).__name__}.{name} is a setting of {self.__dict__['name']}, read when the callback was "
+                f"built: build another callback with {name}={value!r}"
+            )
+        super().__setattr__(name, value)
+
+    def _start_hosting(self, rule: Rule, *settings: type) -> None:
+        """Host ``rule``; ``settings`` are the method's settings dataclasses the callback inherits, whose fields it
+        has read (assigning them later is refused)."""
         if not isinstance(rule, Rule):
             raise TypeError(f"rule={rule!r} must be an averaging rule such as weightavg.methods.EMA(...)")
-        check_choice("validate_with", validate_with, ("average", "live", "both"))
-        check_choice("checkpoint_weights", checkpoint_weights, ("average", "live"))
-        if not isinstance(resume_from_average, bool):
-            raise TypeError(f"resume_from_average={resume_from_average!r} must be a bool")
-        self.checkpoint_weights = checkpoint_weights
-        self.resume_from_average = resume_from_average
-        check_buffer_policy(buffers)
-        check_patterns(include, "include")
-        check_patterns(exclude, "exclude")
-        check_device(device)
-        check_choice("nonfinite", nonfinite, NONFINITE)
-        if dtype is not None:
-            resolve_dtype(dtype, extra=("live",))
-        check_bool("contiguous", contiguous)
-        check_output_file("export_path", export_path)
-        check_bool("apply_at_end", apply_at_end)
-        check_name(name)
         self.rule = rule
-        self.validate_with = validate_with
-        self.apply_at_end = apply_at_end
-        self.export_path = export_path
-        self.name = name or repr(rule)
-        self._engine_kwargs: dict[str, Any] = {
-            "buffers": buffers,
-            "include": include,
-            "exclude": exclude,
-            "device": device,
-            "dtype": dtype,
-            "contiguous": contiguous,
-            "nonfinite": nonfinite,
-        }
+        self.name = self.name or repr(rule)
         self.averager: Averager | None = None
         # Checkpoint states restored before fit binds what they belong to (key -> state), applied when it binds.
         self._pending: dict[str, Any] = {}
@@ -184,6 +191,7 @@ class AveragingCallback(Callback):
         # uses them as they are.
         self._loaded_over = False
         self._load_hook: RemovableHandle | None = None
+        self._rule_fields = frozenset(f.name for group in settings for f in dataclasses.fields(group))
 
     @property
     @override
@@ -244,7 +252,8 @@ class AveragingCallback(Callback):
         # Bound here, after the strategy has moved and converted the model (device, bf16-true), so the averages sit
         # beside the tensors that training will actually update. Each fit() starts a fresh average (a new Trainer
         # restarts its step counters); trainer.fit(ckpt_path=...) is how an average continues.
-        if self._engine_kwargs["contiguous"] and trainer.strategy.model is not pl_module:
+        engine = setting_values(self, EngineOptions)
+        if engine["contiguous"] and trainer.strategy.model is not pl_module:
             raise ValueError(
                 "contiguous=True re-homes the model's tensors, which callbacks can only do after the strategy has "
                 f"wrapped the model; it is not supported under {type(trainer.strategy).__name__}, which wraps the "
@@ -254,7 +263,7 @@ class AveragingCallback(Callback):
         total = trainer.estimated_stepping_batches
         total_steps = int(total) if math.isfinite(total) and total > 0 else None
         try:
-            self.averager = Averager(pl_module, self.rule, total_steps=total_steps, **self._engine_kwargs)
+            self.averager = Averager(pl_module, self.rule, total_steps=total_steps, **engine)
         except ValueError as error:
             if total_steps is not None or "total optimizer steps" not in str(error):
                 raise
@@ -264,7 +273,7 @@ class AveragingCallback(Callback):
                 "training needs: set Trainer(max_steps=...) or give the start in steps or epochs "
                 "(start_unit='step' or 'epoch')"
             ) from error
-        self.averager.label = self.name
+        self.averager.label = self.name or repr(self.rule)  # never None once hosting started
         self._applied = False
         self._fitting = True
         self._monitor_seen = False
@@ -613,7 +622,8 @@ def _warn_on_checkpoint_mismatch(
                 f"weightavg: ModelCheckpoint(monitor={monitor!r}) ranks by a metric measured on {measured} but the "
                 f"checkpoints' state_dict holds {saved}. Validate on what you save (validate_with='average' with "
                 "checkpoint_weights='average', validate_with='live' with checkpoint_weights='live', or with "
-                "validate_with='both' monitor '<metric_prefix><metric>' for the average, the plain name for live)"
+                f"validate_with='both' monitor {(writer or ours[0]).metric_prefix + monitor.split('/')[-1]!r} for the "
+                "average, the plain name for live)"
             )
             return
 
@@ -654,76 +664,52 @@ def _unshare_from_averages(module: torch.nn.Module, averagers: Sequence[Averager
                 tensor.data = tensor.data.clone()
 
 
-class EMA(AveragingCallback):
+@dataclass(eq=False, repr=False)
+class EMA(EngineOptions, CallbackOptions, EMASettings, AveragingCallback):  # signature: last base's fields first
     """Exponential moving average of the weights (``weightavg.methods.EMA``) as a Lightning callback.
+
+    Its arguments: the method's ``EMASettings``, then ``CallbackOptions`` and ``EngineOptions``, one docstring each
+    (``inspect.signature`` and IDEs list them all).
 
     Example:
         >>> trainer = pl.Trainer(callbacks=[EMA(decay=0.999), EMA(decay=0.9999), SWA(start=0.75)])  # doctest: +SKIP
     """
 
-    def __init__(
-        self,
-        decay: float | None = None,
-        *,
-        half_life: float | None = None,
-        warmup: Warmup = "power",
-        gamma: float = 1.0,
-        power: float = 2 / 3,
-        every_n_steps: int = 1,
-        start_step: int = 0,
-        scale_decay: bool = True,
-        **options: Any,
-    ) -> None:
-        rule = EMARule(
-            decay=decay,
-            half_life=half_life,
-            warmup=warmup,
-            gamma=gamma,
-            power=power,
-            every_n_steps=every_n_steps,
-            start_step=start_step,
-            scale_decay=scale_decay,
-        )
-        super().__init__(rule, **options)
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._start_hosting(EMARule(**setting_values(self, EMASettings)), EMASettings)
 
 
-class SWA(AveragingCallback):
+@dataclass(eq=False, repr=False)
+class SWA(EngineOptions, CallbackOptions, SWASettings, AveragingCallback):  # signature: last base's fields first
     """Stochastic weight averaging (``weightavg.methods.SWA``) as a Lightning callback.
 
     The callback never touches the optimizer or LR scheduler: return ``torch.optim.swa_utils.SWALR`` (or any
     schedule) from ``configure_optimizers`` for the SWA phase. At the end of fit, BatchNorm statistics of the
     average are recomputed with one pass over the training data (``recompute_bn``) before export and apply.
 
-    Args:
-        start, start_unit, every, every_unit: see ``weightavg.methods.SWA``; ``start`` defaults to 75% of the run.
-        recompute_bn: recompute BatchNorm statistics of the average at the end of fit (models with BatchNorm only);
-            checked when fit starts: the statistics must be in the average (not ``buffers="ignore"``/excluded).
-        bn_input: maps a training batch to the model's input for that pass; default ``batch[0]`` for list/tuple
-            batches and the batch itself otherwise.
-        bn_batches: batches for that pass; default one epoch of the training data (required when its length is
-            unknown, e.g. an infinite iterable dataset). Several train loaders (a list or dict) are read in turn.
+    Its arguments: the method's ``SWASettings`` (``start`` defaults to 75% of the run, samples once per epoch),
+    ``CallbackOptions``, ``EngineOptions``, then the BatchNorm pass below, one docstring each.
     """
 
-    def __init__(
-        self,
-        start: float = 0.75,
-        *,
-        start_unit: StartUnit = "fraction",
-        every: int = 1,
-        every_unit: Unit = "epoch",
-        recompute_bn: bool = True,
-        bn_input: Callable[[Any], Any] | None = None,
-        bn_batches: int | None = None,
-        **options: Any,
-    ) -> None:
-        super().__init__(SWARule(start=start, start_unit=start_unit, every=every, every_unit=every_unit), **options)
-        if bn_batches is not None:
-            check_number("bn_batches", bn_batches, low=1, integer=True)
-        check_bool("recompute_bn", recompute_bn)
-        check_callable("bn_input", bn_input)
-        self.recompute_bn = recompute_bn
-        self.bn_input = bn_input
-        self.bn_batches = bn_batches
+    _: KW_ONLY
+    recompute_bn: bool = True
+    """Recompute BatchNorm statistics of the average at the end of fit (models with BatchNorm only); checked when fit
+    starts: the statistics must be in the average (not ``buffers="ignore"``/excluded)."""
+    bn_input: Callable[[Any], Any] | None = None
+    """Maps a training batch to the model's input for that pass; default ``batch[0]`` for list/tuple batches and the
+    batch itself otherwise."""
+    bn_batches: int | None = None
+    """Batches for that pass; default one epoch of the training data (required when its length is unknown, e.g. an
+    infinite iterable dataset). Several train loaders (a list or dict) are read in turn."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.bn_batches is not None:
+            check_number("bn_batches", self.bn_batches, low=1, integer=True)
+        check_bool("recompute_bn", self.recompute_bn)
+        check_callable("bn_input", self.bn_input)
+        self._start_hosting(SWARule(**setting_values(self, SWASettings)), SWASettings)
 
     @override
     def check_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -1221,7 +1207,8 @@ def draw_curves(
     figure.savefig(path, dpi=120)
 
 
-class ZSCL(AveragingCallback):
+@dataclass(eq=False, repr=False)
+class ZSCL(EngineOptions, CallbackOptions, DistillationSettings, EnsembleSettings, AveragingCallback):
     """ZSCL (``weightavg.methods.zscl``): a weight ensemble per task, and optional distillation from the original
     model on reference inputs. A task is one ``fit`` call; reuse the callback object for every task of a sequence.
 
@@ -1237,50 +1224,14 @@ class ZSCL(AveragingCallback):
     ablation changes only the callback's arguments. Reference batches are moved to the model's device without the
     module's batch-transfer hooks (those are written for training batches).
 
-    Args:
-        every_n_steps: merge interval I (100 in the paper's multi-domain setting).
-        reference: unlabeled reference inputs (``distill_weight``, ``temperature``, ``forward`` and
-            ``reference_input`` act only with it: set without it they are warned about as ignored) (a DataLoader;
-            ``(inputs, labels)`` batches give their inputs; see
-            ``reference_input``), cycled; ``None`` disables distillation.
-        distill_weight: lambda (1; 5 in the paper's class-incremental setting).
-        temperature: T (2).
-        teacher: the original model's weights (module, state dict or path); default: the model when the first fit
-            with this callback starts. Kept across tasks and in checkpoints.
-        forward: ``forward(module, inputs) -> outputs`` used for teacher and student; default ``module(inputs)``.
-        reference_input: maps a reference batch to the inputs.
-        **options: ``AveragingCallback`` options (``validate_with``, ``apply_at_end``, ``export_path``, ``name``,
-            ``buffers``, ``include``, ``exclude``, ``device``, ``dtype``).
+    Its arguments: the method's ``EnsembleSettings`` and ``DistillationSettings`` (``weightavg.methods.zscl``), then
+    ``CallbackOptions`` and ``EngineOptions``, one docstring each.
     """
 
-    def __init__(
-        self,
-        every_n_steps: int = 100,
-        *,
-        reference: Any = None,
-        distill_weight: float = 1.0,
-        temperature: float = 2.0,
-        teacher: WeightSource | None = None,
-        forward: Forward | None = None,
-        reference_input: Callable[[Any], Any] | None = None,
-        **options: Any,
-    ) -> None:
-        super().__init__(ZSCLRule(every_n_steps=every_n_steps), **options)
-        check_distillation_knobs(reference, distill_weight, temperature, forward, reference_input)
-        self.distillation = (
-            None
-            if reference is None
-            else Distillation(
-                reference,
-                weight=distill_weight,
-                temperature=temperature,
-                forward=forward,
-                reference_input=reference_input,
-            )
-        )
-        if teacher is not None and reference is None:
-            raise ValueError("teacher= is the distillation teacher; give reference= inputs to distill on too")
-        self.teacher = teacher
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._start_hosting(ZSCLRule(**setting_values(self, EnsembleSettings)), EnsembleSettings, DistillationSettings)
+        self.distillation = self.build_distillation()
         self._trainer: pl.Trainer | None = None
 
     @override
@@ -1548,7 +1499,9 @@ class LCSC(AveragingCallback):
         if self._in_memory:
             return None
         if self.directory is None:
-            folder = Path("weightavg_snapshots") / (re.sub(r"[^A-Za-z0-9._-]+", "_", self.name).strip("._") or "LCSC")
+            folder = Path("weightavg_snapshots") / (
+                re.sub(r"[^A-Za-z0-9._-]+", "_", self.name or "LCSC").strip("._") or "LCSC"
+            )
         else:
             folder = Path(self.directory).expanduser()
         return folder if folder.is_absolute() else Path(trainer.default_root_dir) / folder

@@ -277,7 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # folder, a full disk, a read-only folder.)
         print(f"weightavg.combine: {_oneline(error)}", file=sys.stderr)
         return 2
-    print(f"coefficients: [{_listed(result.weights)}]; fitness {result.fitness:.6g}; written {args.output}")
+    scored = f"fitness {result.fitness:.6g}" if math.isfinite(result.fitness) else "not scored (no --fitness)"
+    print(f"coefficients: [{_listed(result.weights)}]; {scored}; written {args.output}")
     return 0
 
 

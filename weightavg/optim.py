@@ -6,11 +6,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,22 +20,25 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from weightavg.core.averager import Averager, NonFinite
-from weightavg.core.binding import BufferPolicy, check_buffer_policy
-from weightavg.core.call import Forward, to_device
+from weightavg.core.averager import Averager
+from weightavg.core.binding import BufferPolicy
+from weightavg.core.call import to_device
 from weightavg.core.checks import check_bool, check_directory, check_number
 from weightavg.core.io import WeightSource
 from weightavg.core.rule import Rule, Snapshot
-from weightavg.core.schedules import StartUnit, Unit, Warmup
+from weightavg.core.schedules import Unit
+from weightavg.core.settings import EngineOptions, Settings, setting_values
 from weightavg.core.snapshots import MEMORY, SnapshotStore
 from weightavg.methods.ema import EMA as EMARule
+from weightavg.methods.ema import EMASettings
 from weightavg.methods.ewa import linear_ramp, mixtures, share_all, to_dense
 from weightavg.methods.lcsc import Combiner, Method, SearchResult, combine_dtype
 from weightavg.methods.noloco import DiLoCoRule, NoLoCoRule, Replica, Traffic, average_replicas
 from weightavg.methods.swa import SWA as SWARule
+from weightavg.methods.swa import SWASettings
 from weightavg.methods.wiseft import ALPHAS, check_alphas
 from weightavg.methods.zscl import ZSCL as ZSCLRule
-from weightavg.methods.zscl import Distillation, check_distillation_knobs
+from weightavg.methods.zscl import DistillationSettings, EnsembleSettings
 
 
 def check_module(name: str, value: Any, *, optional: bool = False) -> None:
@@ -46,43 +51,57 @@ def check_module(name: str, value: Any, *, optional: bool = False) -> None:
         raise TypeError(f"{name}={value!r} must be the model ({allowed}), got {type(value).__name__}")
 
 
-class AveragingOptimizer(Optimizer):
-    """Wrap ``optimizer`` so that every ``step()`` also updates an average of its parameters under ``rule``.
+@dataclass(eq=False, repr=False)
+class WrapperOptions(Settings):
+    """What every optimizer wrapper takes besides the method's settings, checked when it is built."""
 
-    Args:
-        optimizer: the inner optimizer; its ``param_groups`` and ``state`` are shared, so LR schedulers, gradient
-            clipping and ``zero_grad`` keep acting on it. ``add_param_group`` raises: add groups to the inner
-            optimizer before wrapping (the average is bound to the parameters present when the wrapper is built).
-        rule: the averaging rule.
-        module: the model; when given, tensors are named as in its ``state_dict`` and its buffers are followed too
-            (under ``buffers``). Without it only the optimizer's parameters are averaged, named by position.
-        buffers, include, exclude, device, dtype, total_steps, contiguous: as for ``weightavg.Averager``
-            (``contiguous=True`` makes each update one kernel per dtype group instead of one per tensor).
-        nonfinite: ``"warn"``, ``"skip"`` or ``"error"`` when the live weights hold NaN or inf (as for
-            ``weightavg.Averager``; checked in ``averaged()`` and ``state_dict()``).
+    optimizer: Optimizer
+    """The inner optimizer; its ``param_groups`` and ``state`` are shared, so LR schedulers, gradient clipping and
+    ``zero_grad`` keep acting on it. ``add_param_group`` raises: add groups to the inner optimizer before wrapping
+    (the average is bound to the parameters present when the wrapper is built)."""
+    _: KW_ONLY
+    module: nn.Module | None = None
+    """The model; when given, tensors are named as in its ``state_dict`` and its buffers are followed too (under
+    ``buffers``). Without it only the optimizer's parameters are averaged, named by position."""
+    total_steps: int | None = None
+    """The run's total optimizer steps, for starts given as a fraction of training."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(self.optimizer).__name__}")
+        check_module("module", self.module, optional=True)
+        if self.total_steps is not None:
+            check_number("total_steps", self.total_steps, low=1, integer=True)
+        super().__post_init__()
+
+
+@dataclass(eq=False, repr=False)
+class _WrapperHost(WrapperOptions, EngineOptions):
+    """The options of wrappers whose own settings are not declared as a dataclass yet (checked and defaulted here)."""
+
+
+class AveragingOptimizer(Optimizer):
+    """Wrap an optimizer so that every ``step()`` also updates an average of its parameters under a rule: the base
+    of every optimizer wrapper.
+
+    A method's wrapper declares its fields from ``WrapperOptions``, the method's settings
+    (``weightavg.methods.ema.EMASettings``) and the engine's ``EngineOptions`` (``weightavg.core.settings``), then
+    hands its rule to ``_start_wrapping``.
     """
 
-    def __init__(
-        self,
-        optimizer: Optimizer,
-        rule: Rule,
-        *,
-        module: nn.Module | None = None,
-        buffers: BufferPolicy = "average",
-        include: str | Sequence[str] | None = None,
-        exclude: str | Sequence[str] | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | str | None = None,
-        total_steps: int | None = None,
-        contiguous: bool = False,
-        nonfinite: NonFinite = "warn",
-    ) -> None:
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        check_module("module", module, optional=True)
-        check_buffer_policy(buffers)  # checked even without module=, where no buffer is followed
-        self.optimizer = optimizer
-        self.module = module
+    optimizer: Optimizer
+    module: nn.Module | None
+
+    def __init__(self, optimizer: Optimizer, rule: Rule, **options: Any) -> None:
+        """For wrappers whose settings are not a dataclass yet: ``options`` are ``WrapperOptions`` and
+        ``EngineOptions`` fields, checked and defaulted by them."""
+        given = _WrapperHost(optimizer, **options)
+        for option in dataclasses.fields(_WrapperHost):
+            setattr(self, option.name, getattr(given, option.name))
+        self._start_wrapping(rule)
+
+    def _start_wrapping(self, rule: Rule) -> None:
+        optimizer, module = self.optimizer, self.module
         params = [p for group in optimizer.param_groups for p in group["params"]]
         target: nn.Module | Iterable[torch.Tensor] = module if module is not None else params
         # Kept to bind afresh (ZSCL binds a new ensemble at each task's start).
@@ -90,19 +109,13 @@ class AveragingOptimizer(Optimizer):
             Averager,
             target,
             rule,
-            buffers=buffers,
-            include=include,
-            exclude=exclude,
             parameters=params if module is not None else None,
-            device=device,
-            dtype=dtype,
-            total_steps=total_steps,
-            contiguous=contiguous,
-            nonfinite=nonfinite,
+            total_steps=self.total_steps,  # type: ignore[attr-defined]
+            **setting_values(self, EngineOptions),
         )
         self.averager = self._bind()
         # Optimizer.__init__ sets up the hook registries; the groups and state are then the inner optimizer's own.
-        super().__init__(params, optimizer.defaults)
+        Optimizer.__init__(self, params, optimizer.defaults)
         self.param_groups = optimizer.param_groups
         self.state = optimizer.state
 
@@ -203,8 +216,11 @@ class AveragingOptimizer(Optimizer):
         self.state = self.optimizer.state
 
 
-class EMA(AveragingOptimizer):
+@dataclass(eq=False, repr=False)
+class EMA(EngineOptions, EMASettings, WrapperOptions, AveragingOptimizer):  # signature: last base's fields first
     """``optimizer`` plus an exponential moving average of its parameters (``weightavg.methods.EMA``).
+
+    Its arguments: ``WrapperOptions``, the method's ``EMASettings`` and ``EngineOptions``, one docstring each.
 
     Example:
         >>> model = nn.Linear(4, 2)
@@ -215,34 +231,13 @@ class EMA(AveragingOptimizer):
         ...     _ = model(torch.randn(8, 4))
     """
 
-    def __init__(
-        self,
-        optimizer: Optimizer,
-        decay: float | None = None,
-        *,
-        half_life: float | None = None,
-        warmup: Warmup = "power",
-        gamma: float = 1.0,
-        power: float = 2 / 3,
-        every_n_steps: int = 1,
-        start_step: int = 0,
-        scale_decay: bool = True,
-        **engine: Any,
-    ) -> None:
-        rule = EMARule(
-            decay=decay,
-            half_life=half_life,
-            warmup=warmup,
-            gamma=gamma,
-            power=power,
-            every_n_steps=every_n_steps,
-            start_step=start_step,
-            scale_decay=scale_decay,
-        )
-        super().__init__(optimizer, rule, **engine)
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._start_wrapping(EMARule(**setting_values(self, EMASettings)))
 
 
-class SWA(AveragingOptimizer):
+@dataclass(eq=False, repr=False)
+class SWA(EngineOptions, SWASettings, WrapperOptions, AveragingOptimizer):  # signature: last base's fields first
     """``optimizer`` plus a stochastic weight average of its parameters (``weightavg.methods.SWA``).
 
     ``SWA(opt)`` averages from the first step on, as ``torch.optim.swa_utils.AveragedModel`` does when updated after
@@ -253,20 +248,18 @@ class SWA(AveragingOptimizer):
     (the Lightning callback samples per epoch by default): ``SWA(opt, start=1000, start_unit="step", every=100)``.
     With ``every_unit="epoch"``, call ``opt.epoch_end()`` at the end of each epoch. Pair with
     ``torch.optim.swa_utils.SWALR`` on the inner optimizer for the SWA learning rate; the wrapper never changes it.
+
+    Its arguments: ``WrapperOptions``, the method's ``SWASettings`` (with this face's defaults below) and
+    ``EngineOptions``, one docstring each.
     """
 
-    def __init__(
-        self,
-        optimizer: Optimizer,
-        start: float = 0.0,
-        *,
-        start_unit: StartUnit = "fraction",
-        every: int = 1,
-        every_unit: Unit = "step",
-        **engine: Any,
-    ) -> None:
-        rule = SWARule(start=start, start_unit=start_unit, every=every, every_unit=every_unit)
-        super().__init__(optimizer, rule, **engine)
+    start: float = 0.0  # this face's defaults (see above); the settings' docstrings hold
+    _: KW_ONLY
+    every_unit: Unit = "step"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._start_wrapping(SWARule(**setting_values(self, SWASettings)))
 
 
 class WiSEFT(AveragingOptimizer):
@@ -338,7 +331,8 @@ class WiSEFT(AveragingOptimizer):
             self.averager.save_model(path)
 
 
-class ZSCL(AveragingOptimizer):
+@dataclass(eq=False, repr=False)
+class ZSCL(EngineOptions, DistillationSettings, EnsembleSettings, WrapperOptions, AveragingOptimizer):
     """``optimizer`` plus ZSCL's weight ensemble and distillation (``weightavg.methods.zscl``), for plain loops.
 
     The first task starts when the wrapper is built; ``start_task()`` starts the next one (the model first takes
@@ -346,41 +340,18 @@ class ZSCL(AveragingOptimizer):
     Evaluate the ensemble with ``with opt.averaged():``. With ``reference=`` (needs ``module=``), add
     ``opt.distillation_loss()`` to the loss; it draws the next reference batch, moved to the model's device.
 
-    Args:
-        every_n_steps, reference, distill_weight, temperature, teacher, forward, reference_input: as for
-            ``weightavg.callbacks.ZSCL`` (the teacher defaults to the model when the wrapper is built).
-        **engine: ``module``, ``buffers``, ``include``, ``exclude``, ``device``, ``dtype`` (see ``Averager``).
+    Its arguments: ``WrapperOptions``, the method's ``EnsembleSettings`` and ``DistillationSettings`` (the teacher
+    defaults to the model when the wrapper is built) and ``EngineOptions``, one docstring each.
     """
 
-    def __init__(
-        self,
-        optimizer: Optimizer,
-        every_n_steps: int = 100,
-        *,
-        reference: Any = None,
-        distill_weight: float = 1.0,
-        temperature: float = 2.0,
-        teacher: WeightSource | None = None,
-        forward: Forward | None = None,
-        reference_input: Callable[[Any], Any] | None = None,
-        **engine: Any,
-    ) -> None:
-        super().__init__(optimizer, ZSCLRule(every_n_steps=every_n_steps), **engine)
-        check_distillation_knobs(reference, distill_weight, temperature, forward, reference_input)
-        self.distillation: Distillation | None = None
-        if reference is not None:
-            if self.module is None:
-                raise ValueError("distillation (reference=) runs the model: pass module= as well")
-            self.distillation = Distillation(
-                reference,
-                weight=distill_weight,
-                temperature=temperature,
-                forward=forward,
-                reference_input=reference_input,
-            )
-            self.distillation.bind(self.module, teacher)
-        elif teacher is not None:
-            raise ValueError("teacher= is the distillation teacher; give reference= inputs to distill on too")
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.reference is not None and self.module is None:
+            raise ValueError("distillation (reference=) runs the model: pass module= as well")
+        self._start_wrapping(ZSCLRule(**setting_values(self, EnsembleSettings)))
+        self.distillation = self.build_distillation()
+        if self.distillation is not None and self.module is not None:
+            self.distillation.bind(self.module, self.teacher)
         self.task = 0
         self._ended = False
 

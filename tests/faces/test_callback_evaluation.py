@@ -265,7 +265,10 @@ def test_validate_with_both_logs_live_and_average_under_their_own_names(tmp_path
     torch.testing.assert_close(
         revalidated_loss(best.best_model_path), float(best.best_model_score), rtol=1e-6, atol=1e-7
     )
-    with pytest.warns(UserWarning, match=r"monitor='val_loss'\) ranks by a metric measured on the live weights"):
+    with pytest.warns(
+        UserWarning,
+        match=r"monitor='val_loss'\) ranks by a metric measured on the live weights.*monitor 'weightavg/ema/val_loss'",
+    ):
         both = EMA(decay=0.9, name="ema", validate_with="both")
         fit_loss([both, ModelCheckpoint(dirpath=tmp_path, monitor="val_loss")], epochs=1, enable_checkpointing=True)
 

@@ -266,6 +266,7 @@ def test_combine_command(tmp_path: Path) -> None:
     out = tmp_path / "out.safetensors"
     done = command(str(tmp_path / "snaps"), "--weights", "2,-1.5,0.5", "--output", str(out), "--dtype", "float64")
     assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"coefficients: [2, -1.5, 0.5]; not scored (no --fitness); written {out}"
     combined = read_weights(out, argument="out")
     expected = {
         k: 2 * seen[2][k] - 1.5 * seen[5][k] + 0.5 * seen[8][k]

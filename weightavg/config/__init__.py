@@ -1,18 +1,25 @@
 """Hydra face: structured configs for the ``averaging`` group, registered by an explicit ``register_configs()``.
 
-Each config mirrors its Lightning callback's constructor field for field (a test checks the names and defaults
-against the signature) and instantiates it with ``hydra.utils.instantiate``. Value checks happen in the constructor,
+Each config is generated from its Lightning callback's signature (``builds``), so it lists every argument with its
+default and never drifts; ``hydra.utils.instantiate`` builds the callback. Value checks happen in the constructor,
 so a bad value fails with a message that names the field and its allowed range.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+import collections.abc
+import copy
+import dataclasses
+import functools
+import inspect
+import types
+from collections.abc import Sequence
+from typing import Any, Literal, Union, get_args, get_origin
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
 
-from weightavg.methods.wiseft import ALPHAS
+from weightavg.core.settings import argument_types
 
 GROUP = "averaging"
 
@@ -21,178 +28,98 @@ class ConfigError(ValueError):
     """An invalid configuration value; the message names the config path, the field and what is allowed."""
 
 
-@dataclass
-class AveragingConfig:
-    """Options every averaging callback takes (see ``weightavg.callbacks.AveragingCallback``)."""
-
-    validate_with: str = "average"
-    apply_at_end: bool = True
-    export_path: str | None = None
-    name: str | None = None
-    buffers: str = "average"
-    include: list[str] | None = None
-    exclude: list[str] | None = None
-    device: str | None = None
-    dtype: str | None = None
-    contiguous: bool = False
-    nonfinite: str = "warn"
-    checkpoint_weights: str = "average"
-    resume_from_average: bool = False
-
-
-@dataclass
-class EMAConfig(AveragingConfig):
-    """``averaging=ema``: ``weightavg.callbacks.EMA``."""
-
-    _target_: str = "weightavg.callbacks.EMA"
-    decay: float | None = None
-    half_life: float | None = None
-    warmup: str = "power"
-    gamma: float = 1.0
-    power: float = 2 / 3
-    every_n_steps: int = 1
-    start_step: int = 0
-    scale_decay: bool = True
+def _config_type(annotation: Any) -> Any:
+    """The type a structured config can hold for a constructor annotation: Literals become their values' type,
+    sequences lists, a union its only config-able member (``str | os.PathLike[str]`` is ``str``); anything else
+    (callables, modules, dtypes, several config-able members) ``Any``, which also takes a ``_target_`` node."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if annotation in (bool, int, float, str):
+        return annotation
+    if origin is Literal:
+        values = {type(value) for value in args}
+        return values.pop() if len(values) == 1 else Any
+    if origin in (list, tuple, Sequence, collections.abc.Sequence) and args:
+        item = _config_type(args[0])
+        return list[item] if item is not Any else Any  # type: ignore[valid-type]
+    if origin in (Union, types.UnionType):
+        optional = type(None) in args
+        members = [_config_type(arg) for arg in args if arg is not type(None)]
+        if Any not in args:  # members a config cannot hold (a module, a dtype) leave the rest
+            members = [member for member in members if member is not Any]
+        if len(set(members)) != 1 or members[0] is Any:
+            return Any
+        return members[0] | None if optional else members[0]
+    return Any
 
 
-@dataclass
-class SWAConfig(AveragingConfig):
-    """``averaging=swa``: ``weightavg.callbacks.SWA``."""
-
-    _target_: str = "weightavg.callbacks.SWA"
-    start: float = 0.75
-    start_unit: str = "fraction"
-    every: int = 1
-    every_unit: str = "epoch"
-    recompute_bn: bool = True
-    bn_batches: int | None = None
-
-
-@dataclass
-class WiSEFTConfig:
-    """``averaging=wiseft``: ``weightavg.callbacks.WiSEFT`` (``metric`` may be a ``_target_`` node, e.g. a
-    torchmetrics metric)."""
-
-    _target_: str = "weightavg.callbacks.WiSEFT"
-    alphas: list[float] = field(default_factory=lambda: list(ALPHAS))
-    alpha: float | None = None
-    select_on: Any = 0
-    monitor: str | None = None
-    mode: str = "max"
-    metric: Any = None
-    dataloader_names: list[str] | None = None
-    anchor: str | None = None
-    apply_at_end: bool = True
-    export_path: str | None = None
-    figure_path: str | None = None
-    progress: bool = True
-    name: str | None = None
-    buffers: str = "average"
-    include: list[str] | None = None
-    exclude: list[str] | None = None
-    device: str | None = None
+def builds(target: type, *, name: str, doc: str) -> type:
+    """A structured config for ``target`` generated from its full signature (hydra-zen's
+    ``builds(target, populate_full_signature=True)`` in a few lines): one field per constructor argument, with its
+    default and a config-able type, and ``_target_`` naming ``target``. A new argument appears in the config."""
+    hints = argument_types(target)
+    fields: list[tuple[str, Any, Any]] = [
+        ("_target_", str, dataclasses.field(default=f"{target.__module__}.{target.__qualname__}"))
+    ]
+    for parameter in inspect.signature(target).parameters.values():
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            raise TypeError(f"{target.__qualname__} takes *{parameter.name}: its config cannot list its arguments")
+        kind = _config_type(hints.get(parameter.name, Any))
+        default = parameter.default
+        if default is parameter.empty:
+            spec = dataclasses.field(default=MISSING)
+        elif isinstance(default, (list, tuple, dict)):
+            spec = dataclasses.field(default_factory=functools.partial(copy.deepcopy, list(default)))
+        else:
+            spec = dataclasses.field(default=default)
+        fields.append((parameter.name, kind, spec))
+    config = dataclasses.make_dataclass(name, fields)
+    config.__module__, config.__doc__ = __name__, doc
+    return config
 
 
-@dataclass
-class ZSCLConfig(AveragingConfig):
-    """``averaging=zscl``: ``weightavg.callbacks.ZSCL`` (``reference`` may be a ``_target_`` node building a
-    DataLoader; an app can also pass it when instantiating)."""
+def _callback(name: str) -> type:
+    import weightavg.callbacks
 
-    _target_: str = "weightavg.callbacks.ZSCL"
-    every_n_steps: int = 100
-    reference: Any = None
-    distill_weight: float = 1.0
-    temperature: float = 2.0
-    teacher: str | None = None
+    return getattr(weightavg.callbacks, name)  # type: ignore[no-any-return]
 
 
-@dataclass
-class LCSCConfig:
-    """``averaging=lcsc``: ``weightavg.callbacks.LCSC`` (``settings`` takes ``SearchSettings`` fields as a mapping;
-    ``metric`` may be a ``_target_`` node)."""
-
-    _target_: str = "weightavg.callbacks.LCSC"
-    every_n_steps: int | None = None
-    every_n_epochs: int | None = None
-    keep: int | None = 12
-    directory: str | None = None
-    background: bool = False
-    overwrite: bool = False
-    method: str = "lcsc"
-    monitor: str | None = None
-    metric: Any = None
-    mode: str = "max"
-    search_on: int = 0
-    settings: Any = None
-    decay: float = 0.9
-    penalty: float = 1.0
-    by: str = "loss"
-    metric_key: str = "train_loss"
-    rule: str = "strict"
-    apply_at_end: bool = True
-    export_path: str | None = None
-    result_path: str | None = None
-    dtype: str = "float32"
-    progress: bool = True
-    recompute_bn: bool = True
-    bn_batches: int | None = None
-    name: str | None = None
-    buffers: str = "average"
-    include: list[str] | None = None
-    exclude: list[str] | None = None
-
-
-@dataclass
-class EWAConfig:
-    """``averaging=ewa``: ``weightavg.callbacks.EWA`` (the model needs FFN submodules: the app's ``model.arch=vit``)."""
-
-    _target_: str = "weightavg.callbacks.EWA"
-    beta: float = 0.3
-    ramp_steps: int = 0
-    select: Any = None
-    num_experts: int = 4
-    seed: int | None = 0
-    merge_at_end: bool = True
-    export_path: str | None = None
-    log_spread: bool = True
-    name: str | None = None
-
-
-@dataclass
-class NoLoCoConfig:
-    """``averaging=noloco``: ``weightavg.callbacks.NoLoCo`` (run it with ``trainer.strategy=local_ddp`` and several
-    ``trainer.devices``; with one process it is an outer step on the replica alone)."""
-
-    _target_: str = "weightavg.callbacks.NoLoCo"
-    sync_every: int = 50
-    outer_lr: float = 0.7
-    outer_momentum: float = 0.5
-    group_size: int = 2
-    mixing: float | None = None
-    seed: int = 0
-    average_at_end: bool = False
-    log_traffic: bool = True
-    validate_with: str = "live"
-    export_path: str | None = None
-    name: str | None = None
-    dtype: str | None = None
-
-
-@dataclass
-class DiLoCoConfig:
-    """``averaging=diloco``: ``weightavg.callbacks.DiLoCo`` (with ``trainer.strategy=local_ddp``)."""
-
-    _target_: str = "weightavg.callbacks.DiLoCo"
-    sync_every: int = 500
-    outer_lr: float = 0.7
-    outer_momentum: float = 0.9
-    nesterov: bool = True
-    average_at_end: bool = False
-    log_traffic: bool = True
-    validate_with: str = "live"
-    export_path: str | None = None
-    name: str | None = None
-    dtype: str | None = None
+EMAConfig = builds(_callback("EMA"), name="EMAConfig", doc="``averaging=ema``: ``weightavg.callbacks.EMA``.")
+SWAConfig = builds(_callback("SWA"), name="SWAConfig", doc="``averaging=swa``: ``weightavg.callbacks.SWA``.")
+WiSEFTConfig = builds(
+    _callback("WiSEFT"),
+    name="WiSEFTConfig",
+    doc="``averaging=wiseft``: ``weightavg.callbacks.WiSEFT`` (``metric`` may be a ``_target_`` node, e.g. a "
+    "torchmetrics metric).",
+)
+ZSCLConfig = builds(
+    _callback("ZSCL"),
+    name="ZSCLConfig",
+    doc="``averaging=zscl``: ``weightavg.callbacks.ZSCL`` (``reference`` may be a ``_target_`` node building a "
+    "DataLoader; an app can also pass it when instantiating).",
+)
+LCSCConfig = builds(
+    _callback("LCSC"),
+    name="LCSCConfig",
+    doc="``averaging=lcsc``: ``weightavg.callbacks.LCSC`` (``settings`` takes ``SearchSettings`` fields as a mapping; "
+    "``metric`` may be a ``_target_`` node).",
+)
+EWAConfig = builds(
+    _callback("EWA"),
+    name="EWAConfig",
+    doc="``averaging=ewa``: ``weightavg.callbacks.EWA`` (the model needs FFN submodules: the app's "
+    "``model.arch=vit``).",
+)
+NoLoCoConfig = builds(
+    _callback("NoLoCo"),
+    name="NoLoCoConfig",
+    doc="``averaging=noloco``: ``weightavg.callbacks.NoLoCo`` (run it with ``trainer.strategy=local_ddp`` and several "
+    "``trainer.devices``; with one process it is an outer step on the replica alone).",
+)
+DiLoCoConfig = builds(
+    _callback("DiLoCo"),
+    name="DiLoCoConfig",
+    doc="``averaging=diloco``: ``weightavg.callbacks.DiLoCo`` (with ``trainer.strategy=local_ddp``).",
+)
 
 
 #: The shipped options of the ``averaging`` group: name -> (config class, one-line description).
@@ -243,7 +170,7 @@ __all__ = [
     "CONFIGS",
     "ConfigError",
     "GROUP",
-    "AveragingConfig",
+    "builds",
     "EMAConfig",
     "SWAConfig",
     "WiSEFTConfig",

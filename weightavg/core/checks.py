@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -193,3 +194,15 @@ def check_callable(name: str, value: Any) -> None:
     """Raise ``TypeError`` unless ``value`` is ``None`` or callable (a function given where a number was meant)."""
     if value is not None and not callable(value):
         raise TypeError(f"{name}={value!r} must be a function or None, got {type(value).__name__}")
+
+
+def outside_stacklevel() -> int:
+    """The ``stacklevel`` for ``warnings.warn`` that points at the first caller outside weightavg (and outside the
+    ``__init__`` that ``dataclasses`` generates), however deep the settings checks that warn are nested."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (
+        frame.f_code.co_filename.startswith(package) or frame.f_code.co_filename == "<string>"
+    ):
+        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
+    return level

@@ -1,53 +1,44 @@
 """EMA: the exponential moving average of the weights over optimizer steps (the whole rule; the engine does the rest).
 
 avg <- decay_t * avg + (1 - decay_t) * live        after optimizer step t  (== lerp(avg, live, 1 - decay_t))
+
+``EMASettings`` declares the settings once; the rule ``EMA`` and every face (``weightavg.callbacks.EMA``,
+``weightavg.optim.EMA``, the Hydra config ``averaging=ema``) inherit them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 
 from weightavg.core.checks import check_bool, check_choice, check_number
 from weightavg.core.rule import Clock, Event, NotACallback, canonical_eq, canonical_hash, compact_repr
 from weightavg.core.schedules import WARMUPS, Warmup, decay_from_half_life, warmed_decay
+from weightavg.core.settings import Frozen, Settings
 
 
-@dataclass(frozen=True, repr=False)
-class EMA(NotACallback):
-    """Exponential moving average of the weights.
-
-    The average becomes a copy of the live weights once ``start_step`` optimizer steps are done (at binding when
-    ``start_step`` is 0); after that, once ``every_n_steps`` optimizer steps have passed since the last update, it
-    applies ``avg <- lerp(avg, live, 1 - d)`` with
-
-    - ``d = decay_t ** k`` when ``scale_decay`` (default), ``k`` the steps since the last update (``every_n_steps``,
-      or more if the step counter jumped): skipping steps keeps the time constant, so ``every_n_steps=4`` averages
-      over the same span of training as ``every_n_steps=1``;
-    - ``decay_t = decay`` (``warmup="none"``), ``min(decay, 1 - (1 + t / gamma) ** -power)`` (``"power"``, timm and
-      ema-pytorch), or ``min(decay, (1 + t) / (10 + t))`` (``"tf"``), where ``t`` counts steps since ``start_step``.
-
-    Args:
-        decay: the decay in [0, 1). Mutually exclusive with ``half_life``; 0.999 when neither is given.
-        half_life: the decay as a half-life in optimizer steps, ``decay = 0.5 ** (1 / half_life)``.
-        warmup: ``"none"``, ``"power"`` or ``"tf"``.
-        gamma, power: the power warmup's constants (gamma=1, power=2/3 for long runs; 3/4 for short ones).
-        every_n_steps: update after every n-th optimizer step.
-        start_step: optimizer steps before averaging starts.
-        scale_decay: raise the decay to the number of steps since the last update.
-
-    Raises:
-        ValueError: on a decay outside [0, 1), a non-positive half-life, ``every_n_steps < 1``, a negative start, an
-            unknown warmup, or both ``decay`` and ``half_life``.
-    """
+@dataclass(eq=False, repr=False)
+class EMASettings(Settings):
+    """The settings of an exponential moving average (checked when built)."""
 
     decay: float | None = None
+    """The decay per optimizer step, in [0, 1); 0.999 when neither ``decay`` nor ``half_life`` is given."""
+    _: KW_ONLY
     half_life: float | None = None
+    """The decay as a half-life in optimizer steps, ``decay = 0.5 ** (1 / half_life)`` (instead of ``decay``)."""
     warmup: Warmup = "power"
+    """``"power"``: ``min(decay, 1 - (1 + t / gamma) ** -power)`` (timm, ema-pytorch); ``"tf"``:
+    ``min(decay, (1 + t) / (10 + t))``; ``"none"``: the decay from the first step. ``t`` counts optimizer steps since
+    ``start_step``."""
     gamma: float = 1.0
+    """The power warmup's step scale (timm's ``inv_gamma``); > 0."""
     power: float = 2 / 3
+    """The power warmup's exponent (> 0): 2/3 for long runs (~0.999 after ~31k steps), 3/4 for short ones."""
     every_n_steps: int = 1
+    """Optimizer steps between updates, counted from the last update (the start copy included)."""
     start_step: int = 0
+    """Optimizer steps before averaging starts (the average is then a copy of the live weights)."""
     scale_decay: bool = True
+    """Raise the decay to the number of steps since the last update, so ``every_n_steps`` keeps the time constant."""
 
     def __post_init__(self) -> None:
         if self.decay is not None and self.half_life is not None:
@@ -62,6 +53,33 @@ class EMA(NotACallback):
         check_number("every_n_steps", self.every_n_steps, low=1, integer=True)
         check_number("start_step", self.start_step, low=0, integer=True)
         check_bool("scale_decay", self.scale_decay)
+        super().__post_init__()
+
+
+@dataclass(eq=False, repr=False)
+class EMA(EMASettings, Frozen, NotACallback):
+    """Exponential moving average of the weights.
+
+    The average becomes a copy of the live weights once ``start_step`` optimizer steps are done (at binding when
+    ``start_step`` is 0); after that, once ``every_n_steps`` optimizer steps have passed since the last update, it
+    applies ``avg <- lerp(avg, live, 1 - d)`` with
+
+    - ``d = decay_t ** k`` when ``scale_decay`` (default), ``k`` the steps since the last update (``every_n_steps``,
+      or more if the step counter jumped): skipping steps keeps the time constant, so ``every_n_steps=4`` averages
+      over the same span of training as ``every_n_steps=1``;
+    - ``decay_t = decay`` (``warmup="none"``), ``min(decay, 1 - (1 + t / gamma) ** -power)`` (``"power"``, timm and
+      ema-pytorch), or ``min(decay, (1 + t) / (10 + t))`` (``"tf"``), where ``t`` counts steps since ``start_step``.
+
+    The settings are ``EMASettings``'s, one docstring each.
+
+    Raises:
+        ValueError: on a decay outside [0, 1), a non-positive half-life, ``every_n_steps < 1``, a negative start, an
+            unknown warmup, or both ``decay`` and ``half_life``.
+    """
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._freeze()
 
     @property
     def base_decay(self) -> float:

@@ -2,43 +2,35 @@
 running average of the weights sampled after a start point.
 
     n <- n + 1;  avg <- avg + (live - avg) / n        at each sample (the first sample copies)
+
+``SWASettings`` declares the settings once; the rule ``SWA`` and every face inherit them (the faces choose their own
+defaults for ``start`` and ``every_unit``: a Trainer knows the run's length, a plain loop does not).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 
 from weightavg.core.checks import check_choice, check_number
 from weightavg.core.rule import Clock, Event, NotACallback, canonical_eq, canonical_hash, compact_repr
 from weightavg.core.schedules import START_UNITS, UNITS, StartUnit, Unit, reached
+from weightavg.core.settings import Frozen, Settings
 
 
-@dataclass(frozen=True, repr=False)
-class SWA(NotACallback):
-    """Stochastic weight averaging: an equal-weight average of weight samples.
-
-    Samples are taken at events of ``every_unit`` (after an optimizer step, or at an epoch's end): the first at the
-    first event once the start point is reached (it copies the live weights), then each time ``every`` steps or
-    epochs have passed since the last sample.
-
-    Args:
-        start: where sampling starts: a fraction of the run's optimizer steps in [0, 1] (``start_unit="fraction"``,
-            needs the run's total steps), or a number of optimizer steps or epochs done.
-        start_unit: ``"fraction"``, ``"step"`` or ``"epoch"``.
-        every: sample every n-th step or epoch.
-        every_unit: ``"epoch"`` (the paper: once per epoch, or per LR cycle) or ``"step"``.
-
-    Pair SWA with a constant or cyclic learning rate in the averaging phase (``torch.optim.swa_utils.SWALR``); SWA
-    never touches the optimizer or its scheduler. Recompute BatchNorm statistics of the average at the end.
-
-    Raises:
-        ValueError: on a negative start, a fraction above 1, an unknown unit, or ``every < 1``.
-    """
+@dataclass(eq=False, repr=False)
+class SWASettings(Settings):
+    """The settings of a stochastic weight average (checked when built)."""
 
     start: float = 0.75
+    """Where sampling starts: a fraction of the run's optimizer steps in [0, 1] (``start_unit="fraction"``, needs the
+    run's total steps), or a number of optimizer steps or epochs done."""
+    _: KW_ONLY
     start_unit: StartUnit = "fraction"
+    """The unit of ``start``: ``"fraction"``, ``"step"`` or ``"epoch"``."""
     every: int = 1
+    """Sample every n-th step or epoch."""
     every_unit: Unit = "epoch"
+    """When samples are taken: ``"epoch"`` (the paper: once per epoch, or per LR cycle) or ``"step"``."""
 
     def __post_init__(self) -> None:
         check_choice("start_unit", self.start_unit, START_UNITS)
@@ -51,6 +43,27 @@ class SWA(NotACallback):
             check_number("start", self.start, low=0, integer=True)
         check_number("every", self.every, low=1, integer=True)
         check_choice("every_unit", self.every_unit, UNITS)
+        super().__post_init__()
+
+
+@dataclass(eq=False, repr=False)
+class SWA(SWASettings, Frozen, NotACallback):
+    """Stochastic weight averaging: an equal-weight average of weight samples.
+
+    Samples are taken at events of ``every_unit`` (after an optimizer step, or at an epoch's end): the first at the
+    first event once the start point is reached (it copies the live weights), then each time ``every`` steps or
+    epochs have passed since the last sample. The settings are ``SWASettings``'s, one docstring each.
+
+    Pair SWA with a constant or cyclic learning rate in the averaging phase (``torch.optim.swa_utils.SWALR``); SWA
+    never touches the optimizer or its scheduler. Recompute BatchNorm statistics of the average at the end.
+
+    Raises:
+        ValueError: on a negative start, a fraction above 1, an unknown unit, or ``every < 1``.
+    """
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._freeze()
 
     def weight(self, event: Event, clock: Clock, num_updates: int) -> float | None:
         if event != self.every_unit or not reached(self.start, self.start_unit, clock):

@@ -19,9 +19,10 @@ Metrics over a task sequence come from the accuracy matrix ``A[stage][task]`` (`
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
 import torch
@@ -31,24 +32,71 @@ from torch import nn
 from weightavg.core import io
 from weightavg.core.averager import Averager
 from weightavg.core.call import Forward, call_with, eval_mode
-from weightavg.core.checks import check_callable, check_number
+from weightavg.core.checks import check_callable, check_number, outside_stacklevel
+from weightavg.core.io import WeightSource
 from weightavg.core.rule import Clock, Event, NotACallback, Snapshot, canonical_eq, canonical_hash, compact_repr
+from weightavg.core.settings import Frozen, Settings
 
 
-@dataclass(frozen=True, repr=False)
-class ZSCL(NotACallback):
-    """The ZSCL weight-ensemble rule: copy at the task's start (bind), merge after the task's first optimizer step
-    and then every ``every_n_steps`` steps with weight ``1 / (n + 1)``.
-
-    Args:
-        every_n_steps: the merge interval I (the paper: 100 on the multi-domain benchmark, 10 class-incremental).
-            Steps are counted from the last merge, so a step counter that jumps keeps the interval.
-    """
+@dataclass(eq=False, repr=False)
+class EnsembleSettings(Settings):
+    """The weight ensemble's setting (checked when built)."""
 
     every_n_steps: int = 100
+    """The merge interval I (the paper: 100 on the multi-domain benchmark, 10 class-incremental). Steps are counted
+    from the last merge, so a step counter that jumps keeps the interval."""
 
     def __post_init__(self) -> None:
         check_number("every_n_steps", self.every_n_steps, low=1, integer=True)
+        super().__post_init__()
+
+
+@dataclass(eq=False, repr=False)
+class DistillationSettings(Settings):
+    """The distillation's settings (checked when built; those that act only with ``reference`` are warned about as
+    ignored without it)."""
+
+    _: KW_ONLY
+    reference: Any = None
+    """Unlabeled reference inputs (a DataLoader; ``(inputs, labels)`` batches give their inputs), cycled; ``None``
+    disables distillation."""
+    distill_weight: float = 1.0
+    """Lambda, the loss weight (1; 5 in the paper's class-incremental setting)."""
+    temperature: float = 2.0
+    """T, the distillation temperature (2)."""
+    teacher: WeightSource | None = None
+    """The original model's weights (module, state dict or path); default: the model when the first task starts.
+    Kept across tasks and in checkpoints."""
+    forward: Forward | None = None
+    """``forward(module, inputs) -> outputs`` used for teacher and student; default ``module(inputs)``."""
+    reference_input: Callable[[Any], Any] | None = None
+    """Maps a reference batch to the model's inputs."""
+
+    def __post_init__(self) -> None:
+        check_distillation_knobs(self)
+        super().__post_init__()
+
+    def build_distillation(self) -> Distillation | None:
+        """The distillation these settings describe (``None`` without ``reference``), not yet bound to a model."""
+        if self.reference is None:
+            return None
+        return Distillation(
+            self.reference,
+            weight=self.distill_weight,
+            temperature=self.temperature,
+            forward=self.forward,
+            reference_input=self.reference_input,
+        )
+
+
+@dataclass(eq=False, repr=False)
+class ZSCL(EnsembleSettings, Frozen, NotACallback):
+    """The ZSCL weight-ensemble rule: copy at the task's start (bind), merge after the task's first optimizer step
+    and then every ``every_n_steps`` steps with weight ``1 / (n + 1)``. The faces add ``DistillationSettings``."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._freeze()
 
     def weight(self, event: Event, clock: Clock, num_updates: int) -> float | None:
         if event == "bind":
@@ -88,30 +136,29 @@ def _first(batch: Any) -> Any:
     return batch[0] if isinstance(batch, (list, tuple)) else batch
 
 
-def check_distillation_knobs(
-    reference: Any, distill_weight: Any, temperature: Any, forward: Any, reference_input: Any
-) -> None:
-    """Check ZSCL's distillation arguments whether or not they are used, and warn about those that only act with
-    ``reference=`` when it is missing (the ensemble alone is a sensible run, e.g. an ablation, so no refusal)."""
-    check_number("distill_weight", distill_weight, low=0.0)
-    check_number("temperature", temperature, low=0.0, low_open=True)
-    check_callable("forward", forward)
-    check_callable("reference_input", reference_input)
-    if reference is not None:
+def check_distillation_knobs(settings: DistillationSettings) -> None:
+    """Check ZSCL's distillation settings whether or not they are used, and warn about those that only act with
+    ``reference=`` when it is missing (the ensemble alone is a sensible run, e.g. an ablation, so no refusal); a
+    ``teacher`` without ``reference`` is refused (it would never be used)."""
+    check_number("distill_weight", settings.distill_weight, low=0.0)
+    check_number("temperature", settings.temperature, low=0.0, low_open=True)
+    check_callable("forward", settings.forward)
+    check_callable("reference_input", settings.reference_input)
+    if settings.reference is not None:
         return
-    given = {
-        "distill_weight": distill_weight != 1.0,
-        "temperature": temperature != 2.0,
-        "forward": forward is not None,
-        "reference_input": reference_input is not None,
-    }
-    ignored = [name for name, set_ in given.items() if set_]
+    if settings.teacher is not None:
+        raise ValueError("teacher= is the distillation teacher; give reference= inputs to distill on too")
+    ignored = [
+        f.name
+        for f in dataclasses.fields(DistillationSettings)
+        if f.name not in ("reference", "teacher") and getattr(settings, f.name) != f.default
+    ]
     if ignored:
         warnings.warn(
             f"ZSCL: {', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored without reference= "
             "(they configure the distillation, which needs reference inputs); only the weight ensemble runs",
             UserWarning,
-            stacklevel=3,
+            stacklevel=outside_stacklevel(),
         )
 
 

@@ -1,0 +1,111 @@
+"""Regenerate the knob tables of the docs pages from the settings dataclasses, where each setting is declared once
+(type, default and docstring: ``weightavg.core.settings``).
+
+    python docs/generate.py          # rewrite the tables between <!-- knobs: NAME --> and <!-- /knobs -->
+    python docs/generate.py --check  # exit 1 naming the tables that are out of date (tests/test_docs.py runs it)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+DOCS = Path(__file__).resolve().parent
+MARKER = re.compile(r"(<!-- knobs: (?P<name>[\w-]+) -->\n)(?P<table>.*?)(<!-- /knobs -->)", re.S)
+
+
+def tables() -> dict[str, tuple[list[type], dict[str, Any]]]:
+    """Table name -> (the settings classes whose fields are its rows, the faces whose defaults it shows)."""
+    import weightavg.callbacks as cb
+    import weightavg.optim as wo
+    from weightavg.core.settings import EngineOptions
+    from weightavg.methods.ema import EMASettings
+    from weightavg.methods.swa import SWASettings
+    from weightavg.methods.zscl import DistillationSettings, EnsembleSettings
+
+    both = "Lightning, Hydra"
+    return {
+        "ema": ([EMASettings], {both: cb.EMA, "optimizer": wo.EMA}),
+        "swa": ([SWASettings], {both: cb.SWA, "optimizer": wo.SWA}),
+        "swa-lightning": ([cb.SWA], {both: cb.SWA}),
+        "zscl": ([EnsembleSettings, DistillationSettings], {both: cb.ZSCL, "optimizer": wo.ZSCL}),
+        "callback-options": ([cb.CallbackOptions], {both: cb.EMA}),
+        "wrapper-options": ([wo.WrapperOptions], {"optimizer": wo.EMA}),
+        "engine-options": ([EngineOptions], {both: cb.EMA, "optimizer": wo.EMA}),
+    }
+
+
+def own_fields(group: type) -> list[str]:
+    """The fields ``group`` declares itself (a face declares only its own extras; a settings class all of its)."""
+    annotations = vars(group).get("__annotations__", {})
+    return [f.name for f in dataclasses.fields(group) if f.name in annotations and f.name != "_"]  # type: ignore[arg-type]
+
+
+def markdown(text: str) -> str:
+    """A docstring as one table cell: RST literals as Markdown code, one line, pipes escaped."""
+    return " ".join(text.replace("``", "`").split()).replace("|", "\\|")
+
+
+def value(default: Any) -> str:
+    if default is inspect.Parameter.empty:
+        return "required"
+    if isinstance(default, float) and len(repr(default)) > 8:
+        return f"`{default:.4g}`"
+    if isinstance(default, str):
+        return f'`"{default}"`'
+    return f"`{default!r}`"
+
+
+def table(groups: list[type], faces: dict[str, Any]) -> str:
+    from weightavg.core.settings import field_docs
+
+    rows = ["| argument | default | meaning |", "|---|---|---|"]
+    for group in groups:
+        docs = field_docs(group)
+        for name in own_fields(group):
+            defaults = {face: inspect.signature(cls).parameters[name].default for face, cls in faces.items()}
+            if len({repr(d) for d in defaults.values()}) == 1:
+                default = value(next(iter(defaults.values())))
+            else:
+                default = "; ".join(f"{value(d)} ({face})" for face, d in defaults.items())
+            rows.append(f"| `{name}` | {default} | {markdown(docs.get(name, ''))} |")
+    return "\n".join(rows) + "\n"
+
+
+def regenerate(page: Path) -> tuple[str, list[str]]:
+    """The page's text with its knob tables regenerated, and the names of the tables that changed."""
+    known, changed = tables(), []
+    text = page.read_text()
+
+    def replace(match: re.Match[str]) -> str:
+        name = match["name"]
+        if name not in known:
+            raise KeyError(f"{page.name}: unknown knob table {name!r}; known: {sorted(known)}")
+        fresh = table(*known[name])
+        if fresh != match["table"]:
+            changed.append(f"{page.name}:{name}")
+        return match[1] + fresh + match[4]
+
+    return MARKER.sub(replace, text), changed
+
+
+def main(argv: list[str]) -> int:
+    stale = []
+    for page in sorted(DOCS.glob("*.md")):
+        text, changed = regenerate(page)
+        stale += changed
+        if changed and "--check" not in argv:
+            page.write_text(text)
+    if stale and "--check" in argv:
+        print("out of date (run python docs/generate.py):", ", ".join(stale), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(DOCS.parent))
+    raise SystemExit(main(sys.argv[1:]))

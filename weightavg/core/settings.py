@@ -1,0 +1,138 @@
+"""Settings declared once: typed dataclass fields with a docstring each, checked when built, shared by every face.
+
+A method's settings (``weightavg.methods.ema.EMASettings``, ...) are a dataclass; its rule subclasses them and each
+face (Lightning callback, optimizer wrapper) inherits the same fields, so ``inspect.signature``, IDEs and type checkers
+show every knob and a new setting appears everywhere at once. ``EngineOptions`` is the one group of engine settings
+(``weightavg.Averager``'s) that the faces share. The Hydra configs are generated from the faces' signatures
+(``weightavg.config``).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import inspect
+import itertools
+import textwrap
+import typing
+from collections.abc import Sequence
+from dataclasses import KW_ONLY, dataclass
+from typing import Any
+
+import torch
+
+from weightavg.core.averager import NONFINITE, NonFinite
+from weightavg.core.binding import BufferPolicy, check_buffer_policy, check_patterns
+from weightavg.core.checks import check_bool, check_choice, check_device, resolve_dtype
+
+
+class Settings:
+    """Base of every settings dataclass: ``__post_init__`` is cooperative, so a class combining several settings
+    groups checks all of them (each group checks its own fields, then calls ``super().__post_init__()``)."""
+
+    def __post_init__(self) -> None:
+        return None
+
+
+class Frozen:
+    """Fields that cannot be assigned after construction (what ``dataclass(frozen=True)`` gives, for dataclasses whose
+    settings other, mutable classes inherit): rules are immutable values; build another with ``dataclasses.replace``."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_frozen", False):
+            raise dataclasses.FrozenInstanceError(
+                f"cannot assign to field {name!r} of {type(self).__name__}: build another with "
+                f"dataclasses.replace(rule, {name}=...)"
+            )
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        raise dataclasses.FrozenInstanceError(f"cannot delete field {name!r} of {type(self).__name__}")
+
+    def _freeze(self) -> None:
+        object.__setattr__(self, "_frozen", True)
+
+
+def setting_values(obj: object, group: type) -> dict[str, Any]:
+    """The values ``obj`` holds for the fields of the settings dataclass ``group`` (``obj`` inherits them)."""
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(group) if f.init}  # type: ignore[arg-type]
+
+
+def argument_types(target: type) -> dict[str, Any]:
+    """The resolved type of each constructor argument of ``target``: for a settings dataclass its fields' types
+    (each resolved in the module that declares it), else its ``__init__``'s annotations."""
+    if dataclasses.is_dataclass(target):
+        return typing.get_type_hints(target)
+    return typing.get_type_hints(target.__init__)  # type: ignore[misc]
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Each dataclass field's docstring (the string literal right after the field, as Sphinx reads it), from every
+    dataclass in ``cls``'s MRO; a subclass's own docstring for a field wins."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if "__dataclass_fields__" not in vars(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):  # no source (a frozen application): fields keep their names only
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, after in itertools.pairwise(body):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
+                docs[node.target.id] = inspect.cleandoc(after.value.value)
+    return docs
+
+
+@dataclass(eq=False, repr=False)
+class EngineOptions(Settings):
+    """How the engine keeps an average (``weightavg.Averager``'s settings), the same in every face."""
+
+    _: KW_ONLY
+    buffers: BufferPolicy = "average"
+    """Floating buffers (BatchNorm statistics): ``"average"`` them like the weights, ``"copy"`` the live value, or
+    ``"ignore"`` them; integer buffers are copied unless ``"ignore"``."""
+    include: str | Sequence[str] | None = None
+    """Glob patterns (``fnmatch``) on ``state_dict`` names (a tied tensor's first name, without ``torch.compile``'s
+    ``_orig_mod.`` or DDP's ``module.``): follow only the matching tensors. A pattern that matches nothing is refused
+    when the averager is built, quoting it and listing names that exist."""
+    exclude: str | Sequence[str] | None = None
+    """Glob patterns on ``state_dict`` names, as for ``include``: leave the matching tensors out."""
+    device: torch.device | str | None = None
+    """Where the average lives (e.g. ``"cpu"`` to keep accelerator memory free); default: beside each live tensor."""
+    dtype: torch.dtype | str | None = None
+    """The average's dtype (``torch.float32`` or ``"float32"``); default fp32 for fp16/bf16 weights, else the live
+    dtype; ``"live"`` keeps each tensor's own dtype."""
+    contiguous: bool = False
+    """Re-home the live tensors of each dtype group into one flat buffer when binding, so an update is one kernel per
+    group instead of one per tensor; single-process Lightning runs only."""
+    nonfinite: NonFinite = "warn"
+    """NaN/inf in the live weights, which would poison the average for good. ``"warn"``: updates are unchanged; the
+    first check that finds a non-finite average warns once, naming the averager and the first such tensor.
+    ``"skip"``: each update reduces the live weights to a finite flag on the device and, where it is false, leaves
+    the whole average unchanged (no host sync; the step still counts); warns once. ``"error"``: as ``"skip"``, and the
+    next check raises ``FloatingPointError``. Checks (one device read) run before each validation swap, in
+    ``averaged()``, ``state_dict()`` and ``save()``; ``"skip"``/``"error"`` cost one extra read per update."""
+
+    def __post_init__(self) -> None:
+        check_buffer_policy(self.buffers)
+        check_patterns(self.include, "include")
+        check_patterns(self.exclude, "exclude")
+        check_device(self.device)
+        if self.dtype is not None:
+            resolve_dtype(self.dtype, extra=("live",))
+        check_bool("contiguous", self.contiguous)
+        check_choice("nonfinite", self.nonfinite, NONFINITE)
+        super().__post_init__()
+
+    def engine_options(self) -> dict[str, Any]:
+        """These settings as keyword arguments for ``weightavg.Averager``."""
+        return setting_values(self, EngineOptions)
