@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import pickle
+from pathlib import Path
 
 import pytest
 from hydra.core.config_store import ConfigStore
@@ -120,3 +121,35 @@ def test_ewa_config_checks_its_share_rate() -> None:
     node.beta = 0.9
     with pytest.raises(ConfigError, match=r"averaging: beta=0\.9 is out of range"):
         instantiate_averaging(node)
+
+
+def test_a_type_checker_sees_every_knob_of_the_faces(tmp_path: Path) -> None:
+    """The faces' generated signatures are plain dataclass ``__init__``s, so mypy checks a user's arguments: a
+    misspelt knob and a wrong type are errors; a correct call is not."""
+    pytest.importorskip("mypy")
+    script = tmp_path / "user.py"
+    script.write_text(
+        "import torch\n"
+        "import weightavg.callbacks as cb\n"
+        "import weightavg.optim as wo\n"
+        "cb.EMA(decay=0.9, validate_with='both', buffers='copy', nonfinite='skip')\n"
+        "cb.EMA(decy=0.9)\n"
+        "cb.SWA(start=0.5, recompute_bn='no')\n"
+        "m = torch.nn.Linear(2, 2)\n"
+        "wo.EMA(torch.optim.SGD(m.parameters(), lr=0.1), 0.99, module=m, contiguous=True)\n"
+        "wo.ZSCL(torch.optim.SGD(m.parameters(), lr=0.1), 10, distil_weight=2.0)\n"
+    )
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--cache-dir", str(tmp_path / "cache"), str(script)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    errors = [line.split(": error: ")[1] for line in done.stdout.splitlines() if ": error: " in line]
+    assert [line.split(":")[1] for line in done.stdout.splitlines() if ": error: " in line] == ["5", "6", "9"]
+    assert 'Unexpected keyword argument "decy" for "EMA"' in errors[0]
+    assert 'Argument "recompute_bn" to "SWA" has incompatible type "str"' in errors[1]
+    assert 'Unexpected keyword argument "distil_weight" for "ZSCL"' in errors[2]
