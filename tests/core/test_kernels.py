@@ -144,3 +144,62 @@ def test_guarded_lerp_skips_on_the_device_and_otherwise_equals_lerp(
         for fast, slow, expected in zip(*results, unguarded, strict=True):
             torch.testing.assert_close(fast, slow, rtol=0, atol=0, equal_nan=True)
             torch.testing.assert_close(fast, expected, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("alpha", [1.0, -1.0, 0.7, -0.35])
+def test_add_foreach_matches_loop_and_float64(dtype: torch.dtype, alpha: float) -> None:
+    targets, sources = tensors(dtype, seed=10), tensors(dtype, seed=11)
+    by_foreach, by_loop = [t.clone() for t in targets], [t.clone() for t in targets]
+    kernels.add_(by_foreach, sources, alpha, foreach=True)
+    kernels.add_(by_loop, sources, alpha, foreach=False)
+    for fast, slow, target, source in zip(by_foreach, by_loop, targets, sources, strict=True):
+        torch.testing.assert_close(fast, slow, rtol=0, atol=0)
+        torch.testing.assert_close(fast.double(), target.double() + alpha * source.double(), **tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("factor", [0.5, 0.9, 3.0])
+def test_mul_and_div_foreach_match_loop_and_float64(dtype: torch.dtype, factor: float) -> None:
+    targets = tensors(dtype, seed=12)
+    for kernel, exact in ((kernels.mul_, lambda t: t * factor), (kernels.div_, lambda t: t / factor)):
+        by_foreach, by_loop = [t.clone() for t in targets], [t.clone() for t in targets]
+        kernel(by_foreach, factor, foreach=True)
+        kernel(by_loop, factor, foreach=False)
+        for fast, slow, target in zip(by_foreach, by_loop, targets, strict=True):
+            torch.testing.assert_close(fast, slow, rtol=0, atol=0)
+            torch.testing.assert_close(fast.double(), exact(target.double()), **tolerance(dtype))
+    # div_ is a true division (a mean over ranks rounds once), not a multiplication by the reciprocal.
+    third = [torch.full((4,), 0.1 * 3, dtype=dtype)]
+    kernels.div_(third, 3.0)
+    assert torch.equal(third[0], torch.full((4,), 0.1 * 3, dtype=dtype) / 3)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_zero_and_max_abs(foreach: bool) -> None:
+    values = [t for t in tensors(torch.float64, seed=13) if t.numel()]
+    values[1][0, 0] = -7.5
+    norms = kernels.max_abs(values, foreach=foreach)
+    assert [float(n) for n in norms] == [float(v.abs().max()) for v in values]
+    values[0][0] = float("nan")
+    assert torch.isnan(kernels.max_abs(values, foreach=foreach)[0])
+    kernels.zero_(values, foreach=foreach)
+    assert all(torch.equal(v, torch.zeros_like(v)) for v in values)
+    assert kernels.max_abs([], foreach=foreach) == []
+
+
+def test_no_method_writes_its_own_foreach_arithmetic() -> None:
+    """Weight arithmetic goes through weightavg.core.kernels (both paths, tested here), nowhere else."""
+    from pathlib import Path
+
+    import weightavg
+
+    package = Path(weightavg.__file__).parent
+    offenders = [
+        f"{path.relative_to(package)}:{number}"
+        for path in sorted(package.rglob("*.py"))
+        if path.name != "kernels.py"
+        for number, line in enumerate(path.read_text().splitlines(), start=1)
+        if "_foreach_" in line
+    ]
+    assert offenders == []

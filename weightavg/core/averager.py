@@ -138,7 +138,7 @@ def _nonfinite(tensors: list[torch.Tensor]) -> torch.Tensor:
     """A bool device tensor, one entry per tensor: whether it holds NaN or inf (its max-norm is not finite; empty
     tensors, which have no max-norm, are finite)."""
     filled = [t.detach() for t in tensors if t.numel()]
-    flags = ~torch.isfinite(torch.stack(torch._foreach_norm(filled, ord=float("inf")))) if filled else None
+    flags = ~torch.isfinite(torch.stack(kernels.max_abs(filled))) if filled else None
     if len(filled) == len(tensors) and flags is not None:
         return flags
     # Empty tensors among them (rare): scatter by a host-built index (a small copy to the device).

@@ -1,7 +1,10 @@
-"""Batched tensor kernels: the only arithmetic the engine runs on weights.
+"""Batched tensor kernels: the only arithmetic the engine and the methods run on weights.
 
-Each kernel has a ``torch._foreach_*`` path (one launch per list) and a plain per-tensor loop for reference; tests
-check that both agree. Weights are Python floats, so no kernel reads a device value back to the host.
+Each kernel has a ``torch._foreach_*`` path (one launch per list, the default) and a plain per-tensor loop, chosen by
+``foreach`` (as torch's ``_multi_tensor_adam`` / ``_single_tensor_adam``); ``tests/core/test_kernels.py`` checks that
+both agree, in float64, with the formula written out. Coefficients are Python floats, so no kernel reads a device
+value back to the host. The methods (NoLoCo's outer steps, EWA's share, LCSC's combinations, WiSE-FT's interpolation)
+use these kernels; no ``torch._foreach_*`` call is written elsewhere.
 """
 
 from __future__ import annotations
@@ -122,3 +125,57 @@ def copy_(targets: Tensors, sources: Tensors, *, foreach: bool = True) -> None:
         return
     for target, source in zip(targets, sources, strict=True):
         target.copy_(source)
+
+
+def add_(targets: Tensors, sources: Tensors, alpha: float = 1.0, *, foreach: bool = True) -> None:
+    """``target <- target + alpha * source`` for each pair (``alpha=-1``: subtract)."""
+    if not targets:
+        return
+    if foreach:
+        torch._foreach_add_(targets, sources, alpha=alpha)
+        return
+    for target, source in zip(targets, sources, strict=True):
+        target.add_(source, alpha=alpha)
+
+
+def mul_(targets: Tensors, factor: float, *, foreach: bool = True) -> None:
+    """``target <- factor * target`` for each tensor."""
+    if not targets:
+        return
+    if foreach:
+        torch._foreach_mul_(targets, factor)
+        return
+    for target in targets:
+        target.mul_(factor)
+
+
+def div_(targets: Tensors, divisor: float, *, foreach: bool = True) -> None:
+    """``target <- target / divisor`` for each tensor (a true division: a mean rounds once, not as ``* (1 / n)``)."""
+    if not targets:
+        return
+    if foreach:
+        torch._foreach_div_(targets, divisor)
+        return
+    for target in targets:
+        target.div_(divisor)
+
+
+def zero_(targets: Tensors, *, foreach: bool = True) -> None:
+    """``target <- 0`` for each tensor."""
+    if not targets:
+        return
+    if foreach:
+        torch._foreach_zero_(targets)
+        return
+    for target in targets:
+        target.zero_()
+
+
+def max_abs(tensors: Tensors, *, foreach: bool = True) -> Tensors:
+    """Each tensor's largest absolute value (its inf-norm), as 0-dim tensors on its device (NaN where it holds one);
+    the tensors must not be empty."""
+    if not tensors:
+        return []
+    if foreach:
+        return list(torch._foreach_norm(tensors, ord=float("inf")))
+    return [torch.linalg.vector_norm(tensor, ord=float("inf")) for tensor in tensors]

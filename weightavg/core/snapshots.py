@@ -498,7 +498,7 @@ def combine(
         else:
             place = torch.device(device or "cpu") if target is None else target.device
             accumulators[name] = torch.empty(shape, dtype=dtype, device=place)
-    torch._foreach_zero_(list(accumulators.values()))
+    kernels.zero_(list(accumulators.values()))
     integers: dict[str, torch.Tensor] = {}
     for index, (source, weight) in enumerate(zip(sources, coefficients, strict=True)):
         with _open_source(source, store) as tensors:
@@ -512,12 +512,12 @@ def combine(
                     loaded.append(tensor.to(device=accumulators[name].device, dtype=dtype))
                     pending += loaded[-1].numel() * loaded[-1].element_size()
                     if pending >= _CHUNK_BYTES:
-                        torch._foreach_add_(floating, loaded, alpha=weight)
+                        kernels.add_(floating, loaded, weight)
                         floating, loaded, pending = [], [], 0
                 elif index == len(sources) - 1:
                     integers[name] = tensor.to(accumulators[name].device)
             if floating:
-                torch._foreach_add_(floating, loaded, alpha=weight)
+                kernels.add_(floating, loaded, weight)
     result = {name: integers.get(name, acc) for name, acc in accumulators.items()}
     if targets is not None:
         names = [name for name in result if name in targets and name not in in_place]

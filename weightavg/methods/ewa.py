@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from weightavg.core import kernels
 from weightavg.core.checks import check_number
 
 
@@ -129,7 +130,7 @@ class RandomPartitionMoE(nn.Module):
             return
         stacks = self.stacks()
         means = [stack.mean(0, keepdim=True).expand_as(stack) for stack in stacks]
-        torch._foreach_lerp_(stacks, means, beta * n / (n - 1))
+        kernels.lerp_(stacks, means, beta * n / (n - 1))
 
     @torch.no_grad()
     def spread(self) -> float:

@@ -246,9 +246,9 @@ class Replica:
         out = [self._buffer(slot, i, t) for i, t in enumerate(like)]
         kernels.copy_(out, sources[0])
         for tensors in sources[1:]:
-            torch._foreach_add_(out, tensors)
+            kernels.add_(out, tensors)
         if len(sources) > 1:
-            torch._foreach_div_(out, float(len(sources)))
+            kernels.div_(out, float(len(sources)))
         return out
 
     def _noloco(self, rule: NoLoCoRule) -> None:
@@ -262,17 +262,17 @@ class Replica:
         thetas = [lives if slot < 0 else received[slot][: len(lives)] for _, slot in members]
         mean_theta = self._mean(-2, slows, thetas)
         momentum = [m for group in self.momentum for m in group]
-        torch._foreach_mul_(momentum, rule.outer_momentum)
-        torch._foreach_add_(momentum, mean_theta, alpha=rule.outer_lr)
+        kernels.mul_(momentum, rule.outer_momentum)
+        kernels.add_(momentum, mean_theta, rule.outer_lr)
         if rule.one_tensor:
-            torch._foreach_add_(momentum, slows, alpha=-rule.outer_lr)
+            kernels.add_(momentum, slows, -rule.outer_lr)
         else:
             mixing = rule.mixing if rule.mixing is not None else rule.outer_lr
             phis = [slows if slot < 0 else received[slot][len(lives) :] for _, slot in members]
             mean_phi = self._mean(-3, slows, phis)
-            torch._foreach_add_(momentum, mean_phi, alpha=mixing - rule.outer_lr)
-            torch._foreach_add_(momentum, slows, alpha=-mixing)
-        torch._foreach_add_(slows, momentum)
+            kernels.add_(momentum, mean_phi, mixing - rule.outer_lr)
+            kernels.add_(momentum, slows, -mixing)
+        kernels.add_(slows, momentum)
 
     def _diloco(self, rule: DiLoCoRule) -> None:
         world = self.world_size
@@ -280,7 +280,7 @@ class Replica:
         slows = [t for _, avg in pairs for t in avg]
         gradient = [self._buffer(-1, i, s) for i, s in enumerate(slows)]
         kernels.copy_(gradient, slows)
-        torch._foreach_sub_(gradient, [t for live, _ in pairs for t in live])
+        kernels.add_(gradient, [t for live, _ in pairs for t in live], -1.0)
         if world > 1:
             works = [dist.all_reduce(g, group=self.group, async_op=True) for g in gradient]
             started = time.perf_counter()
@@ -290,15 +290,15 @@ class Replica:
             self.traffic.operations += len(works)
             # A ring all-reduce sends 2 (W - 1) / W of the buffer from each rank.
             self.traffic.bytes_sent += sum(2 * (world - 1) * g.numel() * g.element_size() // world for g in gradient)
-            torch._foreach_div_(gradient, float(world))
+            kernels.div_(gradient, float(world))
         momentum = [m for group in self.momentum for m in group]
-        torch._foreach_mul_(momentum, rule.outer_momentum)
-        torch._foreach_add_(momentum, gradient)
+        kernels.mul_(momentum, rule.outer_momentum)
+        kernels.add_(momentum, gradient)
         if rule.nesterov:
-            torch._foreach_add_(gradient, momentum, alpha=rule.outer_momentum)
-            torch._foreach_add_(slows, gradient, alpha=-rule.outer_lr)
+            kernels.add_(gradient, momentum, rule.outer_momentum)
+            kernels.add_(slows, gradient, -rule.outer_lr)
         else:
-            torch._foreach_add_(slows, momentum, alpha=-rule.outer_lr)
+            kernels.add_(slows, momentum, -rule.outer_lr)
 
     def state_dict(self) -> dict[str, Any]:
         """Momentum, counters and the rule, this rank's own (save one per rank); the slow weights are the

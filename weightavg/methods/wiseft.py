@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weightavg.core import io
+from weightavg.core import io, kernels
 from weightavg.core.call import Forward, call_with, eval_mode
 from weightavg.core.checks import check_choice, check_number
 
@@ -100,14 +100,15 @@ def interpolate(
                 out[name] = t1
                 continue
             dtype = torch.promote_types(t1.dtype, torch.float32)
-            t0 = theta_0[name].to(device=t1.device, dtype=dtype)
+            t0 = theta_0[name].to(device=t1.device, dtype=dtype, copy=True)  # the result is computed in it
             t1_wide = t1.to(dtype)
             if name in fisher_0:
                 f0 = fisher_0[name].to(device=t1.device, dtype=dtype).clamp_min(fisher_floor) * (1.0 - alpha)
                 f1 = fisher_1[name].to(device=t1.device, dtype=dtype).clamp_min(fisher_floor) * alpha
                 merged = (f0 * t0 + f1 * t1_wide) / (f0 + f1)
             else:
-                merged = torch.lerp(t0, t1_wide, float(alpha))
+                kernels.lerp_([t0], [t1_wide], float(alpha))  # the engine's interpolation (Averager.blend's)
+                merged = t0
             out[name] = merged.to(t1.dtype)
     return out
 
