@@ -22,8 +22,9 @@ def tables() -> dict[str, tuple[list[type], dict[str, Any]]]:
     """Table name -> (the settings classes whose fields are its rows, the faces whose defaults it shows)."""
     import weightavg.callbacks as cb
     import weightavg.optim as wo
-    from weightavg.core.settings import EngineOptions
+    from weightavg.core.settings import DtypeOption, EngineOptions
     from weightavg.methods.ema import EMASettings
+    from weightavg.methods.noloco import DiLoCoSettings, NoLoCoSettings
     from weightavg.methods.swa import SWASettings
     from weightavg.methods.zscl import DistillationSettings, EnsembleSettings
 
@@ -33,9 +34,13 @@ def tables() -> dict[str, tuple[list[type], dict[str, Any]]]:
         "swa": ([SWASettings], {both: cb.SWA, "optimizer": wo.SWA}),
         "swa-lightning": ([cb.SWA], {both: cb.SWA}),
         "zscl": ([EnsembleSettings, DistillationSettings], {both: cb.ZSCL, "optimizer": wo.ZSCL}),
-        "callback-options": ([cb.CallbackOptions], {both: cb.EMA}),
-        "wrapper-options": ([wo.WrapperOptions], {"optimizer": wo.EMA}),
-        "engine-options": ([EngineOptions], {both: cb.EMA, "optimizer": wo.EMA}),
+        "callback-options": ([cb.HostOptions, cb.CallbackOptions], {both: cb.EMA}),
+        "wrapper-options": ([wo.InnerOptimizer, wo.WrapperOptions], {"optimizer": wo.EMA}),
+        "engine-options": ([DtypeOption, EngineOptions], {both: cb.EMA, "optimizer": wo.EMA}),
+        "noloco": ([NoLoCoSettings], {both: cb.NoLoCo, "optimizer": wo.NoLoCo}),
+        "diloco": ([DiLoCoSettings], {both: cb.DiLoCo, "optimizer": wo.DiLoCo}),
+        "outer-options": ([cb.OuterOptions], {both: cb.NoLoCo}),
+        "replica-options": ([wo.ReplicaOptions], {"optimizer": wo.NoLoCo}),
     }
 
 

@@ -58,14 +58,21 @@ from weightavg.core.checks import (
 from weightavg.core.io import WeightSource, save_safetensors
 from weightavg.core.progress import progress_bar
 from weightavg.core.rule import Rule, Snapshot
-from weightavg.core.settings import EngineOptions, Settings, setting_values
+from weightavg.core.settings import DtypeOption, EngineOptions, Settings, setting_values
 from weightavg.core.snapshots import MEMORY, SnapshotStore
 from weightavg.methods.ema import EMA as EMARule
 from weightavg.methods.ema import EMASettings
 from weightavg.methods.ewa import check_selector, linear_ramp, share_all, to_dense, to_moe
 from weightavg.methods.ewa import mixtures as ewa_mixtures
 from weightavg.methods.lcsc import Combiner, Method, SearchResult, SearchSettings, check_options, combine_dtype
-from weightavg.methods.noloco import DiLoCoRule, NoLoCoRule, Replica, average_replicas
+from weightavg.methods.noloco import (
+    DiLoCoRule,
+    DiLoCoSettings,
+    NoLoCoRule,
+    NoLoCoSettings,
+    Replica,
+    average_replicas,
+)
 from weightavg.methods.swa import SWA as SWARule
 from weightavg.methods.swa import SWASettings
 from weightavg.methods.wiseft import ALPHAS, check_alphas, choose_alpha
@@ -84,8 +91,9 @@ MARKER_KEY = "weightavg"
 
 
 @dataclass(eq=False, repr=False)
-class CallbackOptions(Settings):
-    """What the Lightning host does with an average: every averaging callback's options, checked when it is built."""
+class HostOptions(Settings):
+    """How the Lightning host validates, names, exports and checkpoints an average: every averaging callback's
+    options, checked when it is built."""
 
     _: KW_ONLY
     validate_with: ValidateWith = "average"
@@ -95,10 +103,6 @@ class CallbackOptions(Settings):
     (``weightavg/<name>/val_loss``: a key ``ModelCheckpoint(monitor=...)`` and ``EarlyStopping`` can use; an
     ``EarlyStopping(check_on_train_epoch_end=False)`` on it must come after this callback, else it is refused at fit
     start). With several averagers the first one set to ``"average"`` is used; the Trainer logs which."""
-    apply_at_end: bool = True
-    """At the end of fit, leave the averaged weights in the model (the live ones are discarded). With several
-    averagers the first one with ``apply_at_end=True`` does it, and its average is also what checkpoints hold under
-    ``state_dict``."""
     export_path: str | os.PathLike[str] | None = None
     """Write the averaged weights as safetensors here at the end of fit (global rank 0), atomically and one tensor
     at a time; missing folders are created, and a path that could not be written is refused when the callback is
@@ -122,8 +126,22 @@ class CallbackOptions(Settings):
         check_choice("checkpoint_weights", self.checkpoint_weights, ("average", "live"))
         check_bool("resume_from_average", self.resume_from_average)
         check_output_file("export_path", self.export_path)
-        check_bool("apply_at_end", self.apply_at_end)
         check_name(self.name)
+        super().__post_init__()
+
+
+@dataclass(eq=False, repr=False)
+class CallbackOptions(HostOptions):
+    """``HostOptions`` and what the model holds when fit ends (the callbacks of averages: EMA, SWA, ZSCL)."""
+
+    _: KW_ONLY
+    apply_at_end: bool = True
+    """At the end of fit, leave the averaged weights in the model (the live ones are discarded). With several
+    averagers the first one with ``apply_at_end=True`` does it, and its average is also what checkpoints hold under
+    ``state_dict``."""
+
+    def __post_init__(self) -> None:
+        check_bool("apply_at_end", self.apply_at_end)
         super().__post_init__()
 
 
@@ -165,6 +183,10 @@ class AveragingCallback(Callback):
                 f"built: build another callback with {name}={value!r}"
             )
         super().__setattr__(name, value)
+
+    def _engine_options(self) -> dict[str, Any]:
+        """The ``Averager`` settings of this callback's average (its ``EngineOptions`` fields)."""
+        return setting_values(self, EngineOptions)
 
     def _start_hosting(self, rule: Rule, *settings: type) -> None:
         """Host ``rule``; ``settings`` are the method's settings dataclasses the callback inherits, whose fields it
@@ -252,7 +274,7 @@ class AveragingCallback(Callback):
         # Bound here, after the strategy has moved and converted the model (device, bf16-true), so the averages sit
         # beside the tensors that training will actually update. Each fit() starts a fresh average (a new Trainer
         # restarts its step counters); trainer.fit(ckpt_path=...) is how an average continues.
-        engine = setting_values(self, EngineOptions)
+        engine = self._engine_options()
         if engine["contiguous"] and trainer.strategy.model is not pl_module:
             raise ValueError(
                 "contiguous=True re-homes the model's tensors, which callbacks can only do after the strategy has "
@@ -1776,41 +1798,45 @@ class EWA(Callback):
             save_safetensors(pl_module.state_dict(), self.export_path)
 
 
+@dataclass(eq=False, repr=False)
+class OuterOptions(Settings):
+    """What NoLoCo's and DiLoCo's callbacks do besides the outer step."""
+
+    _: KW_ONLY
+    average_at_end: bool = False
+    """When fit ends, replace every replica by the mean over ranks (one all-reduce), so all ranks end with one model
+    (else each keeps its own)."""
+    log_traffic: bool = True
+    """Log ``bytes_sent``, ``operations``, ``wait_seconds`` and ``syncs`` under ``weightavg/<name>/`` each epoch (this
+    rank's own counters; rank 0's reach the loggers)."""
+
+    def __post_init__(self) -> None:
+        check_bool("average_at_end", self.average_at_end)
+        check_bool("log_traffic", self.log_traffic)
+        super().__post_init__()
+
+
 class _OuterStep(AveragingCallback):
     """NoLoCo and DiLoCo in a Lightning run: slow weights (the engine's average, fp32 for low-precision weights, one
     flat buffer per dtype group) and an outer step every ``sync_every`` optimizer steps. Needs
     ``Trainer(strategy="local_ddp")`` with several processes (any strategy that all-reduces gradients is refused).
     Checkpoints carry each rank's own slow weights, momentum and counters (the strategy writes one file per rank).
+    The slow weights are never put into the model at the end of fit (``apply_at_end`` is off).
     """
 
-    def __init__(
-        self,
-        rule: NoLoCoRule | DiLoCoRule,
-        *,
-        average_at_end: bool = False,
-        log_traffic: bool = True,
-        validate_with: ValidateWith = "live",
-        export_path: str | os.PathLike[str] | None = None,
-        name: str | None = None,
-        dtype: torch.dtype | str | None = None,
-    ) -> None:
-        check_name(name)
-        super().__init__(
-            Snapshot(),
-            validate_with=validate_with,
-            apply_at_end=False,
-            export_path=export_path,
-            name=name or repr(rule),
-            buffers="ignore",
-            dtype=dtype,
-            contiguous=True,
-        )
-        if not isinstance(average_at_end, bool):
-            raise TypeError(f"average_at_end={average_at_end!r} must be a bool")
-        check_bool("log_traffic", log_traffic)
+    apply_at_end = False
+    dtype: torch.dtype | str | None
+    average_at_end: bool
+    log_traffic: bool
+
+    def _engine_options(self) -> dict[str, Any]:
+        # The outer step reads whole groups: every parameter, no buffers, one flat buffer per group.
+        return {"buffers": "ignore", "contiguous": True, "dtype": self.dtype}
+
+    def _start_outer(self, rule: NoLoCoRule | DiLoCoRule, settings: type) -> None:
+        self.name = self.name or type(self).__name__
+        self._start_hosting(Snapshot(), settings)
         self.outer_rule = rule
-        self.average_at_end = average_at_end
-        self.log_traffic = log_traffic
         self.replica: Replica | None = None
         self._last_step = -1
 
@@ -1868,83 +1894,38 @@ class _OuterStep(AveragingCallback):
         return parts
 
 
-class NoLoCo(_OuterStep):
+@dataclass(eq=False, repr=False)
+class NoLoCo(DtypeOption, HostOptions, OuterOptions, NoLoCoSettings, _OuterStep):  # signature: last base's first
     """NoLoCo (``weightavg.methods.noloco``): each replica trains alone and every ``sync_every`` optimizer steps
     averages with ``group_size - 1`` random peers (point-to-point, no all-reduce) through a momentum outer step.
 
     ``Trainer(strategy="local_ddp", devices=N, callbacks=[NoLoCo()])``; with one process it is a Lookahead-like
     outer step on the replica alone.
 
-    Args:
-        sync_every, outer_lr, outer_momentum, group_size, mixing, seed: as for ``weightavg.optim.NoLoCo``.
-        average_at_end: when fit ends, replace every replica by the mean over ranks (one all-reduce), so all ranks
-            end with one model (else each keeps its own).
-        log_traffic: log ``<name>/bytes_sent``, ``operations``, ``wait_seconds`` and ``syncs`` each epoch.
-        validate_with: ``"live"`` (default: the replica's fast weights) or ``"average"`` (its slow weights).
-        export_path: write this rank-0 replica's slow weights as safetensors at the end of fit.
-        name, dtype: as for ``AveragingCallback`` (dtype of the slow weights).
+    Its arguments: the method's ``NoLoCoSettings``, ``OuterOptions``, ``HostOptions`` (``validate_with`` defaults to
+    ``"live"``, the replica's fast weights; ``"average"`` validates its slow weights; ``export_path`` writes rank 0's
+    slow weights) and ``DtypeOption`` (the slow weights' dtype), one docstring each.
     """
 
-    def __init__(
-        self,
-        sync_every: int = 50,
-        outer_lr: float = 0.7,
-        outer_momentum: float = 0.5,
-        group_size: int = 2,
-        *,
-        mixing: float | None = None,
-        seed: int = 0,
-        average_at_end: bool = False,
-        log_traffic: bool = True,
-        validate_with: ValidateWith = "live",
-        export_path: str | os.PathLike[str] | None = None,
-        name: str | None = None,
-        dtype: torch.dtype | str | None = None,
-    ) -> None:
-        rule = NoLoCoRule(sync_every, outer_lr, outer_momentum, mixing, group_size, seed)
-        check_name(name)
-        super().__init__(
-            rule,
-            average_at_end=average_at_end,
-            log_traffic=log_traffic,
-            validate_with=validate_with,
-            export_path=export_path,
-            name=name or "NoLoCo",
-            dtype=dtype,
-        )
+    _: KW_ONLY
+    validate_with: ValidateWith = "live"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._start_outer(NoLoCoRule(**setting_values(self, NoLoCoSettings)), NoLoCoSettings)
 
 
-class DiLoCo(_OuterStep):
+@dataclass(eq=False, repr=False)
+class DiLoCo(DtypeOption, HostOptions, OuterOptions, DiLoCoSettings, _OuterStep):  # signature: last base's first
     """DiLoCo (``weightavg.methods.noloco``): each replica trains alone and every ``sync_every`` optimizer steps
     the replicas all-reduce the pseudo-gradient and apply outer SGD (Nesterov or heavy-ball) to the slow weights.
 
-    Args:
-        sync_every, outer_lr, outer_momentum, nesterov: as for ``weightavg.optim.DiLoCo``.
-        average_at_end, log_traffic, validate_with, export_path, name, dtype: as for ``NoLoCo``.
+    Its arguments: the method's ``DiLoCoSettings``, then as for ``NoLoCo``.
     """
 
-    def __init__(
-        self,
-        sync_every: int = 500,
-        outer_lr: float = 0.7,
-        outer_momentum: float = 0.9,
-        nesterov: bool = True,
-        *,
-        average_at_end: bool = False,
-        log_traffic: bool = True,
-        validate_with: ValidateWith = "live",
-        export_path: str | os.PathLike[str] | None = None,
-        name: str | None = None,
-        dtype: torch.dtype | str | None = None,
-    ) -> None:
-        rule = DiLoCoRule(sync_every, outer_lr, outer_momentum, nesterov)
-        check_name(name)
-        super().__init__(
-            rule,
-            average_at_end=average_at_end,
-            log_traffic=log_traffic,
-            validate_with=validate_with,
-            export_path=export_path,
-            name=name or "DiLoCo",
-            dtype=dtype,
-        )
+    _: KW_ONLY
+    validate_with: ValidateWith = "live"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._start_outer(DiLoCoRule(**setting_values(self, DiLoCoSettings)), DiLoCoSettings)

@@ -27,13 +27,21 @@ from weightavg.core.checks import check_bool, check_directory, check_number
 from weightavg.core.io import WeightSource
 from weightavg.core.rule import Rule, Snapshot
 from weightavg.core.schedules import Unit
-from weightavg.core.settings import EngineOptions, Settings, setting_values
+from weightavg.core.settings import DtypeOption, EngineOptions, Settings, setting_values
 from weightavg.core.snapshots import MEMORY, SnapshotStore
 from weightavg.methods.ema import EMA as EMARule
 from weightavg.methods.ema import EMASettings
 from weightavg.methods.ewa import linear_ramp, mixtures, share_all, to_dense
 from weightavg.methods.lcsc import Combiner, Method, SearchResult, combine_dtype
-from weightavg.methods.noloco import DiLoCoRule, NoLoCoRule, Replica, Traffic, average_replicas
+from weightavg.methods.noloco import (
+    DiLoCoRule,
+    DiLoCoSettings,
+    NoLoCoRule,
+    NoLoCoSettings,
+    Replica,
+    Traffic,
+    average_replicas,
+)
 from weightavg.methods.swa import SWA as SWARule
 from weightavg.methods.swa import SWASettings
 from weightavg.methods.wiseft import ALPHAS, check_alphas
@@ -52,13 +60,24 @@ def check_module(name: str, value: Any, *, optional: bool = False) -> None:
 
 
 @dataclass(eq=False, repr=False)
-class WrapperOptions(Settings):
-    """What every optimizer wrapper takes besides the method's settings, checked when it is built."""
+class InnerOptimizer(Settings):
+    """The optimizer a wrapper steps (every wrapper's first argument)."""
 
     optimizer: Optimizer
     """The inner optimizer; its ``param_groups`` and ``state`` are shared, so LR schedulers, gradient clipping and
     ``zero_grad`` keep acting on it. ``add_param_group`` raises: add groups to the inner optimizer before wrapping
     (the average is bound to the parameters present when the wrapper is built)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(self.optimizer).__name__}")
+        super().__post_init__()
+
+
+@dataclass(eq=False, repr=False)
+class WrapperOptions(InnerOptimizer):
+    """``InnerOptimizer`` and what the wrappers of averages take besides the method's settings (EMA, SWA, ZSCL)."""
+
     _: KW_ONLY
     module: nn.Module | None = None
     """The model; when given, tensors are named as in its ``state_dict`` and its buffers are followed too (under
@@ -67,8 +86,6 @@ class WrapperOptions(Settings):
     """The run's total optimizer steps, for starts given as a fraction of training."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.optimizer, Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(self.optimizer).__name__}")
         check_module("module", self.module, optional=True)
         if self.total_steps is not None:
             check_number("total_steps", self.total_steps, low=1, integer=True)
@@ -100,6 +117,10 @@ class AveragingOptimizer(Optimizer):
             setattr(self, option.name, getattr(given, option.name))
         self._start_wrapping(rule)
 
+    def _engine_options(self) -> dict[str, Any]:
+        """The ``Averager`` settings of this wrapper's average (its ``EngineOptions`` fields)."""
+        return setting_values(self, EngineOptions)
+
     def _start_wrapping(self, rule: Rule) -> None:
         optimizer, module = self.optimizer, self.module
         params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -111,7 +132,7 @@ class AveragingOptimizer(Optimizer):
             rule,
             parameters=params if module is not None else None,
             total_steps=self.total_steps,  # type: ignore[attr-defined]
-            **setting_values(self, EngineOptions),
+            **self._engine_options(),
         )
         self.averager = self._bind()
         # Optimizer.__init__ sets up the hook registries; the groups and state are then the inner optimizer's own.
@@ -622,25 +643,40 @@ def check_process_group(process_group: Any) -> None:
         )
 
 
+@dataclass(eq=False, repr=False)
+class ReplicaOptions(Settings):
+    """Which processes NoLoCo's and DiLoCo's wrappers average over, and how they start."""
+
+    _: KW_ONLY
+    process_group: Any = None
+    """The ranks that average (default: the world)."""
+    broadcast_start: bool = True
+    """Start every replica from rank 0's weights (one broadcast when the wrapper is built)."""
+
+    def __post_init__(self) -> None:
+        check_process_group(self.process_group)
+        check_bool("broadcast_start", self.broadcast_start)
+        super().__post_init__()
+
+
 class _OuterOptimizer(AveragingOptimizer):
     """NoLoCo and DiLoCo: the inner optimizer's steps, and every ``sync_every`` of them an outer step on slow weights
     that the engine holds (at least fp32, one flat buffer per dtype group; the model's tensors are re-homed into
     flat buffers too, so each group travels as one message)."""
 
-    def __init__(
-        self,
-        optimizer: Optimizer,
-        rule: NoLoCoRule | DiLoCoRule,
-        *,
-        process_group: Any = None,
-        broadcast_start: bool = True,
-        dtype: torch.dtype | str | None = None,
-    ) -> None:
-        check_process_group(process_group)
-        check_bool("broadcast_start", broadcast_start)
-        super().__init__(optimizer, Snapshot(), dtype=dtype, contiguous=True)
-        self.replica = Replica(self.averager, rule, process_group)
-        if broadcast_start:
+    module = None  # the optimizer's parameters, named by position
+    total_steps = None
+    dtype: torch.dtype | str | None
+    process_group: Any
+    broadcast_start: bool
+
+    def _engine_options(self) -> dict[str, Any]:
+        return {"buffers": "average", "contiguous": True, "dtype": self.dtype}
+
+    def _start_outer(self, rule: NoLoCoRule | DiLoCoRule) -> None:
+        self._start_wrapping(Snapshot())
+        self.replica = Replica(self.averager, rule, self.process_group)
+        if self.broadcast_start:
             self.replica.broadcast_start()
 
     def __repr__(self) -> str:
@@ -676,24 +712,15 @@ class _OuterOptimizer(AveragingOptimizer):
         self.replica.load_state_dict(state["outer"])
 
 
-class NoLoCo(_OuterOptimizer):
+@dataclass(eq=False, repr=False)
+class NoLoCo(DtypeOption, ReplicaOptions, NoLoCoSettings, InnerOptimizer, _OuterOptimizer):  # last base's fields first
     """NoLoCo (``weightavg.methods.noloco``): each replica trains alone and, every ``sync_every`` inner steps,
     averages with ``group_size - 1`` random peers by point-to-point messages through a momentum outer step. No
     all-reduce and no broadcast during training; run one process per replica (torchrun) with a process group whose
     backend has point-to-point ops (gloo, nccl), and do not wrap the model in DistributedDataParallel.
 
-    Args:
-        optimizer: the inner optimizer (e.g. AdamW); its ``param_groups`` and ``state`` are shared.
-        sync_every: H, inner steps between outer steps.
-        outer_lr: b, the outer learning rate.
-        outer_momentum: a, the outer momentum.
-        group_size: n, replicas per group (2: pairs); leftovers join groups one each (W = 3: one triple).
-        mixing: c, the pull toward the group's mean slow weights; ``None`` = ``outer_lr``, when only the fast
-            weights travel (one tensor per group and peer).
-        seed: seeds the groups' permutations (the same on every rank).
-        process_group: the ranks that average (default: the world).
-        broadcast_start: start every replica from rank 0's weights (one broadcast when the wrapper is built).
-        dtype: dtype of the slow weights and momentum (default: fp32 for fp16/bf16 parameters, else theirs).
+    Its arguments: ``InnerOptimizer``, the method's ``NoLoCoSettings``, ``ReplicaOptions`` and ``DtypeOption`` (the
+    slow weights' and momentum's dtype; default fp32 for fp16/bf16 parameters, else theirs), one docstring each.
 
     Example (under torchrun)::
 
@@ -704,47 +731,20 @@ class NoLoCo(_OuterOptimizer):
         print(opt.traffic)
     """
 
-    def __init__(
-        self,
-        optimizer: Optimizer,
-        sync_every: int = 50,
-        outer_lr: float = 0.7,
-        outer_momentum: float = 0.5,
-        group_size: int = 2,
-        *,
-        mixing: float | None = None,
-        seed: int = 0,
-        process_group: Any = None,
-        broadcast_start: bool = True,
-        dtype: torch.dtype | str | None = None,
-    ) -> None:
-        rule = NoLoCoRule(sync_every, outer_lr, outer_momentum, mixing, group_size, seed)
-        super().__init__(optimizer, rule, process_group=process_group, broadcast_start=broadcast_start, dtype=dtype)
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._start_outer(NoLoCoRule(**setting_values(self, NoLoCoSettings)))
 
 
-class DiLoCo(_OuterOptimizer):
+@dataclass(eq=False, repr=False)
+class DiLoCo(DtypeOption, ReplicaOptions, DiLoCoSettings, InnerOptimizer, _OuterOptimizer):  # last base's fields first
     """DiLoCo (``weightavg.methods.noloco``): each replica trains alone and, every ``sync_every`` inner steps, the
     replicas all-reduce the pseudo-gradient (slow minus fast weights) and apply outer SGD to the slow weights, with
     Nesterov momentum (as ``torch.optim.SGD(nesterov=True)``) or heavy-ball.
 
-    Args:
-        optimizer: the inner optimizer; its ``param_groups`` and ``state`` are shared.
-        sync_every: H.
-        outer_lr, outer_momentum, nesterov: the outer SGD.
-        process_group, broadcast_start, dtype: as for ``NoLoCo``.
+    Its arguments: ``InnerOptimizer``, the method's ``DiLoCoSettings``, then as for ``NoLoCo``.
     """
 
-    def __init__(
-        self,
-        optimizer: Optimizer,
-        sync_every: int = 500,
-        outer_lr: float = 0.7,
-        outer_momentum: float = 0.9,
-        nesterov: bool = True,
-        *,
-        process_group: Any = None,
-        broadcast_start: bool = True,
-        dtype: torch.dtype | str | None = None,
-    ) -> None:
-        rule = DiLoCoRule(sync_every, outer_lr, outer_momentum, nesterov)
-        super().__init__(optimizer, rule, process_group=process_group, broadcast_start=broadcast_start, dtype=dtype)
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._start_outer(DiLoCoRule(**setting_values(self, DiLoCoSettings)))

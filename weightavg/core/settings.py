@@ -93,7 +93,22 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 @dataclass(eq=False, repr=False)
-class EngineOptions(Settings):
+class DtypeOption(Settings):
+    """The dtype the engine keeps an average in (the one engine setting every face takes)."""
+
+    _: KW_ONLY
+    dtype: torch.dtype | str | None = None
+    """The average's dtype (``torch.float32`` or ``"float32"``); default fp32 for fp16/bf16 weights, else the live
+    dtype; ``"live"`` keeps each tensor's own dtype."""
+
+    def __post_init__(self) -> None:
+        if self.dtype is not None:
+            resolve_dtype(self.dtype, extra=("live",))
+        super().__post_init__()
+
+
+@dataclass(eq=False, repr=False)
+class EngineOptions(DtypeOption):
     """How the engine keeps an average (``weightavg.Averager``'s settings), the same in every face."""
 
     _: KW_ONLY
@@ -108,9 +123,6 @@ class EngineOptions(Settings):
     """Glob patterns on ``state_dict`` names, as for ``include``: leave the matching tensors out."""
     device: torch.device | str | None = None
     """Where the average lives (e.g. ``"cpu"`` to keep accelerator memory free); default: beside each live tensor."""
-    dtype: torch.dtype | str | None = None
-    """The average's dtype (``torch.float32`` or ``"float32"``); default fp32 for fp16/bf16 weights, else the live
-    dtype; ``"live"`` keeps each tensor's own dtype."""
     contiguous: bool = False
     """Re-home the live tensors of each dtype group into one flat buffer when binding, so an update is one kernel per
     group instead of one per tensor; single-process Lightning runs only."""
@@ -127,8 +139,6 @@ class EngineOptions(Settings):
         check_patterns(self.include, "include")
         check_patterns(self.exclude, "exclude")
         check_device(self.device)
-        if self.dtype is not None:
-            resolve_dtype(self.dtype, extra=("live",))
         check_bool("contiguous", self.contiguous)
         check_choice("nonfinite", self.nonfinite, NONFINITE)
         super().__post_init__()

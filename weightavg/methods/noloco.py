@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 import torch
@@ -37,8 +37,9 @@ import torch.distributed as dist
 
 from weightavg.core import kernels
 from weightavg.core.averager import Averager
-from weightavg.core.checks import check_number
+from weightavg.core.checks import check_bool, check_number
 from weightavg.core.rule import canonical_eq, canonical_hash, check_saved_rule, compact_repr
+from weightavg.core.settings import Frozen, Settings
 
 Tensors = list[torch.Tensor]
 
@@ -58,16 +59,24 @@ def peer_groups(world_size: int, group_size: int, outer_step: int, seed: int = 0
     return groups
 
 
-@dataclass(frozen=True)
-class NoLoCoRule:
+@dataclass(eq=False, repr=False)
+class NoLoCoSettings(Settings):
     """NoLoCo's settings (defaults from the paper's code: H = 50, outer lr = mixing = 0.7, momentum 0.5, pairs)."""
 
     sync_every: int = 50
+    """H, inner optimizer steps between outer steps."""
     outer_lr: float = 0.7
+    """b, the outer learning rate (> 0)."""
     outer_momentum: float = 0.5
-    mixing: float | None = None  # c; None: equal to outer_lr (only theta is exchanged)
+    """a, the outer momentum, in [0, 1)."""
     group_size: int = 2
+    """n, replicas per group (2: pairs); leftovers join groups one each (W = 3: one triple)."""
+    _: KW_ONLY
+    mixing: float | None = None
+    """c, the pull toward the group's mean slow weights; ``None`` = ``outer_lr``, when only the fast weights travel
+    (one tensor per group and peer)."""
     seed: int = 0
+    """Seeds the groups' permutations (the same on every rank)."""
 
     def __post_init__(self) -> None:
         check_number("sync_every", self.sync_every, low=1, integer=True)
@@ -77,6 +86,16 @@ class NoLoCoRule:
             check_number("mixing", self.mixing, low=0.0)
         check_number("group_size", self.group_size, low=2, integer=True)
         check_number("seed", self.seed, low=0, integer=True)
+        super().__post_init__()
+
+
+@dataclass(eq=False, repr=False)
+class NoLoCoRule(NoLoCoSettings, Frozen):
+    """NoLoCo's outer step as a rule (the settings are ``NoLoCoSettings``'s)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._freeze()
 
     def __repr__(self) -> str:
         # mixing=None means "equal to outer_lr": both spellings read the same (the outer step is the same).
@@ -92,21 +111,34 @@ class NoLoCoRule:
         return self.mixing is None or self.mixing == self.outer_lr
 
 
-@dataclass(frozen=True)
-class DiLoCoRule:
+@dataclass(eq=False, repr=False)
+class DiLoCoSettings(Settings):
     """DiLoCo's settings (paper: H = 500, outer SGD lr 0.7, Nesterov momentum 0.9)."""
 
     sync_every: int = 500
+    """H, inner optimizer steps between outer steps."""
     outer_lr: float = 0.7
+    """The outer SGD's learning rate (> 0)."""
     outer_momentum: float = 0.9
+    """The outer SGD's momentum, in [0, 1)."""
     nesterov: bool = True
+    """Nesterov momentum (as ``torch.optim.SGD(nesterov=True)``); ``False``: heavy-ball."""
 
     def __post_init__(self) -> None:
         check_number("sync_every", self.sync_every, low=1, integer=True)
         check_number("outer_lr", self.outer_lr, low=0.0, low_open=True)
         check_number("outer_momentum", self.outer_momentum, low=0.0, high=1.0, high_open=True)
-        if not isinstance(self.nesterov, bool):
-            raise TypeError(f"nesterov={self.nesterov!r} must be a bool")
+        check_bool("nesterov", self.nesterov)
+        super().__post_init__()
+
+
+@dataclass(eq=False, repr=False)
+class DiLoCoRule(DiLoCoSettings, Frozen):
+    """DiLoCo's outer step as a rule (the settings are ``DiLoCoSettings``'s)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._freeze()
 
     def __repr__(self) -> str:
         return compact_repr(self).replace("Rule(", "(", 1)
