@@ -24,6 +24,7 @@ def tables() -> dict[str, tuple[list[type], dict[str, Any]]]:
     import weightavg.optim as wo
     from weightavg.core.settings import DtypeOption, EngineOptions
     from weightavg.methods.ema import EMASettings
+    from weightavg.methods.ewa import ConversionSettings, ShareSettings
     from weightavg.methods.noloco import DiLoCoSettings, NoLoCoSettings
     from weightavg.methods.swa import SWASettings
     from weightavg.methods.zscl import DistillationSettings, EnsembleSettings
@@ -34,11 +35,12 @@ def tables() -> dict[str, tuple[list[type], dict[str, Any]]]:
         "swa": ([SWASettings], {both: cb.SWA, "optimizer": wo.SWA}),
         "swa-lightning": ([cb.SWA], {both: cb.SWA}),
         "zscl": ([EnsembleSettings, DistillationSettings], {both: cb.ZSCL, "optimizer": wo.ZSCL}),
-        "callback-options": ([cb.HostOptions, cb.CallbackOptions], {both: cb.EMA}),
+        "callback-options": ([cb.OutputOptions, cb.HostOptions, cb.CallbackOptions], {both: cb.EMA}),
         "wrapper-options": ([wo.InnerOptimizer, wo.WrapperOptions], {"optimizer": wo.EMA}),
         "engine-options": ([DtypeOption, EngineOptions], {both: cb.EMA, "optimizer": wo.EMA}),
         "noloco": ([NoLoCoSettings], {both: cb.NoLoCo, "optimizer": wo.NoLoCo}),
         "diloco": ([DiLoCoSettings], {both: cb.DiLoCo, "optimizer": wo.DiLoCo}),
+        "ewa": ([ShareSettings, ConversionSettings, cb.EWA, cb.OutputOptions], {both: cb.EWA}),
         "outer-options": ([cb.OuterOptions], {both: cb.NoLoCo}),
         "replica-options": ([wo.ReplicaOptions], {"optimizer": wo.NoLoCo}),
     }

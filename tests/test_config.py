@@ -53,31 +53,38 @@ def test_config_types_are_what_the_command_line_can_give() -> None:
         node.warmup = ["power"]
 
 
-@pytest.mark.parametrize("method", ["ema", "swa", "zscl"])
+@pytest.mark.parametrize("method", ["ema", "swa", "zscl", "noloco", "diloco", "ewa"])
 def test_a_methods_settings_are_declared_once_and_appear_in_every_face(method: str) -> None:
     """Each field of the method's settings dataclasses is an argument of the callback, the wrapper and the config,
     with the same default (the faces may choose their own default only where their docs say so: SWA's start)."""
     import weightavg.callbacks
     import weightavg.optim
-    from weightavg.methods import ema, swa, zscl
+    from weightavg.methods import ema, ewa, noloco, swa, zscl
 
-    groups = {
+    groups: dict[str, list[type]] = {
         "ema": [ema.EMASettings],
         "swa": [swa.SWASettings],
         "zscl": [zscl.EnsembleSettings, zscl.DistillationSettings],
-    }[method]
-    name = {"ema": "EMA", "swa": "SWA", "zscl": "ZSCL"}[method]
+        "noloco": [noloco.NoLoCoSettings],
+        "diloco": [noloco.DiLoCoSettings],
+        "ewa": [ewa.ShareSettings, ewa.ConversionSettings],
+    }
+    name = {"ema": "EMA", "swa": "SWA", "zscl": "ZSCL", "noloco": "NoLoCo", "diloco": "DiLoCo", "ewa": "EWA"}[method]
     faces = {
         "callback": inspect.signature(getattr(weightavg.callbacks, name)).parameters,
         "wrapper": inspect.signature(getattr(weightavg.optim, name)).parameters,
         "config": {f.name: f for f in dataclasses.fields(CONFIGS[method][0])},
     }
     face_defaults = {("wrapper", "start"): 0.0, ("wrapper", "every_unit"): "step"}
-    for group in groups:
+    callback_only = {ewa.ConversionSettings}  # the wrapper takes a model converted already
+    for group in groups[method]:
         for field in dataclasses.fields(group):
             if field.name == "_":
                 continue
             for face, params in faces.items():
+                if face == "wrapper" and group in callback_only:
+                    assert field.name not in params
+                    continue
                 assert field.name in params, f"{group.__name__}.{field.name} missing from the {face}"
                 default = params[field.name].default
                 assert default == face_defaults.get((face, field.name), field.default), (face, field.name)

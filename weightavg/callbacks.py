@@ -62,7 +62,7 @@ from weightavg.core.settings import DtypeOption, EngineOptions, Settings, settin
 from weightavg.core.snapshots import MEMORY, SnapshotStore
 from weightavg.methods.ema import EMA as EMARule
 from weightavg.methods.ema import EMASettings
-from weightavg.methods.ewa import check_selector, linear_ramp, share_all, to_dense, to_moe
+from weightavg.methods.ewa import ConversionSettings, ShareSettings, share_all, to_dense
 from weightavg.methods.ewa import mixtures as ewa_mixtures
 from weightavg.methods.lcsc import Combiner, Method, SearchResult, SearchSettings, check_options, combine_dtype
 from weightavg.methods.noloco import (
@@ -91,7 +91,27 @@ MARKER_KEY = "weightavg"
 
 
 @dataclass(eq=False, repr=False)
-class HostOptions(Settings):
+class OutputOptions(Settings):
+    """What every weightavg callback writes and how it is named."""
+
+    _: KW_ONLY
+    export_path: str | os.PathLike[str] | None = None
+    """Write this callback's result (its average; for EWA the merged model) as safetensors here at the end of fit
+    (global rank 0), atomically and one tensor at a time; missing folders are created, and a path that could not be
+    written is refused when the callback is built."""
+    name: str | None = None
+    """A unique name for this callback (an averager's checkpoint ``state_key`` is ``weightavg[<name>]``); default:
+    the rule's compact repr, e.g. ``EMA(decay=0.999)`` (``NoLoCo``, ``EWA``, ...). Two identical averagers need
+    distinct names."""
+
+    def __post_init__(self) -> None:
+        check_output_file("export_path", self.export_path)
+        check_name(self.name)
+        super().__post_init__()
+
+
+@dataclass(eq=False, repr=False)
+class HostOptions(OutputOptions):
     """How the Lightning host validates, names, exports and checkpoints an average: every averaging callback's
     options, checked when it is built."""
 
@@ -103,13 +123,6 @@ class HostOptions(Settings):
     (``weightavg/<name>/val_loss``: a key ``ModelCheckpoint(monitor=...)`` and ``EarlyStopping`` can use; an
     ``EarlyStopping(check_on_train_epoch_end=False)`` on it must come after this callback, else it is refused at fit
     start). With several averagers the first one set to ``"average"`` is used; the Trainer logs which."""
-    export_path: str | os.PathLike[str] | None = None
-    """Write the averaged weights as safetensors here at the end of fit (global rank 0), atomically and one tensor
-    at a time; missing folders are created, and a path that could not be written is refused when the callback is
-    built."""
-    name: str | None = None
-    """A unique name for this averager (its checkpoint ``state_key`` is ``weightavg[<name>]``); default: the rule's
-    compact repr, e.g. ``EMA(decay=0.999)``. Two identical averagers need distinct names."""
     checkpoint_weights: CheckpointWeights = "average"
     """What a checkpoint's ``state_dict`` holds when this callback writes it (the callback validation uses, else the
     one with ``apply_at_end=True``): ``"average"`` (``load_from_checkpoint`` gives the averaged model; a resume
@@ -125,8 +138,6 @@ class HostOptions(Settings):
         check_choice("validate_with", self.validate_with, ("average", "live", "both"))
         check_choice("checkpoint_weights", self.checkpoint_weights, ("average", "live"))
         check_bool("resume_from_average", self.resume_from_average)
-        check_output_file("export_path", self.export_path)
-        check_name(self.name)
         super().__post_init__()
 
 
@@ -1681,7 +1692,8 @@ class LCSC(AveragingCallback):
         return None
 
 
-class EWA(Callback):
+@dataclass(eq=False, repr=False)
+class EWA(OutputOptions, ConversionSettings, ShareSettings, Callback):  # signature: last base's fields first
     """EWA (``weightavg.methods.ewa``) in a Lightning run: the chosen FFNs become random-partition mixtures when fit
     is set up (before ``configure_optimizers`` and before a checkpoint is restored), their experts are pulled toward
     each other after every optimizer step, and at the end of fit each mixture is merged back into its dense FFN.
@@ -1693,47 +1705,27 @@ class EWA(Callback):
     they average the mixtures' expert tensors like any parameter, the one that applies at the end puts its average in
     the mixtures, and EWA then merges that average.
 
-    Args:
-        beta: the share rate at full strength, in [0, (N-1)/N].
-        ramp_steps: reach ``beta`` linearly over this many optimizer steps (0: constant).
-        select, num_experts, seed: as for ``weightavg.ewa.to_moe`` (default: every other ``*.mlp``/``*.ffn`` block).
-        merge_at_end: merge the mixtures into dense FFNs when fit ends (else the model keeps its mixtures).
-        export_path: write the merged model's ``state_dict`` as safetensors when fit ends (global rank 0).
-        log_spread: log ``ewa/spread`` (the largest RMS distance of a layer's experts from their mean) and
-            ``ewa/beta`` at the end of each training epoch (one host sync per mixture per epoch).
-        name: how messages refer to this callback.
+    Its arguments: the method's ``ShareSettings`` and ``ConversionSettings`` (``weightavg.methods.ewa``), the two
+    below, and ``OutputOptions`` (``export_path`` writes the merged model's ``state_dict``), one docstring each.
     """
 
-    def __init__(
-        self,
-        beta: float = 0.3,
-        *,
-        ramp_steps: int = 0,
-        select: str | Sequence[str] | None = None,
-        num_experts: int = 4,
-        seed: int | None = 0,
-        merge_at_end: bool = True,
-        export_path: str | os.PathLike[str] | None = None,
-        log_spread: bool = True,
-        name: str | None = None,
-    ) -> None:
-        check_number("num_experts", num_experts, low=2, integer=True)
-        check_number("beta", beta, low=0.0, high=(num_experts - 1) / num_experts)
-        check_number("ramp_steps", ramp_steps, low=0, integer=True)
-        check_selector(select)
-        if seed is not None:
-            check_number("seed", seed, integer=True)
-        check_bool("merge_at_end", merge_at_end)
-        check_bool("log_spread", log_spread)
-        check_name(name)
-        check_output_file("export_path", export_path)
-        if export_path is not None and not merge_at_end:
-            raise ValueError(f"export_path={export_path!r} needs merge_at_end=True: the export is the merged model")
-        self.beta, self.ramp_steps = beta, ramp_steps
-        self.select, self.num_experts, self.seed = select, num_experts, seed
-        self.merge_at_end, self.export_path = merge_at_end, export_path
-        self.log_spread = log_spread
-        self.name = name or "EWA"
+    _: KW_ONLY
+    merge_at_end: bool = True
+    """Merge the mixtures into dense FFNs when fit ends (else the model keeps its mixtures)."""
+    log_spread: bool = True
+    """Log ``ewa/spread`` (the largest RMS distance of a layer's experts from their mean) and ``ewa/beta`` at the end
+    of each training epoch (one host sync per mixture per epoch)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number("beta", self.beta, low=0.0, high=(self.num_experts - 1) / self.num_experts)
+        check_bool("merge_at_end", self.merge_at_end)
+        check_bool("log_spread", self.log_spread)
+        if self.export_path is not None and not self.merge_at_end:
+            raise ValueError(
+                f"export_path={self.export_path!r} needs merge_at_end=True: the export is the merged model"
+            )
+        self.name = self.name or "EWA"
         self.converted: list[str] = []
         self._last_step = -1
 
@@ -1745,7 +1737,7 @@ class EWA(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or ewa_mixtures(pl_module):
             return
-        self.converted = to_moe(pl_module, self.select, num_experts=self.num_experts, seed=self.seed)
+        self.converted = self.convert(pl_module)
         rank_zero_info(f"weightavg: {self.name} turned {self.converted} into mixtures of {self.num_experts} experts")
 
     @override
@@ -1761,16 +1753,12 @@ class EWA(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        layers = ewa_mixtures(pl_module)
-        if not layers:
-            raise ValueError(f"{self.name} found no mixture in the model (select matched nothing, or it was merged)")
-        limit = min((layer.num_experts - 1) / layer.num_experts for layer in layers)
-        check_number("beta", self.beta, low=0.0, high=limit)
+        self.check_mixtures(pl_module, f"{self.name} (select matched nothing, or the model was merged)")
         self._last_step = trainer.global_step
 
     def current_beta(self, step: int) -> float:
         """The share rate after optimizer step ``step``."""
-        return linear_ramp(step, self.beta, self.ramp_steps)
+        return self.beta_at(step)
 
     @override
     def on_train_batch_end(

@@ -31,7 +31,7 @@ from weightavg.core.settings import DtypeOption, EngineOptions, Settings, settin
 from weightavg.core.snapshots import MEMORY, SnapshotStore
 from weightavg.methods.ema import EMA as EMARule
 from weightavg.methods.ema import EMASettings
-from weightavg.methods.ewa import linear_ramp, mixtures, share_all, to_dense
+from weightavg.methods.ewa import ShareSettings, share_all, to_dense
 from weightavg.methods.lcsc import Combiner, Method, SearchResult, combine_dtype
 from weightavg.methods.noloco import (
     DiLoCoRule,
@@ -567,40 +567,42 @@ class LCSC(AveragingOptimizer):
         self._started = True
 
 
-class EWA(Optimizer):
+@dataclass(eq=False, repr=False)
+class ConvertedModel(Settings):
+    """The model whose mixtures EWA's wrapper averages."""
+
+    model: nn.Module
+    """The converted model (``weightavg.ewa.to_moe(model)`` first; the inner optimizer built over its parameters)."""
+
+    def __post_init__(self) -> None:
+        check_module("model", self.model)
+        super().__post_init__()
+
+
+@dataclass(eq=False, repr=False)
+class EWA(ShareSettings, ConvertedModel, InnerOptimizer, Optimizer):  # signature: last base's fields first
     """``optimizer`` plus EWA's expert-weights averaging (``weightavg.methods.ewa``) after every step.
 
     Convert the model first (``weightavg.ewa.to_moe(model)``), build the inner optimizer over its parameters, then
     wrap it; when training ends, ``opt.merge()`` turns every mixture back into its dense FFN (the optimizer is done
     with the model then).
 
-    Args:
-        optimizer: the inner optimizer (its ``param_groups`` and ``state`` are shared).
-        model: the converted model.
-        beta: the share rate at full strength, in [0, (N-1)/N].
-        ramp_steps: reach ``beta`` linearly over this many steps (0: constant from the first step).
+    Its arguments: ``InnerOptimizer``, ``ConvertedModel`` and the method's ``ShareSettings``, one docstring each.
     """
 
-    def __init__(self, optimizer: Optimizer, model: nn.Module, *, beta: float = 0.3, ramp_steps: int = 0) -> None:
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        check_module("model", model)
-        layers = mixtures(model)
-        if not layers:
-            raise ValueError("model has no mixture to average: convert it first with weightavg.ewa.to_moe(model)")
-        limit = min((layer.num_experts - 1) / layer.num_experts for layer in layers)
-        check_number("beta", beta, low=0.0, high=limit)
-        check_number("ramp_steps", ramp_steps, low=0, integer=True)
-        self.optimizer, self.model = optimizer, model
-        self.beta, self.ramp_steps = beta, ramp_steps
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check_mixtures(self.model, "weightavg.optim.EWA")
         self.steps = 0
+        optimizer = self.optimizer
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        super().__init__(params, optimizer.defaults)
+        Optimizer.__init__(self, params, optimizer.defaults)
         self.param_groups = optimizer.param_groups
         self.state = optimizer.state
 
     def current_beta(self) -> float:
-        return linear_ramp(self.steps, self.beta, self.ramp_steps)
+        """The share rate after the steps done so far."""
+        return self.beta_at(self.steps)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 from collections.abc import Callable, Iterable
+from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from torch import nn
 
 from weightavg.core import kernels
 from weightavg.core.checks import check_number
+from weightavg.core.settings import Settings
 
 
 class RandomPartitionMoE(nn.Module):
@@ -251,3 +253,58 @@ def linear_ramp(step: int, maximum: float = 0.3, ramp_steps: int = 10_000) -> fl
 
 
 __all__ = ["RandomPartitionMoE", "default_ffn_names", "linear_ramp", "mixtures", "share_all", "to_dense", "to_moe"]
+
+
+@dataclass(eq=False, repr=False)
+class ShareSettings(Settings):
+    """How strongly EWA pulls each mixture's experts together after every optimizer step (checked when built)."""
+
+    beta: float = 0.3
+    """The share rate at full strength, in [0, (N-1)/N] for N experts per mixture (checked against the mixtures when
+    training starts)."""
+    _: KW_ONLY
+    ramp_steps: int = 0
+    """Reach ``beta`` linearly over this many optimizer steps (0: constant from the first step)."""
+
+    def __post_init__(self) -> None:
+        check_number("beta", self.beta, low=0.0, high=1.0, high_open=True)
+        check_number("ramp_steps", self.ramp_steps, low=0, integer=True)
+        super().__post_init__()
+
+    def beta_at(self, step: int) -> float:
+        """The share rate after optimizer step ``step``."""
+        return linear_ramp(step, self.beta, self.ramp_steps)
+
+    def check_mixtures(self, model: nn.Module, who: str) -> None:
+        """Refuse a model without mixtures, or a ``beta`` above (N-1)/N for its smallest mixture."""
+        layers = mixtures(model)
+        if not layers:
+            raise ValueError(f"{who} found no mixture in the model: convert it with weightavg.ewa.to_moe(model)")
+        check_number(
+            "beta", self.beta, low=0.0, high=min((layer.num_experts - 1) / layer.num_experts for layer in layers)
+        )
+
+
+@dataclass(eq=False, repr=False)
+class ConversionSettings(Settings):
+    """Which FFNs become mixtures, and how (``to_moe``'s arguments, checked when built)."""
+
+    _: KW_ONLY
+    select: Selector | None = None
+    """Which FFNs to convert: glob pattern(s) on submodule names, or ``predicate(name, module)``; default: every
+    other ``*.mlp``/``*.ffn``/``*.feed_forward`` block (``default_ffn_names``)."""
+    num_experts: int = 4
+    """N, the experts per mixture (at least 2)."""
+    seed: int | None = 0
+    """Base seed of the token permutations (layer i uses ``seed + i``); ``None``: torch's global RNG."""
+
+    def __post_init__(self) -> None:
+        check_selector(self.select)
+        check_number("num_experts", self.num_experts, low=2, integer=True)
+        if self.seed is not None:
+            check_number("seed", self.seed, integer=True)
+        super().__post_init__()
+
+    def convert(self, model: nn.Module) -> list[str]:
+        """Turn the selected FFNs of ``model`` into mixtures (``to_moe``); returns their names."""
+        return to_moe(model, self.select, num_experts=self.num_experts, seed=self.seed)
