@@ -162,3 +162,24 @@ def test_a_type_checker_sees_every_knob_of_the_faces(tmp_path: Path) -> None:
     assert 'Unexpected keyword argument "decy" for "EMA"' in errors[0]
     assert 'Argument "recompute_bn" to "SWA" has incompatible type "str"' in errors[1]
     assert 'Unexpected keyword argument "distil_weight" for "ZSCL"' in errors[2]
+
+
+def test_help_shows_every_argument_and_warnings_point_at_the_users_line() -> None:
+    """``help()`` lists each argument with its docstring (generated from the declarations); a settings warning
+    points at the user's own line, even for code run by ``python -c`` (whose file is ``<string>`` too, as the
+    ``__init__`` that dataclasses generates)."""
+    import subprocess
+    import sys
+
+    import weightavg.callbacks
+    import weightavg.optim
+    from weightavg.core.settings import field_docs
+
+    for face in (weightavg.callbacks.SWA, weightavg.optim.ZSCL, weightavg.callbacks.NoLoCo):
+        doc = face.__doc__ or ""
+        for parameter in inspect.signature(face).parameters:
+            first_words = " ".join(field_docs(face)[parameter].split()[:3])
+            assert f"{parameter}: {first_words}" in " ".join(doc.split()), (face.__name__, parameter)
+    code = "import weightavg.callbacks as C\nC.ZSCL(distill_weight=2.0)\n"
+    done = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, timeout=300)
+    assert "<string>:2: UserWarning: ZSCL: distill_weight is ignored" in done.stderr, done.stderr

@@ -58,7 +58,7 @@ from weightavg.core.checks import (
 from weightavg.core.io import WeightSource, save_safetensors
 from weightavg.core.progress import progress_bar
 from weightavg.core.rule import Rule, Snapshot
-from weightavg.core.settings import DtypeOption, EngineOptions, Settings, setting_values
+from weightavg.core.settings import DtypeOption, EngineOptions, Settings, describe_arguments, setting_values
 from weightavg.core.snapshots import MEMORY, SnapshotStore
 from weightavg.methods.ema import EMA as EMARule
 from weightavg.methods.ema import EMASettings
@@ -180,7 +180,10 @@ class AveragingCallback(Callback):
     def __init__(self, rule: Rule, **options: Any) -> None:
         """For callbacks whose settings are not a dataclass yet: ``options`` are ``CallbackOptions`` and
         ``EngineOptions`` fields, checked and defaulted by them."""
-        given = _HostOptions(**options)
+        try:
+            given = _HostOptions(**options)
+        except TypeError as error:  # an unknown keyword: name this callback, not the private options holder
+            raise TypeError(str(error).replace("_HostOptions.__init__()", f"{type(self).__name__}()")) from None
         for option in dataclasses.fields(_HostOptions):
             setattr(self, option.name, getattr(given, option.name))
         self._start_hosting(rule)
@@ -701,7 +704,7 @@ def _unshare_from_averages(module: torch.nn.Module, averagers: Sequence[Averager
 class EMA(EngineOptions, CallbackOptions, EMASettings, AveragingCallback):  # signature: last base's fields first
     """Exponential moving average of the weights (``weightavg.methods.EMA``) as a Lightning callback.
 
-    Its arguments: the method's ``EMASettings``, then ``CallbackOptions`` and ``EngineOptions``, one docstring each
+    Its arguments: the method's ``EMASettings``, then ``CallbackOptions`` and ``EngineOptions`` (Args below)
     (``inspect.signature`` and IDEs list them all).
 
     Example:
@@ -722,7 +725,7 @@ class SWA(EngineOptions, CallbackOptions, SWASettings, AveragingCallback):  # si
     average are recomputed with one pass over the training data (``recompute_bn``) before export and apply.
 
     Its arguments: the method's ``SWASettings`` (``start`` defaults to 75% of the run, samples once per epoch),
-    ``CallbackOptions``, ``EngineOptions``, then the BatchNorm pass below, one docstring each.
+    ``CallbackOptions``, ``EngineOptions``, then the BatchNorm pass below (Args below).
     """
 
     _: KW_ONLY
@@ -1258,7 +1261,7 @@ class ZSCL(EngineOptions, CallbackOptions, DistillationSettings, EnsembleSetting
     module's batch-transfer hooks (those are written for training batches).
 
     Its arguments: the method's ``EnsembleSettings`` and ``DistillationSettings`` (``weightavg.methods.zscl``), then
-    ``CallbackOptions`` and ``EngineOptions``, one docstring each.
+    ``CallbackOptions`` and ``EngineOptions`` (Args below).
     """
 
     def __post_init__(self) -> None:
@@ -1706,7 +1709,7 @@ class EWA(OutputOptions, ConversionSettings, ShareSettings, Callback):  # signat
     the mixtures, and EWA then merges that average.
 
     Its arguments: the method's ``ShareSettings`` and ``ConversionSettings`` (``weightavg.methods.ewa``), the two
-    below, and ``OutputOptions`` (``export_path`` writes the merged model's ``state_dict``), one docstring each.
+    below, and ``OutputOptions`` (``export_path`` writes the merged model's ``state_dict``) (Args below).
     """
 
     _: KW_ONLY
@@ -1822,7 +1825,7 @@ class _OuterStep(AveragingCallback):
         return {"buffers": "ignore", "contiguous": True, "dtype": self.dtype}
 
     def _start_outer(self, rule: NoLoCoRule | DiLoCoRule, settings: type) -> None:
-        self.name = self.name or type(self).__name__
+        self.name = self.name or rule.method_name
         self._start_hosting(Snapshot(), settings)
         self.outer_rule = rule
         self.replica: Replica | None = None
@@ -1892,7 +1895,7 @@ class NoLoCo(DtypeOption, HostOptions, OuterOptions, NoLoCoSettings, _OuterStep)
 
     Its arguments: the method's ``NoLoCoSettings``, ``OuterOptions``, ``HostOptions`` (``validate_with`` defaults to
     ``"live"``, the replica's fast weights; ``"average"`` validates its slow weights; ``export_path`` writes rank 0's
-    slow weights) and ``DtypeOption`` (the slow weights' dtype), one docstring each.
+    slow weights) and ``DtypeOption`` (the slow weights' dtype) (Args below).
     """
 
     _: KW_ONLY
@@ -1917,3 +1920,6 @@ class DiLoCo(DtypeOption, HostOptions, OuterOptions, DiLoCoSettings, _OuterStep)
     def __post_init__(self) -> None:
         super().__post_init__()
         self._start_outer(DiLoCoRule(**setting_values(self, DiLoCoSettings)), DiLoCoSettings)
+
+
+describe_arguments(EMA, SWA, ZSCL, NoLoCo, DiLoCo, EWA)

@@ -27,7 +27,7 @@ from weightavg.core.checks import check_bool, check_directory, check_number
 from weightavg.core.io import WeightSource
 from weightavg.core.rule import Rule, Snapshot
 from weightavg.core.schedules import Unit
-from weightavg.core.settings import DtypeOption, EngineOptions, Settings, setting_values
+from weightavg.core.settings import DtypeOption, EngineOptions, Settings, describe_arguments, setting_values
 from weightavg.core.snapshots import MEMORY, SnapshotStore
 from weightavg.methods.ema import EMA as EMARule
 from weightavg.methods.ema import EMASettings
@@ -112,7 +112,10 @@ class AveragingOptimizer(Optimizer):
     def __init__(self, optimizer: Optimizer, rule: Rule, **options: Any) -> None:
         """For wrappers whose settings are not a dataclass yet: ``options`` are ``WrapperOptions`` and
         ``EngineOptions`` fields, checked and defaulted by them."""
-        given = _WrapperHost(optimizer, **options)
+        try:
+            given = _WrapperHost(optimizer, **options)
+        except TypeError as error:  # an unknown keyword: name this wrapper, not the private options holder
+            raise TypeError(str(error).replace("_WrapperHost.__init__()", f"{type(self).__name__}()")) from None
         for option in dataclasses.fields(_WrapperHost):
             setattr(self, option.name, getattr(given, option.name))
         self._start_wrapping(rule)
@@ -241,7 +244,7 @@ class AveragingOptimizer(Optimizer):
 class EMA(EngineOptions, EMASettings, WrapperOptions, AveragingOptimizer):  # signature: last base's fields first
     """``optimizer`` plus an exponential moving average of its parameters (``weightavg.methods.EMA``).
 
-    Its arguments: ``WrapperOptions``, the method's ``EMASettings`` and ``EngineOptions``, one docstring each.
+    Its arguments: ``WrapperOptions``, the method's ``EMASettings`` and ``EngineOptions`` (Args below).
 
     Example:
         >>> model = nn.Linear(4, 2)
@@ -271,7 +274,7 @@ class SWA(EngineOptions, SWASettings, WrapperOptions, AveragingOptimizer):  # si
     ``torch.optim.swa_utils.SWALR`` on the inner optimizer for the SWA learning rate; the wrapper never changes it.
 
     Its arguments: ``WrapperOptions``, the method's ``SWASettings`` (with this face's defaults below) and
-    ``EngineOptions``, one docstring each.
+    ``EngineOptions`` (Args below).
     """
 
     start: float = 0.0  # this face's defaults (see above); the settings' docstrings hold
@@ -362,7 +365,7 @@ class ZSCL(EngineOptions, DistillationSettings, EnsembleSettings, WrapperOptions
     ``opt.distillation_loss()`` to the loss; it draws the next reference batch, moved to the model's device.
 
     Its arguments: ``WrapperOptions``, the method's ``EnsembleSettings`` and ``DistillationSettings`` (the teacher
-    defaults to the model when the wrapper is built) and ``EngineOptions``, one docstring each.
+    defaults to the model when the wrapper is built) and ``EngineOptions`` (Args below).
     """
 
     def __post_init__(self) -> None:
@@ -587,7 +590,7 @@ class EWA(ShareSettings, ConvertedModel, InnerOptimizer, Optimizer):  # signatur
     wrap it; when training ends, ``opt.merge()`` turns every mixture back into its dense FFN (the optimizer is done
     with the model then).
 
-    Its arguments: ``InnerOptimizer``, ``ConvertedModel`` and the method's ``ShareSettings``, one docstring each.
+    Its arguments: ``InnerOptimizer``, ``ConvertedModel`` and the method's ``ShareSettings`` (Args below).
     """
 
     def __post_init__(self) -> None:
@@ -722,7 +725,7 @@ class NoLoCo(DtypeOption, ReplicaOptions, NoLoCoSettings, InnerOptimizer, _Outer
     backend has point-to-point ops (gloo, nccl), and do not wrap the model in DistributedDataParallel.
 
     Its arguments: ``InnerOptimizer``, the method's ``NoLoCoSettings``, ``ReplicaOptions`` and ``DtypeOption`` (the
-    slow weights' and momentum's dtype; default fp32 for fp16/bf16 parameters, else theirs), one docstring each.
+    slow weights' and momentum's dtype; default fp32 for fp16/bf16 parameters, else theirs) (Args below).
 
     Example (under torchrun)::
 
@@ -750,3 +753,6 @@ class DiLoCo(DtypeOption, ReplicaOptions, DiLoCoSettings, InnerOptimizer, _Outer
     def __post_init__(self) -> None:
         super().__post_init__()
         self._start_outer(DiLoCoRule(**setting_values(self, DiLoCoSettings)))
+
+
+describe_arguments(EMA, SWA, ZSCL, NoLoCo, DiLoCo, EWA)

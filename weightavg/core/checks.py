@@ -202,7 +202,8 @@ def outside_stacklevel() -> int:
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
     frame, level = sys._getframe(1), 1
     while frame is not None and (
-        frame.f_code.co_filename.startswith(package) or frame.f_code.co_filename == "<string>"
+        frame.f_code.co_filename.startswith(package)
+        or (frame.f_code.co_filename == "<string>" and frame.f_code.co_name == "__init__")  # dataclasses' __init__
     ):
         frame, level = frame.f_back, level + 1  # type: ignore[assignment]
     return level

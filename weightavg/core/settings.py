@@ -67,6 +67,20 @@ def argument_types(target: type) -> dict[str, Any]:
     return typing.get_type_hints(target.__init__)  # type: ignore[misc]
 
 
+def describe_arguments(*classes: type) -> None:
+    """Append an ``Args:`` section, generated from the field docstrings, to each class's docstring, so ``help()``
+    and IDEs show what every argument does (the docs' tables come from the same docstrings)."""
+    for cls in classes:
+        docs = field_docs(cls)
+        lines = ["", "    Args (generated from the settings' declarations):"]
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if f.init and f.name != "_":
+                text = " ".join(docs.get(f.name, "").split())
+                wrapped = textwrap.wrap(f"{f.name}: {text}", width=112)
+                lines += [f"        {wrapped[0]}", *(f"            {line}" for line in wrapped[1:])]
+        cls.__doc__ = (cls.__doc__ or "").rstrip() + "\n" + "\n".join(lines) + "\n"
+
+
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
     """Each dataclass field's docstring (the string literal right after the field, as Sphinx reads it), from every

@@ -13,7 +13,7 @@ from dataclasses import KW_ONLY, dataclass
 from weightavg.core.checks import check_bool, check_choice, check_number
 from weightavg.core.rule import Clock, Event, NotACallback, canonical_eq, canonical_hash, compact_repr
 from weightavg.core.schedules import WARMUPS, Warmup, decay_from_half_life, warmed_decay
-from weightavg.core.settings import Frozen, Settings
+from weightavg.core.settings import Frozen, Settings, describe_arguments
 
 
 @dataclass(eq=False, repr=False)
@@ -70,7 +70,7 @@ class EMA(EMASettings, Frozen, NotACallback):
     - ``decay_t = decay`` (``warmup="none"``), ``min(decay, 1 - (1 + t / gamma) ** -power)`` (``"power"``, timm and
       ema-pytorch), or ``min(decay, (1 + t) / (10 + t))`` (``"tf"``), where ``t`` counts steps since ``start_step``.
 
-    The settings are ``EMASettings``'s, one docstring each.
+    The settings are ``EMASettings``'s (Args below).
 
     Raises:
         ValueError: on a decay outside [0, 1), a non-positive half-life, ``every_n_steps < 1``, a negative start, an
@@ -111,3 +111,6 @@ class EMA(EMASettings, Frozen, NotACallback):
 
     def validate_clock(self, clock: Clock) -> None:
         return None
+
+
+describe_arguments(EMA)

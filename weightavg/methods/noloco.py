@@ -39,7 +39,7 @@ from weightavg.core import kernels
 from weightavg.core.averager import Averager
 from weightavg.core.checks import check_bool, check_number
 from weightavg.core.rule import canonical_eq, canonical_hash, check_saved_rule, compact_repr
-from weightavg.core.settings import Frozen, Settings
+from weightavg.core.settings import Frozen, Settings, describe_arguments
 
 Tensors = list[torch.Tensor]
 
@@ -93,6 +93,8 @@ class NoLoCoSettings(Settings):
 class NoLoCoRule(NoLoCoSettings, Frozen):
     """NoLoCo's outer step as a rule (the settings are ``NoLoCoSettings``'s)."""
 
+    method_name = "NoLoCo"  # the callbacks' default name
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self._freeze()
@@ -135,6 +137,8 @@ class DiLoCoSettings(Settings):
 @dataclass(eq=False, repr=False)
 class DiLoCoRule(DiLoCoSettings, Frozen):
     """DiLoCo's outer step as a rule (the settings are ``DiLoCoSettings``'s)."""
+
+    method_name = "DiLoCo"  # the callbacks' default name
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -388,3 +392,6 @@ def average_replicas(tensors: Tensors, group: Any = None) -> None:
 
 
 __all__ = ["DiLoCoRule", "NoLoCoRule", "Replica", "Traffic", "average_replicas", "peer_groups"]
+
+
+describe_arguments(NoLoCoRule, DiLoCoRule)

@@ -14,7 +14,7 @@ from dataclasses import KW_ONLY, dataclass
 from weightavg.core.checks import check_choice, check_number
 from weightavg.core.rule import Clock, Event, NotACallback, canonical_eq, canonical_hash, compact_repr
 from weightavg.core.schedules import START_UNITS, UNITS, StartUnit, Unit, reached
-from weightavg.core.settings import Frozen, Settings
+from weightavg.core.settings import Frozen, Settings, describe_arguments
 
 
 @dataclass(eq=False, repr=False)
@@ -52,7 +52,7 @@ class SWA(SWASettings, Frozen, NotACallback):
 
     Samples are taken at events of ``every_unit`` (after an optimizer step, or at an epoch's end): the first at the
     first event once the start point is reached (it copies the live weights), then each time ``every`` steps or
-    epochs have passed since the last sample. The settings are ``SWASettings``'s, one docstring each.
+    epochs have passed since the last sample. The settings are ``SWASettings``'s (Args below).
 
     Pair SWA with a constant or cyclic learning rate in the averaging phase (``torch.optim.swa_utils.SWALR``); SWA
     never touches the optimizer or its scheduler. Recompute BatchNorm statistics of the average at the end.
@@ -87,3 +87,6 @@ class SWA(SWASettings, Frozen, NotACallback):
 
     def validate_clock(self, clock: Clock) -> None:
         reached(self.start, self.start_unit, clock)
+
+
+describe_arguments(SWA)

@@ -35,7 +35,7 @@ from weightavg.core.call import Forward, call_with, eval_mode
 from weightavg.core.checks import check_callable, check_number, outside_stacklevel
 from weightavg.core.io import WeightSource
 from weightavg.core.rule import Clock, Event, NotACallback, Snapshot, canonical_eq, canonical_hash, compact_repr
-from weightavg.core.settings import Frozen, Settings
+from weightavg.core.settings import Frozen, Settings, describe_arguments
 
 
 @dataclass(eq=False, repr=False)
@@ -324,3 +324,6 @@ def continual_metrics(matrix: Sequence[Sequence[float]] | torch.Tensor) -> Conti
     before = [table[:task, task].mean() for task in range(1, tasks)]
     transfer = torch.stack(before).mean().item() if before else float("nan")
     return ContinualMetrics(transfer=transfer, avg=table.mean().item(), last=table[-1].mean().item())
+
+
+describe_arguments(ZSCL)
