@@ -183,3 +183,26 @@ def test_help_shows_every_argument_and_warnings_point_at_the_users_line() -> Non
     code = "import weightavg.callbacks as C\nC.ZSCL(distill_weight=2.0)\n"
     done = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, timeout=300)
     assert "<string>:2: UserWarning: ZSCL: distill_weight is ignored" in done.stderr, done.stderr
+
+
+def test_a_rules_setting_cannot_be_changed_on_a_built_face() -> None:
+    """The rule read its settings when the face was built: assigning one later (silently ignored before) is refused
+    on callbacks and wrappers alike; the host's own options stay assignable."""
+    import torch
+
+    import weightavg.callbacks
+    import weightavg.optim
+
+    model = torch.nn.Linear(2, 2)
+    faces = [
+        (weightavg.callbacks.EMA(decay=0.9), "decay"),
+        (weightavg.callbacks.NoLoCo(sync_every=5), "sync_every"),
+        (weightavg.optim.SWA(torch.optim.SGD(model.parameters(), lr=0.1)), "start"),
+        (weightavg.optim.DiLoCo(torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)), "outer_lr"),
+    ]
+    for face, setting in faces:
+        with pytest.raises(AttributeError, match=rf"{type(face).__name__}\.{setting} is a setting of"):
+            setattr(face, setting, 0.5)
+    callback = faces[0][0]
+    callback.validate_with = "live"  # type: ignore[attr-defined]
+    assert callback.validate_with == "live"  # type: ignore[attr-defined]

@@ -120,6 +120,21 @@ class AveragingOptimizer(Optimizer):
             setattr(self, option.name, getattr(given, option.name))
         self._start_wrapping(rule)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # The method's settings were read into the rule when the wrapper was built: a later assignment would be
+        # silently ignored, so it is refused.
+        if name in self.__dict__.get("_rule_fields", ()):
+            raise AttributeError(
+                f"{type(self).__name__}.{name} is a setting of its rule, read when the wrapper was built: build "
+                f"another wrapper with {name}={value!r}"
+            )
+        super().__setattr__(name, value)
+
+    def _guard_settings(self, rule: object) -> None:
+        """Refuse later assignments to ``rule``'s settings fields on this wrapper."""
+        names = {f.name for f in dataclasses.fields(rule)} if dataclasses.is_dataclass(rule) else set()  # type: ignore[arg-type]
+        self._rule_fields = frozenset(names | set(self.__dict__.get("_rule_fields", ())))
+
     def _engine_options(self) -> dict[str, Any]:
         """The ``Averager`` settings of this wrapper's average (its ``EngineOptions`` fields)."""
         return setting_values(self, EngineOptions)
@@ -142,6 +157,7 @@ class AveragingOptimizer(Optimizer):
         Optimizer.__init__(self, params, optimizer.defaults)
         self.param_groups = optimizer.param_groups
         self.state = optimizer.state
+        self._guard_settings(rule)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.averager.rule!r}, {self.optimizer!r})"
@@ -683,6 +699,7 @@ class _OuterOptimizer(AveragingOptimizer):
         self.replica = Replica(self.averager, rule, self.process_group)
         if self.broadcast_start:
             self.replica.broadcast_start()
+        self._guard_settings(rule)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.replica.rule!r}, {self.optimizer!r})"
