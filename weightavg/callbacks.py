@@ -58,7 +58,14 @@ from weightavg.core.checks import (
 from weightavg.core.io import WeightSource, save_safetensors
 from weightavg.core.progress import progress_bar
 from weightavg.core.rule import Rule, Snapshot
-from weightavg.core.settings import DtypeOption, EngineOptions, Settings, describe_arguments, setting_values
+from weightavg.core.settings import (
+    DtypeOption,
+    EngineOptions,
+    ReadSettings,
+    Settings,
+    describe_arguments,
+    setting_values,
+)
 from weightavg.core.snapshots import MEMORY, SnapshotStore
 from weightavg.methods.ema import EMA as EMARule
 from weightavg.methods.ema import EMASettings
@@ -161,7 +168,7 @@ class _HostOptions(CallbackOptions, EngineOptions):
     """The options of callbacks whose own settings are not declared as a dataclass yet (checked and defaulted here)."""
 
 
-class AveragingCallback(Callback):
+class AveragingCallback(ReadSettings, Callback):
     """Host any averaging rule in a Lightning ``Trainer``: the base of every averaging callback.
 
     A method's callback declares its fields from the method's settings (``weightavg.methods.ema.EMASettings``), the
@@ -187,16 +194,6 @@ class AveragingCallback(Callback):
         for option in dataclasses.fields(_HostOptions):
             setattr(self, option.name, getattr(given, option.name))
         self._start_hosting(rule)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        # The method's settings were read into the rule when the callback was built: a later assignment would be
-        # silently ignored, so it is refused.
-        if name in self.__dict__.get("_rule_fields", ()):
-            raise AttributeError(
-                f"{type(self).__name__}.{name} is a setting of {self.__dict__['name']}, read when the callback was "
-                f"built: build another callback with {name}={value!r}"
-            )
-        super().__setattr__(name, value)
 
     def _engine_options(self) -> dict[str, Any]:
         """The ``Averager`` settings of this callback's average (its ``EngineOptions`` fields)."""
@@ -227,7 +224,7 @@ class AveragingCallback(Callback):
         # uses them as they are.
         self._loaded_over = False
         self._load_hook: RemovableHandle | None = None
-        self._rule_fields = frozenset(f.name for group in settings for f in dataclasses.fields(group))
+        self._read_settings(*settings)
 
     @property
     @override

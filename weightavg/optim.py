@@ -27,7 +27,14 @@ from weightavg.core.checks import check_bool, check_directory, check_number
 from weightavg.core.io import WeightSource
 from weightavg.core.rule import Rule, Snapshot
 from weightavg.core.schedules import Unit
-from weightavg.core.settings import DtypeOption, EngineOptions, Settings, describe_arguments, setting_values
+from weightavg.core.settings import (
+    DtypeOption,
+    EngineOptions,
+    ReadSettings,
+    Settings,
+    describe_arguments,
+    setting_values,
+)
 from weightavg.core.snapshots import MEMORY, SnapshotStore
 from weightavg.methods.ema import EMA as EMARule
 from weightavg.methods.ema import EMASettings
@@ -97,7 +104,7 @@ class _WrapperHost(WrapperOptions, EngineOptions):
     """The options of wrappers whose own settings are not declared as a dataclass yet (checked and defaulted here)."""
 
 
-class AveragingOptimizer(Optimizer):
+class AveragingOptimizer(ReadSettings, Optimizer):
     """Wrap an optimizer so that every ``step()`` also updates an average of its parameters under a rule: the base
     of every optimizer wrapper.
 
@@ -119,21 +126,6 @@ class AveragingOptimizer(Optimizer):
         for option in dataclasses.fields(_WrapperHost):
             setattr(self, option.name, getattr(given, option.name))
         self._start_wrapping(rule)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        # The method's settings were read into the rule when the wrapper was built: a later assignment would be
-        # silently ignored, so it is refused.
-        if name in self.__dict__.get("_rule_fields", ()):
-            raise AttributeError(
-                f"{type(self).__name__}.{name} is a setting of its rule, read when the wrapper was built: build "
-                f"another wrapper with {name}={value!r}"
-            )
-        super().__setattr__(name, value)
-
-    def _guard_settings(self, rule: object) -> None:
-        """Refuse later assignments to ``rule``'s settings fields on this wrapper."""
-        names = {f.name for f in dataclasses.fields(rule)} if dataclasses.is_dataclass(rule) else set()  # type: ignore[arg-type]
-        self._rule_fields = frozenset(names | set(self.__dict__.get("_rule_fields", ())))
 
     def _engine_options(self) -> dict[str, Any]:
         """The ``Averager`` settings of this wrapper's average (its ``EngineOptions`` fields)."""
@@ -157,7 +149,7 @@ class AveragingOptimizer(Optimizer):
         Optimizer.__init__(self, params, optimizer.defaults)
         self.param_groups = optimizer.param_groups
         self.state = optimizer.state
-        self._guard_settings(rule)
+        self._read_settings(rule)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.averager.rule!r}, {self.optimizer!r})"
@@ -699,7 +691,7 @@ class _OuterOptimizer(AveragingOptimizer):
         self.replica = Replica(self.averager, rule, self.process_group)
         if self.broadcast_start:
             self.replica.broadcast_start()
-        self._guard_settings(rule)
+        self._read_settings(rule)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.replica.rule!r}, {self.optimizer!r})"

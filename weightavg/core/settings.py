@@ -54,6 +54,24 @@ class Frozen:
         object.__setattr__(self, "_frozen", True)
 
 
+class ReadSettings:
+    """Base of the faces: the settings their rule read when it was built cannot be assigned later (the assignment
+    would be silently ignored); their other attributes stay assignable."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.__dict__.get("_rule_fields", ()):
+            raise AttributeError(
+                f"{type(self).__name__}.{name} is a setting of its rule, read when it was built: build another "
+                f"{type(self).__name__} with {name}={value!r}"
+            )
+        super().__setattr__(name, value)
+
+    def _read_settings(self, *sources: object) -> None:
+        """Mark the fields of ``sources`` (settings classes or rule instances) as read by the rule."""
+        names = {f.name for source in sources if dataclasses.is_dataclass(source) for f in dataclasses.fields(source)}
+        object.__setattr__(self, "_rule_fields", frozenset(names | set(self.__dict__.get("_rule_fields", ()))))
+
+
 def setting_values(obj: object, group: type) -> dict[str, Any]:
     """The values ``obj`` holds for the fields of the settings dataclass ``group`` (``obj`` inherits them)."""
     return {f.name: getattr(obj, f.name) for f in dataclasses.fields(group) if f.init}  # type: ignore[arg-type]
