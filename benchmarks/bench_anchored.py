@@ -4,10 +4,10 @@
 
 Rows, run interleaved in one process with ``bench_ema``'s runner (median over repeats, order rotated):
 
-- WiSE-FT, one alpha into the model: ``Averager.blend(alpha)`` + ``swap()`` back (computed into a persistent buffer and
-  swapped in by pointer) against the official scripts' way (a state-dict comprehension ``(1 - a) * t0 + a * t1``
-  then ``load_state_dict``) and the floor: one ``torch.lerp(..., out=)`` over flat buffers of the model's size
-  (reads two, writes one, 12 B per fp32 element: the least any blend can move).
+- WiSE-FT, one alpha into the model: ``wiseft.blend(averager, alpha)`` + ``swap()`` back (computed into a
+  persistent buffer and swapped in by pointer) against the official scripts' way (a state-dict comprehension
+  ``(1 - a) * t0 + a * t1`` then ``load_state_dict``) and the floor: one ``torch.lerp(..., out=)`` over flat buffers
+  of the model's size (reads two, writes one, 12 B per fp32 element: the least any blend can move).
 - ZSCL teacher forward on a batch of reference inputs: ``Distillation.teacher_outputs`` (the model evaluated with the
   teacher's tensors through ``torch.func.functional_call``, no second module) against a separate deep-copied teacher
   module (the research code's way; one more model object in memory).
@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_ema import BIG, SMALL, Runner, Shape, Stack, Timing, timing_cells
 
 import weightavg
+from weightavg.methods.wiseft import blend
 from weightavg.zscl import Distillation
 
 ALPHA = 0.5
@@ -46,7 +47,7 @@ def blend_rows(shape: Shape, runner: Runner) -> tuple[int, int, dict[str, Timing
     flat = [torch.randn(numel, device=runner.device) for _ in range(3)]
 
     def ours() -> None:
-        averager.blend(ALPHA)
+        blend(averager, ALPHA)
         averager.swap()
 
     def state_dict_way() -> None:

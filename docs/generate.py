@@ -22,28 +22,54 @@ def tables() -> dict[str, tuple[list[type], dict[str, Any]]]:
     """Table name -> (the settings classes whose fields are its rows, the faces whose defaults it shows)."""
     import weightavg.callbacks as cb
     import weightavg.optim as wo
-    from weightavg.core.settings import DtypeOption, EngineOptions
+    from weightavg.core.settings import DtypeOption, EngineOptions, TensorOptions
     from weightavg.methods.ema import EMASettings
     from weightavg.methods.ewa import ConversionSettings, ShareSettings
+    from weightavg.methods.lcsc import CombineSettings, SearchSettings, SnapshotSettings
     from weightavg.methods.noloco import DiLoCoSettings, NoLoCoSettings
     from weightavg.methods.swa import SWASettings
+    from weightavg.methods.wiseft import WiSEFTSettings
     from weightavg.methods.zscl import DistillationSettings, EnsembleSettings
 
     both = "Lightning, Hydra"
     return {
         "ema": ([EMASettings], {both: cb.EMA, "optimizer": wo.EMA}),
         "swa": ([SWASettings], {both: cb.SWA, "optimizer": wo.SWA}),
-        "swa-lightning": ([cb.SWA], {both: cb.SWA}),
+        "swa-lightning": ([cb.BatchNormOptions], {both: cb.SWA}),
+        "wiseft": ([WiSEFTSettings], {both: cb.WiSEFT, "optimizer": wo.WiSEFT}),
+        "wiseft-lightning": ([cb.WiSEFT, cb.FitnessOptions, cb.OutputOptions], {both: cb.WiSEFT}),
         "zscl": ([EnsembleSettings, DistillationSettings], {both: cb.ZSCL, "optimizer": wo.ZSCL}),
+        "lcsc-snapshots": ([SnapshotSettings], {both: cb.LCSC, "optimizer": wo.LCSC}),
+        "lcsc-recipe": ([CombineSettings], {both: cb.LCSC, "optimizer": wo.LCSC}),
+        "lcsc-search": ([SearchSettings], {"SearchSettings": SearchSettings}),
+        "lcsc-lightning": (
+            [cb.LCSC, cb.FitnessOptions, cb.OutputOptions, cb.BatchNormOptions],
+            {both: cb.LCSC},
+        ),
         "callback-options": ([cb.OutputOptions, cb.HostOptions, cb.CallbackOptions], {both: cb.EMA}),
         "wrapper-options": ([wo.InnerOptimizer, wo.WrapperOptions], {"optimizer": wo.EMA}),
-        "engine-options": ([DtypeOption, EngineOptions], {both: cb.EMA, "optimizer": wo.EMA}),
+        "model-options": ([wo.InnerOptimizer, wo.ModelOptions], {"optimizer": wo.WiSEFT}),
+        "engine-options": ([DtypeOption, TensorOptions, EngineOptions], {both: cb.EMA, "optimizer": wo.EMA}),
+        "tensor-options": ([TensorOptions], {both: cb.WiSEFT, "optimizer": wo.WiSEFT}),
         "noloco": ([NoLoCoSettings], {both: cb.NoLoCo, "optimizer": wo.NoLoCo}),
         "diloco": ([DiLoCoSettings], {both: cb.DiLoCo, "optimizer": wo.DiLoCo}),
         "ewa": ([ShareSettings, ConversionSettings, cb.EWA, cb.OutputOptions], {both: cb.EWA}),
         "outer-options": ([cb.OuterOptions], {both: cb.NoLoCo}),
         "replica-options": ([wo.ReplicaOptions], {"optimizer": wo.NoLoCo}),
     }
+
+
+def recipes() -> str:
+    """The table of LCSC's recipe registry (``weightavg.methods.lcsc.RECIPES``)."""
+    from weightavg.methods.lcsc import RECIPES
+
+    rows = ["| `method` | needs a fitness | the coefficients | source |", "|---|---|---|---|"]
+    for name, recipe in RECIPES.items():
+        rows.append(
+            f"| `{name}` | {'yes' if recipe.needs_fitness else 'no (scored when given)'} | "
+            f"{markdown(recipe.description)} | {markdown(recipe.paper)} |"
+        )
+    return "\n".join(rows) + "\n"
 
 
 def own_fields(group: type) -> list[str]:
@@ -90,9 +116,9 @@ def regenerate(page: Path) -> tuple[str, list[str]]:
 
     def replace(match: re.Match[str]) -> str:
         name = match["name"]
-        if name not in known:
+        if name != "recipes" and name not in known:
             raise KeyError(f"{page.name}: unknown knob table {name!r}; known: {sorted(known)}")
-        fresh = table(*known[name])
+        fresh = recipes() if name == "recipes" else table(*known[name])
         if fresh != match["table"]:
             changed.append(f"{page.name}:{name}")
         return match[1] + fresh + match[4]

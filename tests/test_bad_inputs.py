@@ -266,7 +266,7 @@ def test_bad_config_value_is_refused_when_instantiated(key: str, field: str, val
         (lambda: cb.ZSCL(teacher={}), "teacher"),
         (lambda: cb.EMA(decay=0.9, half_life=10.0), "half_life"),
         (lambda: cb.LCSC(every_n_steps=2, every_n_epochs=1), "every_n_epochs"),
-        (lambda: cb.EWA(merge_at_end=False, export_path="x.safetensors"), "export_path"),
+        (lambda: cb.EWA(apply_at_end=False, export_path="x.safetensors"), "export_path"),
         (lambda: wo.SWA(torch.optim.SGD(_model().parameters(), lr=0.1), start=0.5), "total_steps"),
     ],
 )

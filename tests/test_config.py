@@ -53,23 +53,34 @@ def test_config_types_are_what_the_command_line_can_give() -> None:
         node.warmup = ["power"]
 
 
-@pytest.mark.parametrize("method", ["ema", "swa", "zscl", "noloco", "diloco", "ewa"])
+@pytest.mark.parametrize("method", ["ema", "swa", "wiseft", "zscl", "lcsc", "noloco", "diloco", "ewa"])
 def test_a_methods_settings_are_declared_once_and_appear_in_every_face(method: str) -> None:
     """Each field of the method's settings dataclasses is an argument of the callback, the wrapper and the config,
     with the same default (the faces may choose their own default only where their docs say so: SWA's start)."""
     import weightavg.callbacks
     import weightavg.optim
-    from weightavg.methods import ema, ewa, noloco, swa, zscl
+    from weightavg.methods import ema, ewa, lcsc, noloco, swa, wiseft, zscl
 
     groups: dict[str, list[type]] = {
         "ema": [ema.EMASettings],
         "swa": [swa.SWASettings],
+        "wiseft": [wiseft.WiSEFTSettings],
         "zscl": [zscl.EnsembleSettings, zscl.DistillationSettings],
+        "lcsc": [lcsc.SnapshotSettings, lcsc.CombineSettings],
         "noloco": [noloco.NoLoCoSettings],
         "diloco": [noloco.DiLoCoSettings],
         "ewa": [ewa.ShareSettings, ewa.ConversionSettings],
     }
-    name = {"ema": "EMA", "swa": "SWA", "zscl": "ZSCL", "noloco": "NoLoCo", "diloco": "DiLoCo", "ewa": "EWA"}[method]
+    name = {
+        "ema": "EMA",
+        "swa": "SWA",
+        "wiseft": "WiSEFT",
+        "zscl": "ZSCL",
+        "lcsc": "LCSC",
+        "noloco": "NoLoCo",
+        "diloco": "DiLoCo",
+        "ewa": "EWA",
+    }[method]
     faces = {
         "callback": inspect.signature(getattr(weightavg.callbacks, name)).parameters,
         "wrapper": inspect.signature(getattr(weightavg.optim, name)).parameters,
@@ -87,6 +98,8 @@ def test_a_methods_settings_are_declared_once_and_appear_in_every_face(method: s
                     continue
                 assert field.name in params, f"{group.__name__}.{field.name} missing from the {face}"
                 default = params[field.name].default
+                if face == "config" and default is dataclasses.MISSING:  # a list default: a factory in a config
+                    default = tuple(params[field.name].default_factory())
                 assert default == face_defaults.get((face, field.name), field.default), (face, field.name)
 
 
@@ -206,3 +219,113 @@ def test_a_rules_setting_cannot_be_changed_on_a_built_face() -> None:
     callback = faces[0][0]
     callback.validate_with = "live"  # type: ignore[attr-defined]
     assert callback.validate_with == "live"  # type: ignore[attr-defined]
+
+
+def test_lcsc_recipes_are_one_registry_that_drives_every_face() -> None:
+    """``RECIPES`` names the recipes once: the type of ``method``, the callback, the wrapper, the config and the
+    command take exactly those names and refuse another, listing the valid ones; the command's recipe and search
+    options are the settings dataclasses' fields."""
+    import typing
+
+    import torch
+
+    import weightavg.callbacks
+    import weightavg.optim
+    from weightavg import combine
+    from weightavg.methods.lcsc import RECIPES, CombineSettings, Method, SearchSettings
+
+    assert tuple(typing.get_args(Method)) == tuple(RECIPES) == ("lcsc", "greedy", "uniform", "ema", "metric", "last")
+    assert all(recipe.description and recipe.paper for recipe in RECIPES.values())
+    assert {name for name, recipe in RECIPES.items() if recipe.needs_fitness} == {"lcsc", "greedy"}
+    listed = "'lcsc', 'greedy', 'uniform', 'ema', 'metric', 'last'"
+    model = torch.nn.Linear(2, 2)
+    builders = [
+        lambda: weightavg.callbacks.LCSC(method="soup"),  # type: ignore[arg-type]
+        lambda: weightavg.optim.LCSC(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            module=model,
+            every_n_steps=1,
+            directory=":memory:",
+            method="soup",  # type: ignore[arg-type]
+        ),
+        lambda: CombineSettings(method="soup"),  # type: ignore[arg-type]
+    ]
+    for build in builders:
+        with pytest.raises(ValueError, match=f"method='soup' is not allowed; choose one of {listed}"):
+            build()
+    node = OmegaConf.structured(CONFIGS["lcsc"][0])
+    node.method = "soup"
+    with pytest.raises(ConfigError, match="method='soup'"):
+        instantiate_averaging(node)
+    actions = {action.dest: action for action in combine.build_parser()._actions}
+    assert list(actions["method"].choices or []) == list(RECIPES)
+    for settings in (CombineSettings, SearchSettings):
+        for field in dataclasses.fields(settings):
+            if field.name not in ("_", "settings"):
+                assert field.name in actions, f"--{field.name.replace('_', '-')} missing from the command"
+    assert "--rule" in actions["greedy_rule"].option_strings  # the name it had before, kept for scripts
+
+
+def test_one_name_for_leaving_the_result_in_the_model() -> None:
+    """Every callback says "leave my result in the model when fit ends" with ``apply_at_end`` (and stores it under
+    that name); the former names (EWA's ``merge_at_end``, NoLoCo's and DiLoCo's ``average_at_end``) still work for a
+    release with a FutureWarning naming the new one, and are refused beside it."""
+    import weightavg.callbacks as cb
+
+    for cls in (cb.EMA, cb.SWA, cb.WiSEFT, cb.ZSCL, cb.LCSC, cb.EWA, cb.NoLoCo, cb.DiLoCo):
+        params = inspect.signature(cls).parameters
+        assert "apply_at_end" in params, cls.__name__
+        assert not {"merge_at_end", "average_at_end", "leave_result", "leave_at_alpha"} & set(params), cls.__name__
+    assert cb.WiSEFT(apply_at_end=False).apply_at_end is False
+    assert cb.LCSC(apply_at_end=False).apply_at_end is False
+    with pytest.warns(FutureWarning, match=r"EWA\(merge_at_end=\.\.\.\) is now EWA\(apply_at_end=\.\.\.\)") as caught:
+        ewa = cb.EWA(merge_at_end=False)
+    assert ewa.apply_at_end is False and caught[0].filename == __file__  # the warning points at the user's line
+    for cls in (cb.NoLoCo, cb.DiLoCo):
+        with pytest.warns(FutureWarning, match="average_at_end"):
+            assert cls(average_at_end=True).apply_at_end is True
+        with pytest.raises(TypeError, match="average_at_end= and apply_at_end="):
+            cls(average_at_end=True, apply_at_end=False)
+
+
+def test_the_greedy_rule_keeps_its_former_name_for_a_release(tmp_path: Path) -> None:
+    import torch
+
+    import weightavg.callbacks as cb
+    import weightavg.optim as wo
+    from weightavg.core.snapshots import SnapshotStore
+    from weightavg.methods.lcsc import Combiner
+
+    with pytest.warns(FutureWarning, match=r"LCSC\(rule=\.\.\.\) is now LCSC\(greedy_rule=\.\.\.\)"):
+        assert cb.LCSC(rule="not_worse").greedy_rule == "not_worse"  # type: ignore[call-arg]
+    model = torch.nn.Linear(2, 1)
+    opt = wo.LCSC(torch.optim.SGD(model.parameters(), lr=0.1), module=model, every_n_steps=1, directory=":memory:")
+    for _ in range(2):
+        model(torch.ones(1, 2)).sum().backward()
+        opt.step()
+    scores = iter([0.0, 1.0, 1.0])  # the newest alone is best; the soup of both ties it (kept only by not_worse)
+    with pytest.warns(FutureWarning, match="greedy_rule"):
+        result = opt.search(lambda: next(scores), method="greedy", rule="not_worse")
+    assert result.weights == [0.5, 0.5]
+    combiner = Combiner(model, SnapshotStore(None))
+    with pytest.raises(TypeError, match="rule= and greedy_rule="):
+        combiner.choose("greedy", lambda: 0.0, rule="strict", greedy_rule="strict")
+
+
+def test_importing_weightavg_registers_no_strategy_and_the_lightning_face_registers_only_local_ddp() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "from lightning.pytorch.strategies import StrategyRegistry as R\n"
+        "before = set(R)\n"
+        "import weightavg, weightavg.optim\n"
+        "assert set(R) == before, set(R) - before\n"
+        "import weightavg.callbacks\n"
+        "assert set(R) - before == {'local_ddp'}, set(R) - before\n"
+        "import weightavg.strategies\n"
+        "from weightavg.callbacks.strategy import LocalDDPStrategy\n"
+        "assert weightavg.strategies.LocalDDPStrategy is LocalDDPStrategy\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

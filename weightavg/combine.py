@@ -10,8 +10,10 @@ Examples::
     python -m weightavg.combine runs/snapshots --method lcsc --fitness mypkg.evaluate:score --output lcsc.safetensors
 
 ``--fitness module:function`` names ``function(weights: dict[str, Tensor]) -> float`` (higher is better unless
-``--mode min``); it drives ``lcsc`` and ``greedy`` and scores the other methods. Files are ordered oldest first (by the
-step their metadata records, else by name); the newest gives the integer buffers.
+``--mode min``); it drives ``lcsc`` and ``greedy`` and scores the other methods. The recipe options and the search
+options are generated from ``CombineSettings`` and ``SearchSettings`` (``weightavg.methods.lcsc``), and ``--method``
+from its ``RECIPES``, so the command, the callback, the wrapper and the Hydra config take the same settings. Files
+are ordered oldest first (by the step their metadata records, else by name); the newest gives the integer buffers.
 
 Every argument is checked before any snapshot is combined (``--output``/``--result`` must be writable files). During
 ``lcsc`` and ``greedy`` a candidate whose fitness is not finite never wins; a chosen combination without a finite
@@ -23,27 +25,25 @@ full disk, a read-only folder) end with one line ``weightavg.combine: ...`` on s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import math
 import sys
+import types
+import typing
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from weightavg.core import io
-from weightavg.core.checks import check_number, check_output_file
+from weightavg.core.checks import check_output_file
 from weightavg.core.io import describe_error
+from weightavg.core.settings import field_docs
 from weightavg.core.snapshots import SnapshotInfo, SnapshotStore, combine, open_snapshot_file
-from weightavg.methods.lcsc import (
-    METHODS,
-    SearchResult,
-    SearchSettings,
-    check_options,
-    choose_weights,
-)
+from weightavg.methods.lcsc import RECIPES, CombineSettings, SearchResult, SearchSettings, choose_weights
 
 
 class CommandError(ValueError):
@@ -115,26 +115,26 @@ def _scorer(spec: str, function: Callable[[dict[str, torch.Tensor]], Any]) -> Sc
     return score
 
 
-def check_arguments(args: argparse.Namespace) -> None:
+def recipe_from(args: argparse.Namespace) -> CombineSettings:
+    """The ``CombineSettings`` the arguments give (checked: a bad value names the setting and what is allowed).
+    Without ``--parents``, children are bred from the best ``min(4, population)``."""
+    given = {name: getattr(args, name) for name in _fields(SearchSettings) if getattr(args, name) is not None}
+    given.setdefault("parents", min(SearchSettings.parents, given.get("population", SearchSettings.population)))
+    recipe = {name: getattr(args, name) for name in _fields(CombineSettings) if name != "settings"}
+    return CombineSettings(**recipe, settings=SearchSettings(**given))
+
+
+def check_arguments(args: argparse.Namespace) -> CombineSettings:
     """Refuse bad arguments before reading any snapshot (the values the parser cannot check)."""
-    check_options(
-        method=args.method,
-        mode=args.mode,
-        decay=args.decay,
-        penalty=args.penalty,
-        by=args.by,
-        metric_key=args.metric_key,
-        rule=args.rule,
-    )
-    check_number("--population", args.population, low=1, integer=True)
-    check_number("--generations", args.generations, low=0, integer=True)
+    recipe = recipe_from(args)
     check_output_file("--output", args.output)
     if args.result is not None:
         check_output_file("--result", args.result)
         if Path(args.result).resolve() == Path(args.output).resolve():
             raise CommandError(f"--result {args.result!r} is the --output file: give them different paths")
-    if args.weights is None and args.method in ("lcsc", "greedy") and args.fitness is None:
+    if args.weights is None and RECIPES[args.method].needs_fitness and args.fitness is None:
         raise CommandError(f"--method {args.method} needs --fitness module:function to score candidates")
+    return recipe
 
 
 def check_readable(snapshots: Sequence[SnapshotInfo]) -> None:
@@ -160,12 +160,12 @@ def parse_weights(text: str, k: int) -> list[float]:
 
 
 def run(args: argparse.Namespace) -> SearchResult:
-    check_arguments(args)
+    recipe = check_arguments(args)
     scorer = _scorer(args.fitness, load_fitness(args.fitness)) if args.fitness else None
     snapshots = find_snapshots(args.snapshots, skip_damaged=args.skip_damaged)
     check_readable(snapshots)
     k = len(snapshots)
-    dtype = torch.float64 if args.dtype == "float64" else torch.float32
+    dtype = recipe.accumulation_dtype
     weights = None if args.weights is None else parse_weights(args.weights, k)
 
     def fitness(weights: torch.Tensor) -> float:
@@ -176,25 +176,12 @@ def run(args: argparse.Namespace) -> SearchResult:
         value = fitness(torch.tensor(weights, dtype=torch.float64)) if scorer is not None else float("nan")
         result = SearchResult(weights, value, args.mode, int(scorer is not None), 0)
     else:
-        # parents may not exceed population; the command has no --parents, so a small population breeds from all
-        settings = SearchSettings(
-            population=args.population,
-            parents=min(SearchSettings.parents, args.population),
-            generations=args.generations,
-            seed=args.seed,
-        )
         result = choose_weights(
-            args.method,
+            recipe,
             snapshots,
             fitness if scorer is not None else None,
             mode=args.mode,
-            settings=settings,
-            decay=args.decay,
-            penalty=args.penalty,
-            by=args.by,
-            metric_key=args.metric_key,
-            rule=args.rule,
-            progress=args.method in ("lcsc", "greedy") and args.progress and sys.stderr.isatty(),
+            progress=RECIPES[args.method].needs_fitness and args.progress and sys.stderr.isatty(),
         )
     if scorer is not None and not math.isfinite(result.fitness):
         raise CommandError(
@@ -227,30 +214,90 @@ def _write(argument: str, path: str, write: Callable[[], object]) -> None:
         raise CommandError(f"writing {argument} {path!r} failed: {describe_error(error)}") from None
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def _fields(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.init and f.name != "_"]  # type: ignore[arg-type]
+
+
+def _parsed_as(kind: Any) -> dict[str, Any]:
+    """``add_argument`` options parsing a value of type ``kind`` (a ``None`` in a union is written ``none``)."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is Literal:
+        return {"choices": list(args)}
+    if kind is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return {"type": args[0], "nargs": "+"}
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        (inner,) = [a for a in args if a is not type(None)]
+        parse = _parsed_as(inner)["type"]
+        return {"type": lambda text: None if text.lower() == "none" else parse(text)}
+    return {"type": kind}
+
+
+def add_settings(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    *,
+    title: str,
+    skip: tuple[str, ...] = (),
+    overrides: dict[str, dict[str, Any]] | None = None,
+    aliases: dict[str, tuple[str, ...]] | None = None,
+    defaults: bool = True,
+) -> None:
+    """One option per field of the settings dataclass ``cls`` (``--metric-key`` for ``metric_key``), typed from its
+    annotation and explained by its docstring: a setting added to the class appears here as well. With
+    ``defaults=False`` an option not given is ``None`` (the class's default then applies)."""
+    group = parser.add_argument_group(title)
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if not field.init or field.name == "_" or field.name in skip:
+            continue
+        options = {**_parsed_as(hints[field.name]), **(overrides or {}).get(field.name, {})}
+        default = options.pop("default", field.default)
+        extra = options.pop("help_extra", "")
+        text = " ".join(f"{docs.get(field.name, '')} {extra}".replace("``", "").split()).replace("%", "%%")
+        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+        group.add_argument(
+            f"--{field.name.replace('_', '-')}",
+            *(aliases or {}).get(field.name, ()),
+            dest=field.name,
+            default=default if defaults else None,
+            help=f"{text} (default: {shown})",
+            **options,
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command's parser: its recipe and search options generated from ``CombineSettings`` and
+    ``SearchSettings``, ``--method`` from ``RECIPES``."""
     parser = argparse.ArgumentParser(
         prog="python -m weightavg.combine", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("snapshots", nargs="+", help="snapshot folders and/or safetensors files")
     parser.add_argument("--output", required=True, help="where to write the combined weights (safetensors)")
-    parser.add_argument("--method", choices=METHODS, default="uniform")
     parser.add_argument("--weights", help="comma-separated coefficients, one per snapshot (overrides --method)")
     parser.add_argument("--fitness", help="module:function scoring a state dict (drives lcsc and greedy)")
-    parser.add_argument("--mode", choices=("max", "min"), default="max")
-    parser.add_argument("--decay", type=float, default=0.9, help="for --method ema")
-    parser.add_argument("--by", choices=("loss", "step"), default="loss", help="for --method metric")
-    parser.add_argument("--penalty", type=float, default=1.0, help="for --method metric")
-    parser.add_argument("--metric-key", default="train_loss", help="for --method metric --by loss")
-    parser.add_argument("--rule", choices=("strict", "not_worse"), default="strict", help="for --method greedy")
-    parser.add_argument(
-        "--population",
-        type=int,
-        default=16,
-        help="for --method lcsc (children are bred from the best min(4, population))",
+    parser.add_argument("--mode", choices=("max", "min"), default="max", help="whether a higher fitness is better")
+    recipes = "; ".join(f"{name}: {recipe.description}" for name, recipe in RECIPES.items())
+    add_settings(
+        parser,
+        CombineSettings,
+        title="the recipe (weightavg.methods.lcsc.CombineSettings)",
+        skip=("settings",),
+        overrides={
+            "method": {"default": "uniform", "help_extra": recipes},
+            "dtype": {"choices": ["float32", "float64"], "type": str},
+        },
+        aliases={"greedy_rule": ("--rule",)},  # its name before the setting was declared once
     )
-    parser.add_argument("--generations", type=int, default=25, help="for --method lcsc")
-    parser.add_argument("--seed", type=int, default=0, help="for --method lcsc")
-    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="accumulation dtype")
+    add_settings(
+        parser,
+        SearchSettings,
+        title="the search of --method lcsc (weightavg.methods.lcsc.SearchSettings; without --parents, children are "
+        "bred from the best min(4, population))",
+        defaults=False,
+    )
     parser.add_argument("--save-dtype", choices=("same", "float32", "float16", "bfloat16"), default="same")
     parser.add_argument("--result", help="write the coefficients and the search history here (JSON)")
     parser.add_argument(
@@ -264,7 +311,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_false",
         help="no progress bar (shown for lcsc and greedy when stderr is a terminal)",
     )
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -42,6 +42,7 @@ from weightavg.config import ConfigError, instantiate_averaging, register_config
 from weightavg.core.averager import _resolve_dtype
 from weightavg.core.io import read_weights, save_safetensors
 from weightavg.ewa import mixtures, to_dense
+from weightavg.methods import wiseft
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -321,7 +322,8 @@ def build_averagers(
         callback = instantiate_averaging(node, where=where, **overrides)
         if callback is None:
             continue
-        if callback.export_path is None and getattr(callback, "merge_at_end", True):
+        # Every result is exported, except an EWA that keeps its mixtures (its export is the merged model).
+        if callback.export_path is None and not (isinstance(callback, EWA) and not callback.apply_at_end):
             callback.export_path = str(output_dir / f"{where.replace('extra_averaging.', '')}.safetensors")
         if node.get("name") is None:
             callback.name = where
@@ -416,9 +418,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
         if isinstance(callback, EWA):
             measure(f"{where} {callback!r}, merged")  # the model ends merged
         elif isinstance(callback, WiSEFT) and callback.averager is not None and callback.alpha is not None:
-            with callback.averager.blended(callback.alpha):
+            with wiseft.blended(callback.averager, callback.alpha):
                 measure(f"{where} WiSEFT(alpha={callback.alpha:g})")
-            with callback.averager.blended(0.0):
+            with wiseft.blended(callback.averager, 0.0):
                 measure(f"{where} WiSE-FT anchor (alpha=0)")
         elif isinstance(callback, LCSC) and callback.result is not None:
             measure(f"{where} LCSC(method={callback.method})")  # the model holds it

@@ -32,8 +32,8 @@ Part 2, greedy soup (Wortsman et al. 2022, "Model soups"): from one shared start
 its shipped MNIST weights, k = 8 fine-tunes on scikit-learn digits put into MNIST's 28x28 format (as in
 ``wiseft_shift.py``) with different learning rates, augmentation, label smoothing, epochs and data order. Per seed
 of the whole procedure a fresh random split: 997 train / 300 validation / 500 test. The fine-tunes are held in a
-``SnapshotStore``; ``Combiner.choose("greedy", evaluate, rule=...)`` ranks them by validation accuracy and adds each
-next one if the uniform soup's validation accuracy improves (``strict``, the official code) or does not drop
+``SnapshotStore``; ``Combiner.choose("greedy", evaluate, greedy_rule=...)`` ranks them by validation accuracy and
+adds each next one if the uniform soup's validation accuracy improves (``strict``, the official code) or does not drop
 (``not_worse``, the paper's text). Reported on test: the best single fine-tune picked on validation, the uniform soup
 of all 8, both greedy soups, and, as an oracle reference only, the best single fine-tune on test.
 
@@ -461,7 +461,7 @@ def run_soup_seed(seed: int, digits: Split, recipes: Sequence[Recipe]) -> dict[s
         "uniform": measure(uniform_weights(k)),
     }
     for rule in ("strict", "not_worse"):
-        result = combiner.choose("greedy", evaluate, rule=rule)  # type: ignore[arg-type]
+        result = combiner.choose("greedy", evaluate, greedy_rule=rule)
         chosen = [i for i, w in enumerate(result.weights) if w > 0]
         out[f"greedy_{rule}"] = {**measure(result.weights), "ingredients": chosen,
                                  "evaluations": result.evaluations, "history": result.history}

@@ -13,6 +13,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from weightavg import EMA, SWA, Averager
+from weightavg.methods.swa import update_bn
 
 
 def mlp(seed: int = 0, batchnorm: bool = False, hidden: int = 8) -> nn.Sequential:
@@ -381,7 +382,7 @@ def test_update_bn_equals_torch_update_bn_on_a_copy_with_the_average(engine: dic
     torch.optim.swa_utils.update_bn(loader, reference)
 
     before = snapshot(model)
-    averager.update_bn(loader, model)
+    update_bn(averager, loader, model)
 
     assert_restored(model, before)
     expected = reference.state_dict()
@@ -404,7 +405,7 @@ def test_update_bn_equals_torch_update_bn_on_a_copy_with_the_average(engine: dic
 def test_update_bn_leaves_parameter_averages_untouched(model_dtype: torch.dtype, engine: dict) -> None:
     model, averager = drifted(model_dtype=model_dtype, **engine)
     parameters = {name: averager.averaged_tensors()[name].clone() for name, _ in model.named_parameters()}
-    averager.update_bn([batch(i)[0].to(model_dtype) for i in range(4)], model)
+    update_bn(averager, [batch(i)[0].to(model_dtype) for i in range(4)], model)
     for name, tensor in parameters.items():
         assert torch.equal(averager.averaged_tensors()[name], tensor), name
 
@@ -413,11 +414,11 @@ def test_update_bn_needs_the_statistics_in_the_average() -> None:
     model = mlp(0, batchnorm=True)
     averager = Averager(model, EMA(), buffers="ignore")
     with pytest.raises(ValueError, match=r"recomputing BatchNorm statistics needs them in the average"):
-        averager.update_bn([batch(0)[0]], model)
+        update_bn(averager, [batch(0)[0]], model)
     plain = mlp(0)
     without_norm = Averager(plain, EMA())
     state = {name: t.clone() for name, t in without_norm.averaged_tensors().items()}
-    without_norm.update_bn([batch(0)[0]], plain)  # nothing to recompute
+    update_bn(without_norm, [batch(0)[0]], plain)  # nothing to recompute
     assert all(torch.equal(t, state[name]) for name, t in without_norm.averaged_tensors().items())
 
 

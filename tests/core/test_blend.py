@@ -16,6 +16,7 @@ from weightavg import EMA, Averager, load_into_module
 from weightavg.core.call import call_with, eval_mode, to_device
 from weightavg.core.io import read_weights
 from weightavg.core.rule import Snapshot
+from weightavg.methods.wiseft import apply_blend, blend, blend_alpha, blended
 
 
 def bn_net(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Sequential:
@@ -88,8 +89,8 @@ def assert_restored(model: nn.Module, before: dict[str, tuple[int, torch.Tensor]
 @pytest.mark.parametrize("alpha", [0.0, 0.25, 0.5, 1.0])
 def test_blend_puts_the_anchor_live_mix_into_params_and_float_buffers(alpha: float) -> None:
     model, averager, anchor, live = anchored()
-    averager.blend(alpha)
-    assert averager.is_swapped and averager.blend_alpha == alpha
+    blend(averager, alpha)
+    assert averager.is_swapped and blend_alpha(averager) == alpha
     assert_holds(model, blend_reference(anchor, live, alpha))
     # Integer buffers keep their live values, which differ from the anchor's.
     assert int(model[1].num_batches_tracked) == int(live["1.num_batches_tracked"]) == 6
@@ -98,7 +99,7 @@ def test_blend_puts_the_anchor_live_mix_into_params_and_float_buffers(alpha: flo
 
 def test_blend_moves_running_stats_too() -> None:
     model, averager, anchor, live = anchored()
-    averager.blend(0.5)
+    blend(averager, 0.5)
     expected = 0.5 * anchor["1.running_var"] + 0.5 * live["1.running_var"]
     torch.testing.assert_close(model[1].running_var.double(), expected, rtol=1e-6, atol=1e-6)
     assert not torch.allclose(model[1].running_var.double(), live["1.running_var"])
@@ -108,19 +109,19 @@ def test_swap_after_blend_restores_the_exact_live_storage() -> None:
     model, averager, _, _ = anchored()
     before = exact_state(model)
     params = list(model.parameters())
-    averager.blend(0.3)
+    blend(averager, 0.3)
     assert any(t.data_ptr() != before[n][0] for n, t in model.state_dict().items() if t.is_floating_point())
     averager.swap()
-    assert not averager.is_swapped and averager.blend_alpha is None
+    assert not averager.is_swapped and blend_alpha(averager) is None
     assert_restored(model, before)
     assert all(a is b for a, b in zip(params, model.parameters(), strict=True))
 
 
 def test_a_second_blend_starts_from_the_live_weights_again() -> None:
     model, averager, anchor, live = anchored()
-    averager.blend(0.3)
-    averager.blend(0.8)
-    assert averager.blend_alpha == 0.8
+    blend(averager, 0.3)
+    blend(averager, 0.8)
+    assert blend_alpha(averager) == 0.8
     assert_holds(model, blend_reference(anchor, live, 0.8))
     compounded = blend_reference(anchor, blend_reference(anchor, live, 0.3), 0.8)
     assert not torch.allclose(model[0].weight.double(), compounded["0.weight"])
@@ -131,8 +132,8 @@ def test_a_second_blend_starts_from_the_live_weights_again() -> None:
 def test_blended_context_restores_the_live_weights() -> None:
     model, averager, anchor, live = anchored()
     before = exact_state(model)
-    with averager.blended(0.4):
-        assert averager.blend_alpha == 0.4
+    with blended(averager, 0.4):
+        assert blend_alpha(averager) == 0.4
         assert_holds(model, blend_reference(anchor, live, 0.4))
     assert not averager.is_swapped
     assert_restored(model, before)
@@ -141,18 +142,18 @@ def test_blended_context_restores_the_live_weights() -> None:
 def test_blended_context_restores_on_exception() -> None:
     model, averager, _, _ = anchored()
     before = exact_state(model)
-    with pytest.raises(KeyError, match="inside"), averager.blended(0.4):
+    with pytest.raises(KeyError, match="inside"), blended(averager, 0.4):
         raise KeyError("inside")
-    assert not averager.is_swapped and averager.blend_alpha is None
+    assert not averager.is_swapped and blend_alpha(averager) is None
     assert_restored(model, before)
 
 
 def test_blended_context_restores_a_previous_blend() -> None:
     model, averager, anchor, live = anchored()
-    averager.blend(0.3)
-    with averager.blended(0.9):
+    blend(averager, 0.3)
+    with blended(averager, 0.9):
         assert_holds(model, blend_reference(anchor, live, 0.9))
-    assert averager.blend_alpha == 0.3
+    assert blend_alpha(averager) == 0.3
     assert_holds(model, blend_reference(anchor, live, 0.3))
     averager.swap()
     assert_holds(model, live, rtol=0, atol=0)
@@ -162,9 +163,9 @@ def test_blended_context_restores_the_average_when_it_was_swapped_in() -> None:
     model, averager, anchor, live = anchored()
     averager.swap()  # the plain swap puts every followed tensor of the snapshot in, integer buffers included
     assert_holds(model, anchor, rtol=0, atol=0)
-    with averager.blended(0.6):
+    with blended(averager, 0.6):
         assert_holds(model, blend_reference(anchor, live, 0.6))
-    assert averager.is_swapped and averager.blend_alpha is None
+    assert averager.is_swapped and blend_alpha(averager) is None
     assert_holds(model, anchor, rtol=0, atol=0)
     averager.swap()
     assert_holds(model, live, rtol=0, atol=0)
@@ -174,8 +175,8 @@ def test_blend_while_the_average_is_swapped_in_uses_the_live_weights() -> None:
     model, averager, anchor, live = anchored()
     before = exact_state(model)
     averager.swap()
-    averager.blend(0.7)
-    assert averager.blend_alpha == 0.7
+    blend(averager, 0.7)
+    assert blend_alpha(averager) == 0.7
     assert_holds(model, blend_reference(anchor, live, 0.7))
     averager.swap()
     assert_restored(model, before)
@@ -185,21 +186,21 @@ def test_blend_while_the_average_is_swapped_in_uses_the_live_weights() -> None:
 def test_apply_blend_changes_the_live_tensors_in_place(alpha: float) -> None:
     model, averager, anchor, live = anchored()
     params = {name: (p, p.data_ptr()) for name, p in model.named_parameters()}
-    averager.apply_blend(alpha)
+    apply_blend(averager, alpha)
     assert not averager.is_swapped
     assert_holds(model, blend_reference(anchor, live, alpha))
     for name, p in model.named_parameters():
         assert p is params[name][0] and p.data_ptr() == params[name][1], name
     # The anchor itself is unchanged: a blend of 0 now gives it back.
-    averager.blend(0.0)
+    blend(averager, 0.0)
     assert_holds(model, {**anchor, "1.num_batches_tracked": live["1.num_batches_tracked"]}, rtol=0, atol=0)
 
 
 def test_apply_blend_takes_a_blend_out_first() -> None:
     model, averager, anchor, live = anchored()
-    averager.blend(0.9)
-    averager.apply_blend(0.2)
-    assert not averager.is_swapped and averager.blend_alpha is None
+    blend(averager, 0.9)
+    apply_blend(averager, 0.2)
+    assert not averager.is_swapped and blend_alpha(averager) is None
     assert_holds(model, blend_reference(anchor, live, 0.2))
 
 
@@ -207,7 +208,7 @@ def test_update_is_refused_while_blended() -> None:
     model = bn_net(0)
     averager = Averager(model, EMA(decay=0.5, warmup="none"))
     drift(model, seed=1)
-    averager.blend(0.5)
+    blend(averager, 0.5)
     with pytest.raises(RuntimeError, match="swap"):
         averager.update(0.5)
     with pytest.raises(RuntimeError, match="swap"):
@@ -228,7 +229,7 @@ def test_snapshot_dtype_of_bf16_models(dtype: str | None, expected: torch.dtype)
             assert torch.equal(tensor.double(), anchor[name]), name
     drift(model, seed=1)
     live = float64_state(model)
-    averager.blend(0.25)
+    blend(averager, 0.25)
     for name, tensor in model.state_dict().items():
         assert tensor.dtype == (torch.bfloat16 if tensor.is_floating_point() else torch.long), name
     # Computed in bf16 at the end: a few bf16 ulps of the float64 reference.
@@ -238,13 +239,13 @@ def test_snapshot_dtype_of_bf16_models(dtype: str | None, expected: torch.dtype)
 def test_cpu_anchor_device() -> None:
     model, averager, anchor, live = anchored(device="cpu")
     assert all(t.device.type == "cpu" for t in averager.averaged_tensors().values())
-    averager.blend(0.4)
+    blend(averager, 0.4)
     assert_holds(model, blend_reference(anchor, live, 0.4))
 
 
 def test_extrapolation_beyond_one() -> None:
     model, averager, anchor, live = anchored()
-    averager.blend(1.5)
+    blend(averager, 1.5)
     expected = blend_reference(anchor, live, 1.5)
     torch.testing.assert_close(expected["0.bias"], -0.5 * anchor["0.bias"] + 1.5 * live["0.bias"])
     assert_holds(model, expected, rtol=1e-5, atol=1e-5)
@@ -257,10 +258,10 @@ def test_non_finite_alpha_raises_value_error_naming_alpha(method: str, alpha: fl
     before = exact_state(model)
     with pytest.raises(ValueError, match="alpha"):
         if method == "blended":
-            with averager.blended(alpha):
+            with blended(averager, alpha):
                 pass
         else:
-            getattr(averager, method)(alpha)
+            {"blend": blend, "apply_blend": apply_blend}[method](averager, alpha)
     assert not averager.is_swapped
     assert_restored(model, before)
 
@@ -284,7 +285,7 @@ def test_load_weights_from_a_module() -> None:
     source = other_weights()
     averager.load_weights(source)
     assert_average_is(averager, source.state_dict())
-    averager.blend(0.0)
+    blend(averager, 0.0)
     assert_holds(model, {**float64_state(source), "1.num_batches_tracked": live["1.num_batches_tracked"]}, 0, 0)
 
 
@@ -398,7 +399,7 @@ def test_read_weights_errors(tmp_path: Path) -> None:
 
 def test_save_model_writes_the_blend_in_the_model(tmp_path: Path) -> None:
     _, averager, anchor, live = anchored()
-    averager.blend(0.3)
+    blend(averager, 0.3)
     path = averager.save_model(tmp_path / "blend.safetensors")
     averager.swap()
     fresh = bn_net(9)
@@ -537,7 +538,7 @@ def test_gpu_blends_stay_on_the_models_device_without_host_sync(anchor_device: s
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
     try:
-        anchor.blend(0.3)
+        blend(anchor, 0.3)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     for name, tensor in model.state_dict().items():

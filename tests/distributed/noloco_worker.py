@@ -129,6 +129,7 @@ def train(rank: int, world: int, group_size: int = 2) -> dict[str, Any]:
     opt = NoLoCo(inner_sgd(model), SYNC_EVERY, OUTER_LR, OUTER_MOMENTUM, group_size, seed=3)
     start, start_slow = flat(model), slow(opt)
     peers, outer_steps = [], []
+    sync_step_seconds = 0.0  # wall time of the steps that run an outer step: the waits happen inside them
     with no_collectives():
         try:
             dist.all_reduce(torch.zeros(1))
@@ -136,10 +137,13 @@ def train(rank: int, world: int, group_size: int = 2) -> dict[str, Any]:
         except CollectiveCalled:
             spy_works = True
         for step in range(1, 4 * SYNC_EVERY + 1):
+            started = time.perf_counter()
             if step % SYNC_EVERY == 0:  # this step's opt.step() runs the outer step
                 peers.append(opt.replica.peers())
                 outer_steps.append(opt.replica.outer_steps)
             train_step(model, opt, rank, step)
+            if step % SYNC_EVERY == 0:
+                sync_step_seconds += time.perf_counter() - started
         train_step(model, opt, rank, 4 * SYNC_EVERY + 1)  # theta apart again (NoLoCo keeps a pair's phi equal)
     final, final_slow = flat(model), slow(opt)
     opt.average_replicas()
@@ -151,6 +155,7 @@ def train(rank: int, world: int, group_size: int = 2) -> dict[str, Any]:
         "peers": peers,
         "outer_steps": outer_steps,
         "traffic": opt.traffic.as_dict(),
+        "sync_step_seconds": sync_step_seconds,
         "final": final,
         "final_slow": final_slow,
         "averaged": flat(model),

@@ -123,7 +123,9 @@ def test_noloco_trains_without_collectives(worlds: dict[int, World], size: int, 
         assert traffic["syncs"] == 4
         assert traffic["operations"] == sum(2 * n for n in peers) > 0, (rank, traffic)
         assert traffic["bytes_sent"] == sum(peers) * record["param_bytes"], (rank, traffic)
-        assert traffic["wait_seconds"] >= 0.0
+        # Waiting on the peers' messages is measured inside the steps that ran an outer step, and takes some time.
+        waited, spent = traffic["wait_seconds"], record["sync_step_seconds"]
+        assert 0.0 < waited <= spent, (rank, waited, spent)
 
 
 def test_the_spy_catches_the_library_calls(worlds: dict[int, World]) -> None:

@@ -263,11 +263,11 @@ class NoCollectives(pl.Callback):
 
 def replicas() -> None:
     """NoLoCo under strategy="local_ddp" with three processes: no collective in training, replicas differ, per-rank
-    checkpoints resume each replica exactly, and average_at_end leaves one model on every rank."""
+    checkpoints resume each replica exactly, and apply_at_end leaves one model on every rank."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from weightavg.callbacks import DiLoCo, NoLoCo
-    from weightavg.strategies import LocalDDPStrategy
+    from weightavg.callbacks.strategy import LocalDDPStrategy
 
     torch.set_num_threads(1)
     folder = Path(sys.argv[1])
@@ -332,7 +332,7 @@ def replicas() -> None:
     )
     assert broadcasting.calls[:1] == ["broadcast"], "Lightning's per-batch broadcast should be seen by the spy"
 
-    _, averaged = fit([NoLoCo(sync_every=4, average_at_end=True)], 1, enable_checkpointing=False)
+    _, averaged = fit([NoLoCo(sync_every=4, apply_at_end=True)], 1, enable_checkpointing=False)
     same_on_every_rank(dict(averaged.state_dict()), "the averaged model")
 
     diloco = DiLoCo(sync_every=4)

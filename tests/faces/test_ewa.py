@@ -52,14 +52,14 @@ def test_convert_share_and_merge_back_to_the_original_architecture(tmp_path: Pat
         assert torch.equal(exported[key], value), key
 
     spread = Spread()
-    _, kept = fit([EWA(beta=0.0, num_experts=3, select="net.0", merge_at_end=False), spread])
+    _, kept = fit([EWA(beta=0.0, num_experts=3, select="net.0", apply_at_end=False), spread])
     assert spread.values[-1] > 1e-4  # without sharing the experts drift apart on their own token groups
     assert len(mixtures(kept)) == 1
 
 
 def test_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     def callback() -> EWA:
-        return EWA(beta=0.3, num_experts=3, select="net.0", ramp_steps=5, merge_at_end=False)
+        return EWA(beta=0.3, num_experts=3, select="net.0", ramp_steps=5, apply_at_end=False)
 
     _, full = fit([callback()], epochs=3)
     fit(

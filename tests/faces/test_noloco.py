@@ -11,7 +11,7 @@ import torch
 from tests.helpers import DigitsModule, digits_loaders, run_ddp_script, trainer
 from weightavg import optim
 from weightavg.callbacks import DiLoCo, NoLoCo
-from weightavg.strategies import LocalDDPStrategy, rank_path
+from weightavg.callbacks.strategy import LocalDDPStrategy, rank_path
 
 
 def test_three_processes_no_collectives_per_rank_resume_and_final_average(tmp_path: Path) -> None:

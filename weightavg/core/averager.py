@@ -9,7 +9,7 @@ from __future__ import annotations
 import operator
 import os
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +30,10 @@ _COUNTERS = ("num_updates", "step_count", "epoch_count", "last_step", "last_epoc
 #: What an averager does when the live weights hold NaN or inf (see ``Averager``'s ``nonfinite``).
 NonFinite = Literal["warn", "skip", "error"]
 NONFINITE: tuple[NonFinite, ...] = ("warn", "skip", "error")
+
+
+#: ``derive(out, average, live)``: fill ``out`` from an averaged group's average and live tensors (``swap_in_derived``).
+Derive = Callable[[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]], None]
 
 
 @dataclass
@@ -264,7 +268,7 @@ class Averager:
         self._avg = [t for g in self._groups for t in g.avg]
         self._names = [n for g in self._groups for n in g.names]
         self._saved: list[torch.Tensor] | None = None
-        self._blend: float | None = None  # the alpha of the blend swapped in, if one is
+        self._derived: Hashable | None = None  # the tag of the derived weights swapped in, if some are
         self.num_updates = 0
         self.step_count = 0
         self.epoch_count = 0
@@ -341,9 +345,9 @@ class Averager:
         return self._saved is not None
 
     @property
-    def blend_alpha(self) -> float | None:
-        """The ``alpha`` of the blend in the model, or ``None`` when no blend is swapped in."""
-        return self._blend
+    def derived_tag(self) -> Hashable | None:
+        """The ``tag`` of the weights ``swap_in_derived`` put into the model, or ``None`` when none are in."""
+        return self._derived
 
     # ------------------------------------------------------------------ updates
     def step(self, step: int | None = None) -> bool:
@@ -557,7 +561,7 @@ class Averager:
             for tensor, saved in zip(self._live, self._saved, strict=False):
                 tensor.data = saved
             self._saved = None
-            self._blend = None
+            self._derived = None
             self._follow()  # a tensor replaced while swapped in: the old object got its storage back above
             return
         self._follow()
@@ -588,18 +592,18 @@ class Averager:
             if self._saved is not None:  # unless the body already put the live weights back (copy_to_model)
                 self.swap()
 
-    # ------------------------------------------------------------------ blending
+    # ------------------------------------------------------------------ derived weights (WiSE-FT's blends)
     @torch.no_grad()
-    def blend(self, alpha: float) -> None:
-        """Put ``(1 - alpha) * average + alpha * live`` into the model (WiSE-FT with the anchor as the "average").
+    def swap_in_derived(self, derive: Derive, tag: Hashable) -> None:
+        """Put weights derived from the average and the live weights into the model, by pointer.
 
-        Averaged tensors get the blend, computed in the live dtype into buffers allocated on the first call (one
-        model's worth) and swapped in by pointer; copied tensors (integer buffers, ``buffers="copy"``) keep their
-        live values. Call again for another ``alpha`` (still from the live weights); ``swap()`` puts the live weights
-        back exactly. ``alpha`` outside [0, 1] extrapolates.
+        For each averaged group, ``derive(out, average, live)`` fills ``out``, one work buffer per tensor in the live
+        dtype (allocated on the first call: one model's worth), with kernels (``weightavg.core.kernels``); those are
+        swapped in. Copied tensors (integer buffers, ``buffers="copy"``) keep their live values. Called again, it
+        derives from the live weights again (the average, if swapped in, is taken out first); ``swap()`` puts the
+        live weights back exactly, and ``derived_tag`` is ``tag`` until then (``weightavg.methods.wiseft.blend``).
         """
-        check_number("alpha", alpha)
-        if self._saved is not None and self._blend is None:
+        if self._saved is not None and self._derived is None:
             self.swap()  # the plain average is in: take it out first
         if self._saved is None:
             self._follow()
@@ -614,49 +618,31 @@ class Averager:
                 continue
             if group.work is None:
                 group.work = [torch.empty_like(source) for source in sources]
-            kernels.copy_(group.work, group.avg)
-            kernels.lerp_(group.work, sources, float(alpha))
+            derive(group.work, group.avg, sources)
             views.extend(group.work)
         self._saved = live
         for tensor, view in zip(self._live, views, strict=False):
             tensor.data = view
-        self._blend = float(alpha)
-
-    @contextmanager
-    def blended(self, alpha: float) -> Iterator[None]:
-        """Run the body with ``blend(alpha)`` in the model; the live weights (or what was in before) return after."""
-        previous = self._blend
-        average_in = self._saved is not None and previous is None
-        self.blend(alpha)
-        try:
-            yield
-        finally:
-            if previous is not None:
-                self.blend(previous)
-            else:
-                if self._saved is not None:  # unless the body already put the live weights back (apply_blend)
-                    self.swap()
-                if average_in:
-                    self.swap()
+        self._derived = tag
 
     @torch.no_grad()
-    def apply_blend(self, alpha: float) -> None:
-        """Make ``(1 - alpha) * average + alpha * live`` the model's live weights, in place (the tensors keep their
-        storage, so optimizers and contiguous layouts stay valid)."""
-        check_number("alpha", alpha)
+    def derive_into_live(self, derive: Callable[[list[torch.Tensor], list[torch.Tensor]], None]) -> None:
+        """``derive(live, average)`` changes the averaged groups' live tensors in place (the average given in the
+        live dtype and device), so the model keeps its storage (optimizers and contiguous layouts stay valid); the
+        live weights are swapped back first."""
         if self._saved is not None:
             self.swap()
         self._follow()
         for group in self._groups:
             if not group.averaged:
                 continue
-            anchor = group.avg
+            average = group.avg
             if not group.direct:
                 if group.work is None:
                     group.work = [torch.empty_like(live) for live in group.live]
                 kernels.copy_(group.work, group.avg)
-                anchor = group.work
-            kernels.lerp_(group.live, anchor, 1.0 - float(alpha))
+                average = group.work
+            derive(group.live, average)
 
     @torch.no_grad()
     def commit_swapped_buffers(self) -> None:
@@ -671,34 +657,11 @@ class Averager:
             buffers = [i for i, live in enumerate(group.live) if not isinstance(live, nn.Parameter)]
             kernels.copy_([group.avg[i] for i in buffers], [group.views[i] for i in buffers])
 
-    def check_update_bn(self, module: nn.Module) -> bool:
-        """Whether ``module`` has BatchNorm statistics to recompute; raise if they are not all in the average.
-
-        Raises:
-            ValueError: when a running mean or variance is not followed (``buffers="ignore"``, an ``exclude``, or a
-                module that is not the bound one): recomputing would overwrite the live statistics.
-        """
+    def follows(self, tensors: Iterable[torch.Tensor]) -> bool:
+        """Whether every one of ``tensors`` is a live tensor this averager follows (after ``refresh()``)."""
         self.refresh()
-        norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         followed = {id(t) for t in self._live}
-        stats = [t for m in norms for t in (m.running_mean, m.running_var) if t is not None]
-        if any(id(t) not in followed for t in stats):
-            raise ValueError(
-                "recomputing BatchNorm statistics needs them in the average (buffers='average' or 'copy', running "
-                "mean and variance not excluded, and the module the averager is bound to; the optimizer wrapper "
-                "needs module=)"
-            )
-        return bool(stats)
-
-    def update_bn(self, inputs: Iterable[Any], module: nn.Module, device: torch.device | None = None) -> None:
-        """Recompute the BatchNorm statistics of the averaged weights with one pass over ``inputs`` and keep them
-        in the average (``torch.optim.swa_utils.update_bn`` run with the average swapped in). A model without
-        BatchNorm is left alone. ``inputs`` yields batches (``batch[0]`` is fed when a batch is a list or tuple)."""
-        if not self.check_update_bn(module):
-            return
-        with self.averaged():
-            torch.optim.swa_utils.update_bn(inputs, module, device)
-            self.commit_swapped_buffers()
+        return all(id(t) in followed for t in tensors)
 
     @torch.no_grad()
     def copy_to_model(self) -> None:

@@ -16,15 +16,16 @@ import inspect
 import itertools
 import textwrap
 import typing
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import KW_ONLY, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from weightavg.core.averager import NONFINITE, NonFinite
 from weightavg.core.binding import BufferPolicy, check_buffer_policy, check_patterns
-from weightavg.core.checks import check_bool, check_choice, check_device, resolve_dtype
+from weightavg.core.checks import check_bool, check_choice, check_device, outside_stacklevel, resolve_dtype
 
 
 class Settings:
@@ -140,8 +141,9 @@ class DtypeOption(Settings):
 
 
 @dataclass(eq=False, repr=False)
-class EngineOptions(DtypeOption):
-    """How the engine keeps an average (``weightavg.Averager``'s settings), the same in every face."""
+class TensorOptions(Settings):
+    """Which of the model's tensors the engine keeps, and where (the engine settings of every face, also of those
+    that keep copies rather than averages: WiSE-FT's anchor, LCSC's combinations)."""
 
     _: KW_ONLY
     buffers: BufferPolicy = "average"
@@ -154,7 +156,22 @@ class EngineOptions(DtypeOption):
     exclude: str | Sequence[str] | None = None
     """Glob patterns on ``state_dict`` names, as for ``include``: leave the matching tensors out."""
     device: torch.device | str | None = None
-    """Where the average lives (e.g. ``"cpu"`` to keep accelerator memory free); default: beside each live tensor."""
+    """Where the average (WiSE-FT's anchor, LCSC's combination buffer) lives (e.g. ``"cpu"`` to keep accelerator
+    memory free); default: beside each live tensor."""
+
+    def __post_init__(self) -> None:
+        check_buffer_policy(self.buffers)
+        check_patterns(self.include, "include")
+        check_patterns(self.exclude, "exclude")
+        check_device(self.device)
+        super().__post_init__()
+
+
+@dataclass(eq=False, repr=False)
+class EngineOptions(TensorOptions, DtypeOption):
+    """How the engine keeps an average (``weightavg.Averager``'s settings), the same in every face."""
+
+    _: KW_ONLY
     contiguous: bool = False
     """Re-home the live tensors of each dtype group into one flat buffer when binding, so an update is one kernel per
     group instead of one per tensor; single-process Lightning runs only."""
@@ -167,10 +184,6 @@ class EngineOptions(DtypeOption):
     ``averaged()``, ``state_dict()`` and ``save()``; ``"skip"``/``"error"`` cost one extra read per update."""
 
     def __post_init__(self) -> None:
-        check_buffer_policy(self.buffers)
-        check_patterns(self.include, "include")
-        check_patterns(self.exclude, "exclude")
-        check_device(self.device)
         check_bool("contiguous", self.contiguous)
         check_choice("nonfinite", self.nonfinite, NONFINITE)
         super().__post_init__()
@@ -178,3 +191,42 @@ class EngineOptions(DtypeOption):
     def engine_options(self) -> dict[str, Any]:
         """These settings as keyword arguments for ``weightavg.Averager``."""
         return setting_values(self, EngineOptions)
+
+
+def averager_options(face: object) -> dict[str, Any]:
+    """A face's ``weightavg.Averager`` keyword arguments: its ``EngineOptions``, or, for a face that keeps copies of
+    the weights rather than averages (``TensorOptions`` only: WiSE-FT's anchor, LCSC's combinations), those with
+    each tensor's own dtype."""
+    if isinstance(face, EngineOptions):
+        return face.engine_options()
+    return {**setting_values(face, TensorOptions), "dtype": "live"}
+
+
+T = TypeVar("T", bound=type)
+
+
+def renamed_arguments(**renamed: str) -> Callable[[T], T]:
+    """Let a face's constructor take the former name of a renamed setting (``old="new"``) with a ``FutureWarning``,
+    for one release; ``inspect.signature`` and type checkers see the new names only."""
+
+    def decorate(cls: T) -> T:
+        init = vars(cls)["__init__"]  # the dataclass-generated one
+
+        @functools.wraps(init)
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            for old, new in renamed.items():
+                if old in kwargs:
+                    if new in kwargs:
+                        raise TypeError(f"{cls.__name__}() got {old}= and {new}=: {old} is the former name of {new}")
+                    warnings.warn(
+                        f"{cls.__name__}({old}=...) is now {cls.__name__}({new}=...): {old} will be removed",
+                        FutureWarning,
+                        stacklevel=outside_stacklevel(),
+                    )
+                    kwargs[new] = kwargs.pop(old)
+            init(self, *args, **kwargs)
+
+        cls.__init__ = __init__  # type: ignore[misc]
+        return cls
+
+    return decorate

@@ -2,7 +2,7 @@
 
 - Uniform soup: ``w_i = 1/K``. Greedy soup (Wortsman et al. 2022, "Model soups"): rank candidates by a held-out
   metric, start from the best, add each next one if the uniform soup's held-out metric improves (the code: strictly;
-  the paper: "not worse"; ``rule`` picks).
+  the paper: "not worse"; ``greedy_rule`` picks).
 - EMA-equivalent: what an EMA with decay ``g`` over the K snapshots would be: ``w_0 = g^(K-1)``,
   ``w_i = (1 - g) g^(K-1-i)`` for ``i >= 1``.
 - Metric-weighted averaging (Choi and Yu 2025, "Parameter-Efficient Checkpoint Merging via Metrics-Weighted
@@ -26,7 +26,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import KW_ONLY, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,10 +36,12 @@ from torch import nn
 from weightavg.core import io
 from weightavg.core.averager import Averager
 from weightavg.core.binding import BufferPolicy
-from weightavg.core.checks import check_choice, check_number
+from weightavg.core.checks import check_bool, check_choice, check_directory, check_number, outside_stacklevel
 from weightavg.core.progress import progress_bar
 from weightavg.core.rule import Snapshot
-from weightavg.core.snapshots import SnapshotInfo, SnapshotStore, combine
+from weightavg.core.settings import Settings
+from weightavg.core.snapshots import MEMORY, SnapshotInfo, SnapshotStore, combine
+from weightavg.methods.swa import update_bn
 
 Mode = Literal["max", "min"]
 
@@ -144,31 +146,28 @@ def greedy_soup(
 
 @dataclass(frozen=True)
 class SearchSettings:
-    """Knobs of the LCSC search (the design notes' example defaults: 16 + 25 x 12 = 316 evaluations).
-
-    Attributes:
-        population: candidates kept each generation.
-        parents: the best candidates children are bred from.
-        children: new candidates per generation.
-        generations: rounds of breeding.
-        mutation_rate: probability that a child's coefficient is mutated.
-        mutation_std: standard deviation of a mutation (in coefficient units).
-        init_std: standard deviation of the perturbations that fill the initial population.
-        norm_bound: bound on ``sum |w|`` (``None``: unbounded).
-        decays: EMA decays whose equivalent coefficients seed the initial population.
-        seed: seeds every random draw; the search is deterministic given it and the fitness.
-    """
+    """Knobs of the LCSC search (the design notes' example defaults: 16 + 25 x 12 = 316 evaluations)."""
 
     population: int = 16
+    """Candidates kept each generation."""
     parents: int = 4
+    """The best candidates children are bred from (at most ``population``)."""
     children: int = 12
+    """New candidates per generation."""
     generations: int = 25
+    """Rounds of breeding (0: score the initial population only)."""
     mutation_rate: float = 0.3
+    """Probability that a child's coefficient is mutated."""
     mutation_std: float = 0.1
+    """Standard deviation of a mutation, in coefficient units."""
     init_std: float = 0.05
+    """Standard deviation of the perturbations that fill the initial population."""
     norm_bound: float | None = 10.0
+    """Bound on ``sum |w|`` (at least 1; ``None``: unbounded)."""
     decays: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95)
+    """EMA decays whose equivalent coefficients seed the initial population."""
     seed: int = 0
+    """Seeds every random draw; the search is deterministic given it and the fitness."""
 
     def __post_init__(self) -> None:
         for name in ("population", "parents", "children"):
@@ -318,139 +317,293 @@ def combine_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return resolved
 
 
-Method = Literal["lcsc", "uniform", "ema", "metric", "greedy", "last"]
-METHODS: tuple[str, ...] = ("lcsc", "uniform", "ema", "metric", "greedy", "last")
+Method = Literal["lcsc", "greedy", "uniform", "ema", "metric", "last"]
+Fitness = Callable[[torch.Tensor], float]
 
 
-def check_options(
-    *,
-    method: Any,
-    mode: Any = "max",
-    settings: Any = None,
-    decay: Any = 0.9,
-    penalty: Any = 1.0,
-    by: Any = "loss",
-    metric_key: Any = "train_loss",
-    rule: Any = "strict",
-    progress: Any = False,
-) -> None:
-    """Check every option of ``choose_weights`` at once, whatever ``method`` uses, so that a mistake surfaces where
-    the options are given (a callback's or command's construction), not after training or a long search.
+@dataclass(eq=False, repr=False)
+class SnapshotSettings(Settings):
+    """When snapshots are taken and where they are kept (checked when built)."""
 
-    Raises:
-        TypeError, ValueError: naming the option, its value and what is allowed.
-    """
-    check_choice("method", method, METHODS)
-    check_choice("mode", mode, ("max", "min"))
-    if settings is not None and not isinstance(settings, SearchSettings):
-        raise TypeError(f"settings={settings!r} must be a weightavg.methods.lcsc.SearchSettings or None")
-    check_number("decay", decay, low=0.0, high=1.0, high_open=True)
-    check_number("penalty", penalty, low=0.0)
-    check_choice("by", by, ("loss", "step"))
-    if not isinstance(metric_key, str) or not metric_key:
-        raise ValueError(f"metric_key={metric_key!r} must be the non-empty name of a logged metric, e.g. 'train_loss'")
-    check_choice("rule", rule, ("strict", "not_worse"))
-    if not isinstance(progress, bool):
-        raise TypeError(f"progress={progress!r} must be a bool")
+    every_n_steps: int | None = None
+    """Snapshot interval in optimizer steps (required by the optimizer wrapper; the Lightning callback may count
+    epochs instead, and snapshots every epoch when neither is given)."""
+    _: KW_ONLY
+    keep: int | None = 12
+    """How many of the newest snapshots to keep (``None``: all)."""
+    directory: str | os.PathLike[str] | None = None
+    """Where the snapshot files go (found again when a run resumes), or ``":memory:"`` to keep them in host memory
+    (``keep`` copies of the model in RAM, lost on a crash, not found on resume). The callback's default is a folder
+    of its own under the Trainer's ``default_root_dir``; the wrapper needs one."""
+    background: bool = False
+    """Write snapshot files from a background thread (a checkpoint or ``state_dict()`` waits for pending writes)."""
+    overwrite: bool = False
+    """A fresh run in a folder that holds snapshots is refused unless ``overwrite=True``, which deletes them; a
+    resumed run keeps those up to its restored step and drops the rest."""
+
+    def __post_init__(self) -> None:
+        if self.every_n_steps is not None:
+            check_number("every_n_steps", self.every_n_steps, low=1, integer=True)
+        if self.keep is not None:
+            check_number("keep", self.keep, low=1, integer=True)
+        check_directory("directory", self.directory)
+        check_bool("background", self.background)
+        check_bool("overwrite", self.overwrite)
+        if self.background and self.directory == MEMORY:
+            raise ValueError(
+                f"background=True writes snapshot files; directory={MEMORY!r} keeps them in memory (no writer needed)"
+            )
+        super().__post_init__()
+
+
+@dataclass(eq=False, repr=False)
+class CombineSettings(Settings):
+    """How the coefficients are chosen (every recipe's options, checked when built whichever ``method`` uses them,
+    so that a mistake surfaces where they are given, not after training or a long search)."""
+
+    _: KW_ONLY
+    method: Method = "lcsc"
+    """The recipe, a name in ``RECIPES``: ``lcsc``, ``greedy``, ``uniform``, ``ema``, ``metric`` or ``last``
+    (``lcsc`` and ``greedy`` need a fitness; the others are scored with it when there is one)."""
+    settings: SearchSettings | Mapping[str, Any] | None = None
+    """The ``SearchSettings`` of ``method="lcsc"`` (a mapping of its fields in configs); ``None``: the defaults."""
+    decay: float = 0.9
+    """For ``method="ema"``: the decay whose EMA-equivalent coefficients are used, in [0, 1)."""
+    penalty: float = 1.0
+    """For ``method="metric"``: the penalty factor ``p`` (>= 0; 0 is uniform, larger concentrates on the best)."""
+    by: Literal["loss", "step"] = "loss"
+    """For ``method="metric"``: weight each snapshot by its recorded ``metric_key`` (a loss) or by its step."""
+    metric_key: str = "train_loss"
+    """For ``method="metric", by="loss"``: the metric recorded with each snapshot (what the module logged when it
+    was taken, or ``opt.record(...)``)."""
+    greedy_rule: Literal["strict", "not_worse"] = "strict"
+    """For ``method="greedy"``: add a candidate if the soup's score improves (``"strict"``, the code) or does not
+    get worse (``"not_worse"``, the paper)."""
+    dtype: str | torch.dtype = "float32"
+    """The accumulation dtype of combinations: ``"float32"`` or ``"float64"``."""
+
+    def __post_init__(self) -> None:
+        check_choice("method", self.method, tuple(RECIPES))
+        if isinstance(self.settings, Mapping):  # a config node
+            self.settings = SearchSettings(**dict(self.settings))
+        if self.settings is not None and not isinstance(self.settings, SearchSettings):
+            raise TypeError(f"settings={self.settings!r} must be a weightavg.methods.lcsc.SearchSettings or None")
+        check_number("decay", self.decay, low=0.0, high=1.0, high_open=True)
+        check_number("penalty", self.penalty, low=0.0)
+        check_choice("by", self.by, ("loss", "step"))
+        if not isinstance(self.metric_key, str) or not self.metric_key:
+            raise ValueError(
+                f"metric_key={self.metric_key!r} must be the non-empty name of a logged metric, e.g. 'train_loss'"
+            )
+        check_choice("greedy_rule", self.greedy_rule, ("strict", "not_worse"))
+        combine_dtype(self.dtype)
+        super().__post_init__()
+
+    @property
+    def search_settings(self) -> SearchSettings:
+        """The search knobs in effect."""
+        return self.settings if isinstance(self.settings, SearchSettings) else SearchSettings()
+
+    @property
+    def accumulation_dtype(self) -> torch.dtype:
+        return combine_dtype(self.dtype)
+
+    def recipe(self) -> dict[str, Any]:
+        """These settings as keyword arguments (``dataclasses.replace`` / ``CombineSettings(**...)``)."""
+        return {f.name: getattr(self, f.name) for f in fields(CombineSettings) if f.init and f.name != "_"}
+
+
+def recipe_changes(changes: dict[str, Any]) -> dict[str, Any]:
+    """``changes`` to ``CombineSettings`` fields, with the former name ``rule`` of ``greedy_rule`` taken (and warned
+    about) for one release."""
+    if "rule" in changes:
+        if "greedy_rule" in changes:
+            raise TypeError("got rule= and greedy_rule=: rule is the former name of greedy_rule")
+        warnings.warn(
+            "rule= is now greedy_rule= (the greedy soup's rule); rule will be removed",
+            FutureWarning,
+            stacklevel=outside_stacklevel(),
+        )
+        changes = {**changes, "greedy_rule": changes["rule"]}
+        del changes["rule"]
+    return changes
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One way of choosing the coefficients: an entry of ``RECIPES``."""
+
+    name: str
+    description: str
+    """One line: what the coefficients are."""
+    paper: str
+    """Where the recipe comes from."""
+    needs_fitness: bool
+    """Whether it is driven by a fitness (else a fitness, when given, only scores its result)."""
+    choose: Callable[[Sequence[SnapshotInfo], Fitness | None, CombineSettings, Mode, bool], SearchResult]
+    """``choose(snapshots, fitness, settings, mode, progress) -> SearchResult``."""
+
+
+def _scored(weights: torch.Tensor, fitness: Fitness | None, mode: Mode, method: str) -> SearchResult:
+    """A recipe's fixed coefficients, scored once by ``fitness`` when there is one."""
+    value = math.nan if fitness is None else float(fitness(weights))
+    scored: list[dict[str, object]] = [] if fitness is None else [{"evaluation": 1, "fitness": value}]
+    return SearchResult([float(w) for w in weights], value, mode, len(scored), 0, scored, {"method": method})
+
+
+def _lcsc(
+    snapshots: Sequence[SnapshotInfo], fitness: Fitness | None, settings: CombineSettings, mode: Mode, progress: bool
+) -> SearchResult:
+    assert fitness is not None
+    return lcsc_search(fitness, len(snapshots), settings=settings.search_settings, mode=mode, progress=progress)
+
+
+def _greedy(
+    snapshots: Sequence[SnapshotInfo], fitness: Fitness | None, settings: CombineSettings, mode: Mode, progress: bool
+) -> SearchResult:
+    assert fitness is not None
+    k = len(snapshots)
+    sign = 1.0 if mode == "max" else -1.0
+    bar = progress_bar(2 * k - 1, "greedy soup", enabled=progress)  # k singles, then k - 1 soups
+
+    def score(weights: torch.Tensor) -> float:
+        value = float(fitness(weights))
+        if bar is not None:
+            bar.update(1)
+        return value if math.isfinite(value) else -sign * math.inf  # as in lcsc_search: failures never win
+
+    singles = [score(torch.eye(k, dtype=torch.float64)[i]) for i in range(k)]
+
+    def uniform_over(indices: list[int]) -> torch.Tensor:
+        weights = torch.zeros(k, dtype=torch.float64)
+        weights[indices] = 1.0 / len(indices)
+        return weights
+
+    soup = greedy_soup(singles, lambda indices: score(uniform_over(indices)), mode=mode, rule=settings.greedy_rule)
+    if bar is not None:
+        bar.close()
+    history: list[dict[str, object]] = [
+        {"evaluation": i + 1, "candidate": i, "fitness": value} for i, value in enumerate(singles)
+    ]
+    history += [
+        {"evaluation": k + n + 1, "candidate": c, "fitness": v, "kept": kept}
+        for n, (c, v, kept) in enumerate(soup.trials)
+    ]
+    return SearchResult(
+        [float(w) for w in uniform_over(soup.ingredients)],
+        soup.score,
+        mode,
+        len(history),
+        0,
+        history,
+        {"method": "greedy", "greedy_rule": settings.greedy_rule},
+    )
+
+
+def _uniform(
+    snapshots: Sequence[SnapshotInfo], fitness: Fitness | None, settings: CombineSettings, mode: Mode, progress: bool
+) -> SearchResult:
+    return _scored(uniform_weights(len(snapshots)), fitness, mode, "uniform")
+
+
+def _ema(
+    snapshots: Sequence[SnapshotInfo], fitness: Fitness | None, settings: CombineSettings, mode: Mode, progress: bool
+) -> SearchResult:
+    return _scored(ema_weights(len(snapshots), settings.decay), fitness, mode, "ema")
+
+
+def _metric(
+    snapshots: Sequence[SnapshotInfo], fitness: Fitness | None, settings: CombineSettings, mode: Mode, progress: bool
+) -> SearchResult:
+    if settings.by == "loss":
+        missing = [s.step for s in snapshots if settings.metric_key not in s.metrics]
+        if missing:
+            raise ValueError(
+                f"metric_key={settings.metric_key!r} was not recorded with the snapshots of steps {missing}; log it "
+                "(self.log in training_step, opt.record(...)) or weight by='step'"
+            )
+        values = [s.metrics[settings.metric_key] for s in snapshots]
+    else:
+        values = [float(s.step) for s in snapshots]
+    return _scored(metric_weights(values, settings.penalty, by=settings.by), fitness, mode, "metric")
+
+
+def _last(
+    snapshots: Sequence[SnapshotInfo], fitness: Fitness | None, settings: CombineSettings, mode: Mode, progress: bool
+) -> SearchResult:
+    return _scored(torch.eye(len(snapshots), dtype=torch.float64)[-1], fitness, mode, "last")
+
+
+#: Every recipe by name; it drives the callback, the optimizer wrapper, the Hydra config and
+#: ``python -m weightavg.combine`` (whose ``--method`` lists these).
+RECIPES: dict[str, Recipe] = {
+    recipe.name: recipe
+    for recipe in (
+        Recipe(
+            "lcsc",
+            "evolutionary search for coefficients (sum 1, negatives allowed) on the fitness",
+            "Liu et al., ICLR 2025, Linear Combination of Saved Checkpoints (search reconstructed)",
+            True,
+            _lcsc,
+        ),
+        Recipe(
+            "greedy",
+            "greedy soup: add snapshots best-first while the uniform soup's fitness improves",
+            "Wortsman et al., ICML 2022, Model soups",
+            True,
+            _greedy,
+        ),
+        Recipe(
+            "uniform",
+            "the mean of the snapshots (uniform soup)",
+            "Wortsman et al., ICML 2022, Model soups",
+            False,
+            _uniform,
+        ),
+        Recipe(
+            "ema",
+            "the coefficients an EMA with decay over the snapshots would give",
+            "Liu et al., ICLR 2025 (its EMA baseline)",
+            False,
+            _ema,
+        ),
+        Recipe(
+            "metric",
+            "metric-weighted: by each snapshot's recorded loss or its step, with a penalty factor",
+            "Choi and Yu 2025, Metrics-Weighted Averaging (formula reconstructed)",
+            False,
+            _metric,
+        ),
+        Recipe("last", "the newest snapshot alone", "the baseline", False, _last),
+    )
+}
+METHODS: tuple[str, ...] = tuple(RECIPES)
 
 
 def choose_weights(
-    method: Method,
+    recipe: CombineSettings,
     snapshots: Sequence[SnapshotInfo],
-    fitness: Callable[[torch.Tensor], float] | None,
+    fitness: Fitness | None,
     *,
     mode: Mode = "max",
-    settings: SearchSettings | None = None,
-    decay: float = 0.9,
-    penalty: float = 1.0,
-    by: Literal["loss", "step"] = "loss",
-    metric_key: str = "train_loss",
-    rule: Literal["strict", "not_worse"] = "strict",
     progress: bool = False,
 ) -> SearchResult:
-    """Coefficients over ``snapshots`` (oldest first) by ``method``. ``fitness(weights)`` scores a combination; it
-    drives ``lcsc`` and ``greedy`` (which need it) and scores the other recipes' result when given. Every option is
-    checked first (``check_options``), before any evaluation. In ``lcsc`` and ``greedy`` a non-finite fitness counts
-    as the worst possible score (a diverged candidate never wins); ``progress`` shows a bar over their evaluations."""
-    check_options(
-        method=method,
-        mode=mode,
-        settings=settings,
-        decay=decay,
-        penalty=penalty,
-        by=by,
-        metric_key=metric_key,
-        rule=rule,
-        progress=progress,
-    )
+    """Coefficients over ``snapshots`` (oldest first) by ``recipe.method`` (``RECIPES``). ``fitness(weights)``
+    scores a combination; it drives ``lcsc`` and ``greedy`` (which need it) and scores the other recipes' result
+    when given. In ``lcsc`` and ``greedy`` a non-finite fitness counts as the worst possible score (a diverged
+    candidate never wins); ``progress`` shows a bar over their evaluations."""
+    if not isinstance(recipe, CombineSettings):
+        raise TypeError(f"recipe={recipe!r} must be a weightavg.methods.lcsc.CombineSettings")
+    check_choice("mode", mode, ("max", "min"))
+    check_bool("progress", progress)
     if fitness is not None and not callable(fitness):
         raise TypeError(f"fitness={fitness!r} must be a function weights -> number, or None")
-    k = len(snapshots)
-    if k == 0:
+    if not snapshots:
         raise ValueError("there are no snapshots to combine")
-    if method in ("lcsc", "greedy") and fitness is None:
-        raise ValueError(f"method={method!r} needs a fitness to score candidates (monitor=, metric=, evaluate)")
-    if method == "lcsc":
-        assert fitness is not None
-        return lcsc_search(fitness, k, settings=settings, mode=mode, progress=progress)
-    if method == "greedy":
-        assert fitness is not None
-        sign = 1.0 if mode == "max" else -1.0
-        bar = progress_bar(2 * k - 1, "greedy soup", enabled=progress)  # k singles, then k - 1 soups
-
-        def score(weights: torch.Tensor) -> float:
-            value = float(fitness(weights))
-            if bar is not None:
-                bar.update(1)
-            return value if math.isfinite(value) else -sign * math.inf  # as in lcsc_search: failures never win
-
-        singles = [score(torch.eye(k, dtype=torch.float64)[i]) for i in range(k)]
-
-        def uniform_over(indices: list[int]) -> torch.Tensor:
-            weights = torch.zeros(k, dtype=torch.float64)
-            weights[indices] = 1.0 / len(indices)
-            return weights
-
-        soup = greedy_soup(singles, lambda indices: score(uniform_over(indices)), mode=mode, rule=rule)
-        if bar is not None:
-            bar.close()
-        history: list[dict[str, object]] = [
-            {"evaluation": i + 1, "candidate": i, "fitness": value} for i, value in enumerate(singles)
-        ]
-        history += [
-            {"evaluation": k + n + 1, "candidate": c, "fitness": v, "kept": kept}
-            for n, (c, v, kept) in enumerate(soup.trials)
-        ]
-        return SearchResult(
-            [float(w) for w in uniform_over(soup.ingredients)],
-            soup.score,
-            mode,
-            len(history),
-            0,
-            history,
-            {"method": method, "rule": rule},
-        )
-    if method == "uniform":
-        weights = uniform_weights(k)
-    elif method == "ema":
-        weights = ema_weights(k, decay)
-    elif method == "last":
-        weights = torch.eye(k, dtype=torch.float64)[-1]
-    else:
-        if by == "loss":
-            missing = [s.step for s in snapshots if metric_key not in s.metrics]
-            if missing:
-                raise ValueError(
-                    f"metric_key={metric_key!r} was not recorded with the snapshots of steps {missing}; log it "
-                    "(self.log in training_step, opt.record(...)) or weight by='step'"
-                )
-            values = [s.metrics[metric_key] for s in snapshots]
-        else:
-            values = [float(s.step) for s in snapshots]
-        weights = metric_weights(values, penalty, by=by)
-    value = math.nan if fitness is None else fitness(weights)
-    scored: list[dict[str, object]] = [] if fitness is None else [{"evaluation": 1, "fitness": value}]
-    return SearchResult([float(w) for w in weights], value, mode, len(scored), 0, scored, {"method": method})
+    chosen = RECIPES[recipe.method]
+    if chosen.needs_fitness and fitness is None:
+        raise ValueError(f"method={recipe.method!r} needs a fitness to score candidates (monitor=, metric=, evaluate)")
+    return chosen.choose(snapshots, fitness, recipe, mode, progress)
 
 
 class Combiner:
@@ -517,41 +670,31 @@ class Combiner:
 
     def choose(
         self,
-        method: Method,
+        recipe: CombineSettings | Method,
         evaluate: Callable[[], float] | None,
         *,
         mode: Mode = "max",
-        settings: SearchSettings | None = None,
-        decay: float = 0.9,
-        penalty: float = 1.0,
-        by: Literal["loss", "step"] = "loss",
-        metric_key: str = "train_loss",
-        rule: Literal["strict", "not_worse"] = "strict",
         progress: bool = False,
+        **changes: Any,
     ) -> SearchResult:
-        """Coefficients by ``method`` over the store's snapshots (oldest first); ``evaluate`` (a held-out score of
-        the model as it is) drives ``lcsc`` and ``greedy`` and scores the others' result when given."""
+        """Coefficients by ``recipe`` (``CombineSettings``, or a method name with ``changes`` to its fields, e.g.
+        ``choose("greedy", evaluate, greedy_rule="not_worse")``) over the store's snapshots (oldest first);
+        ``evaluate`` (a held-out score of the model as it is) drives ``lcsc`` and ``greedy`` and scores the others'
+        result."""
+        changes = recipe_changes(changes)
+        if isinstance(recipe, CombineSettings):
+            recipe = replace(recipe, **changes) if changes else recipe
+        else:
+            recipe = CombineSettings(method=recipe, **changes)
         fitness = None if evaluate is None else self.fitness(evaluate)
-        return choose_weights(
-            method,
-            self.store.snapshots,
-            fitness,
-            mode=mode,
-            settings=settings,
-            decay=decay,
-            penalty=penalty,
-            by=by,
-            metric_key=metric_key,
-            rule=rule,
-            progress=progress,
-        )
+        return choose_weights(recipe, self.store.snapshots, fitness, mode=mode, progress=progress)
 
     def apply(self, weights: Sequence[float] | torch.Tensor, *, bn_loader: Iterable[Any] | None = None) -> None:
         """Write the combination into the model's own tensors (in place); with ``bn_loader``, recompute the
         combination's BatchNorm statistics first (one pass, ``torch.optim.swa_utils.update_bn``)."""
         self.load(weights)
         if bn_loader is not None:
-            self.averager.update_bn(bn_loader, self._module)
+            update_bn(self.averager, bn_loader, self._module)
         self.check_statistics()
         self.averager.copy_to_model()
 

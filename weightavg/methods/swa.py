@@ -4,17 +4,54 @@ running average of the weights sampled after a start point.
     n <- n + 1;  avg <- avg + (live - avg) / n        at each sample (the first sample copies)
 
 ``SWASettings`` declares the settings once; the rule ``SWA`` and every face inherit them (the faces choose their own
-defaults for ``start`` and ``every_unit``: a Trainer knows the run's length, a plain loop does not).
+defaults for ``start`` and ``every_unit``: a Trainer knows the run's length, a plain loop does not). An average of
+weights is not an average of their BatchNorm statistics: ``update_bn`` recomputes them with one pass over the data
+(``torch.optim.swa_utils.update_bn`` with the average swapped in), for SWA and LCSC's combinations alike.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import KW_ONLY, dataclass
+from typing import Any
 
+import torch
+from torch import nn
+
+from weightavg.core.averager import Averager
 from weightavg.core.checks import check_choice, check_number
 from weightavg.core.rule import Clock, Event, NotACallback, canonical_eq, canonical_hash, compact_repr
 from weightavg.core.schedules import START_UNITS, UNITS, StartUnit, Unit, reached
 from weightavg.core.settings import Frozen, Settings, describe_arguments
+
+
+def has_batchnorm_to_recompute(averager: Averager, module: nn.Module) -> bool:
+    """Whether ``module`` has BatchNorm statistics to recompute; raise if they are not all in ``averager``.
+
+    Raises:
+        ValueError: when a running mean or variance is not followed (``buffers="ignore"``, an ``exclude``, or a
+            module that is not the bound one): recomputing would overwrite the live statistics.
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    stats = [t for m in norms for t in (m.running_mean, m.running_var) if t is not None]
+    if not averager.follows(stats):
+        raise ValueError(
+            "recomputing BatchNorm statistics needs them in the average (buffers='average' or 'copy', running "
+            "mean and variance not excluded, and the module the averager is bound to; the optimizer wrapper "
+            "needs module=)"
+        )
+    return bool(stats)
+
+
+def update_bn(averager: Averager, inputs: Iterable[Any], module: nn.Module, device: torch.device | None = None) -> None:
+    """Recompute the BatchNorm statistics of ``averager``'s average with one pass over ``inputs`` and keep them in
+    the average (``torch.optim.swa_utils.update_bn`` run with the average swapped in). A model without BatchNorm is
+    left alone. ``inputs`` yields batches (``batch[0]`` is fed when a batch is a list or tuple)."""
+    if not has_batchnorm_to_recompute(averager, module):
+        return
+    with averager.averaged():
+        torch.optim.swa_utils.update_bn(inputs, module, device)
+        averager.commit_swapped_buffers()
 
 
 @dataclass(eq=False, repr=False)

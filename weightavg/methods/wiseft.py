@@ -9,13 +9,18 @@ code weighs each entry by diagonal Fisher information (each floored at ``1e-8``)
 
     theta = ((1 - alpha) F_0 theta_0 + alpha F_1 theta_1) / ((1 - alpha) F_0 + alpha F_1)
 
-The faces keep theta_0 in an ``Averager`` with the ``Snapshot`` rule and blend it with the live weights
-(``Averager.blend``); this file holds the standalone functions.
+``WiSEFTSettings`` declares the settings once; the faces (``weightavg.callbacks.WiSEFT``, ``weightavg.optim.WiSEFT``,
+the Hydra config ``averaging=wiseft``) inherit them and keep theta_0 in an ``Averager`` with the ``Snapshot`` rule;
+``blend``/``blended``/``apply_blend`` below interpolate it with the live weights through the engine's derived swap
+(one copy and one ``lerp_`` per group, swapped in by pointer). This file also holds the standalone functions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import KW_ONLY, dataclass
 from typing import Any, Literal
 
 import torch
@@ -23,8 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from weightavg.core import io, kernels
+from weightavg.core.averager import Averager
 from weightavg.core.call import Forward, call_with, eval_mode
 from weightavg.core.checks import check_choice, check_number
+from weightavg.core.settings import Settings
 
 #: The paper's grid: 0, 0.1, ..., 1.
 ALPHAS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
@@ -42,6 +49,92 @@ def check_alphas(alphas: Iterable[float]) -> tuple[float, ...]:
     if len(set(grid)) != len(grid):
         raise ValueError(f"alphas={grid!r} repeats a value")
     return tuple(float(alpha) for alpha in grid)
+
+
+@dataclass(eq=False, repr=False)
+class WiSEFTSettings(Settings):
+    """The settings of a WiSE-FT interpolation (checked when built)."""
+
+    alphas: Sequence[float] = ALPHAS
+    """The grid of alphas evaluated (default the paper's 0, 0.1, ..., 1; a fixed ``alpha`` is evaluated with it)."""
+    _: KW_ONLY
+    alpha: float | None = None
+    """A fixed interpolation (0 gives theta_0, 1 the fine-tuned weights; outside [0, 1] extrapolates). ``None``: the
+    best on the sweep's metric, or 0.5 (the paper's choice without tuning) when there is nothing to sweep with."""
+    anchor: io.WeightSource | None = None
+    """theta_0 from a module, a state dict, a safetensors file or a checkpoint (a Lightning ``.ckpt`` gives its
+    ``state_dict``); default: the model's weights when fit starts (the callback) or the wrapper is built."""
+
+    def __post_init__(self) -> None:
+        self.alphas = check_alphas(self.alphas)
+        if self.alpha is not None:
+            check_number("alpha", self.alpha)
+            self.alpha = float(self.alpha)
+        anchor = self.anchor
+        if anchor is not None and not isinstance(anchor, (nn.Module, Mapping, str, os.PathLike)):
+            raise TypeError(
+                f"anchor={anchor!r} must be a module, a state dict, a safetensors or checkpoint path, or None"
+            )
+        if isinstance(anchor, (str, os.PathLike)) and not os.path.isfile(anchor):
+            raise FileNotFoundError(f"anchor={str(anchor)!r}: no such file")
+        super().__post_init__()
+
+    def evaluated_alphas(self) -> tuple[float, ...]:
+        """``alphas`` with a fixed ``alpha`` added, in increasing order."""
+        return tuple(self.alphas) if self.alpha is None else tuple(sorted({*self.alphas, self.alpha}))
+
+
+_TAG = "wiseft"
+
+
+def blend(anchor: Averager, alpha: float) -> None:
+    """Put ``(1 - alpha) * theta_0 + alpha * live`` into the model (``anchor`` holds theta_0 as its "average").
+
+    Averaged tensors get the blend, computed in the live dtype into buffers allocated on the first call (one
+    model's worth) and swapped in by pointer; copied tensors (integer buffers, ``buffers="copy"``) keep their live
+    values. Call again for another ``alpha`` (still from the live weights); ``anchor.swap()`` puts the live weights
+    back exactly. ``alpha`` outside [0, 1] extrapolates."""
+    check_number("alpha", alpha)
+    weight = float(alpha)
+
+    def derive(out: list[torch.Tensor], theta_0: list[torch.Tensor], live: list[torch.Tensor]) -> None:
+        kernels.copy_(out, theta_0)
+        kernels.lerp_(out, live, weight)
+
+    anchor.swap_in_derived(derive, (_TAG, weight))
+
+
+def blend_alpha(anchor: Averager) -> float | None:
+    """The ``alpha`` of the blend in the model, or ``None`` when no blend is swapped in."""
+    tag = anchor.derived_tag
+    return float(tag[1]) if isinstance(tag, tuple) and tag[:1] == (_TAG,) else None
+
+
+@contextmanager
+def blended(anchor: Averager, alpha: float) -> Iterator[None]:
+    """Run the body with ``blend(anchor, alpha)`` in the model; the live weights (or what was in before) return
+    after, even on error."""
+    previous = blend_alpha(anchor)
+    average_in = anchor.is_swapped and previous is None
+    blend(anchor, alpha)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            blend(anchor, previous)
+        else:
+            if anchor.is_swapped:  # unless the body already put the live weights back (apply_blend)
+                anchor.swap()
+            if average_in:
+                anchor.swap()
+
+
+def apply_blend(anchor: Averager, alpha: float) -> None:
+    """Make ``(1 - alpha) * theta_0 + alpha * live`` the model's live weights, in place (the tensors keep their
+    storage, so optimizers and contiguous layouts stay valid)."""
+    check_number("alpha", alpha)
+    weight = 1.0 - float(alpha)
+    anchor.derive_into_live(lambda live, theta_0: kernels.lerp_(live, theta_0, weight))
 
 
 def interpolate(
@@ -107,7 +200,7 @@ def interpolate(
                 f1 = fisher_1[name].to(device=t1.device, dtype=dtype).clamp_min(fisher_floor) * alpha
                 merged = (f0 * t0 + f1 * t1_wide) / (f0 + f1)
             else:
-                kernels.lerp_([t0], [t1_wide], float(alpha))  # the engine's interpolation (Averager.blend's)
+                kernels.lerp_([t0], [t1_wide], float(alpha))  # the engine's interpolation (blend's)
                 merged = t0
             out[name] = merged.to(t1.dtype)
     return out
