@@ -125,8 +125,16 @@ def recipe_from(args: argparse.Namespace) -> CombineSettings:
 
 
 def check_arguments(args: argparse.Namespace) -> CombineSettings:
-    """Refuse bad arguments before reading any snapshot (the values the parser cannot check)."""
-    recipe = recipe_from(args)
+    """Refuse bad arguments before reading any snapshot (the values the parser cannot check), naming the option."""
+    try:
+        recipe = recipe_from(args)
+    except (TypeError, ValueError) as error:
+        message = str(error)
+        for name in (*_fields(CombineSettings), *_fields(SearchSettings)):
+            if message.startswith(f"{name}="):  # the setting's check names it as in Python: name the option
+                message = f"--{name.replace('_', '-')} {message[len(name) + 1 :]}"
+                break
+        raise CommandError(message) from None
     check_output_file("--output", args.output)
     if args.result is not None:
         check_output_file("--result", args.result)

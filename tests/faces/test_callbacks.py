@@ -248,6 +248,29 @@ def test_swa_recomputes_batchnorm_statistics_on_the_average() -> None:
         torch.testing.assert_close(averaged[name], reference.state_dict()[name])
 
 
+@pytest.mark.parametrize("bounded", ["max_epochs", "max_steps"])
+def test_swa_recomputes_batchnorm_statistics_whether_epochs_or_steps_bound_the_run(bounded: str) -> None:
+    """A run bounded by ``max_steps`` alone loads its training data only after fit starts; the recompute (one epoch
+    of it, 8 batches) is still possible and equals torch's ``update_bn`` over the loader."""
+    swa = SWA(start=0.0, every_unit="step", apply_at_end=False)
+    if bounded == "max_epochs":
+        _, model = fit([swa], epochs=1)
+    else:
+        pl.seed_everything(0, verbose=False)
+        model = DigitsModule()
+        trainer(max_steps=12, callbacks=[swa]).fit(model, *digits_loaders())
+    averaged = swa._bound().averaged_tensors()
+    reference = DigitsModule()
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for name, param in reference.named_parameters():
+            param.copy_(averaged[name])
+    train, _ = digits_loaders()
+    torch.optim.swa_utils.update_bn(train, reference)
+    for name in ("net.1.running_mean", "net.1.running_var"):
+        torch.testing.assert_close(averaged[name], reference.state_dict()[name])
+
+
 def test_bad_arguments_name_the_argument() -> None:
     with pytest.raises(ValueError, match=r"decay=1\.5.*\[0, 1\)"):
         EMA(decay=1.5, warmup="none")

@@ -551,6 +551,8 @@ def combine_command(folder: Path, *args: str) -> subprocess.CompletedProcess[str
         (["--method", "greedy", "--fitness", "fitness:not_a_function"], "is not callable"),
         (["--output", "."], "is a folder"),
         (["--weights", "1,a,2"], "must be comma-separated numbers"),
+        (["--method", "ema", "--decay", "1.5"], "--decay 1.5 is out of range: allowed [0, 1)"),  # the option's name
+        (["--method", "lcsc", "--population", "2", "--parents", "3", "--fitness", "fitness:nan"], "--parents 3"),
         (["s1.safetensors", "broken.safetensors"], "snapshot file broken.safetensors is damaged or truncated"),
     ],
 )

@@ -288,7 +288,7 @@ def test_state_round_trip_is_exact(method: type[NoLoCo] | type[DiLoCo], load_mod
     for step in range(1, 8):  # stop between outer steps (after step 6's, before step 9's)
         train_step(model, opt, step)
     saved = roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
-    assert isinstance(saved, dict) and set(saved["opt"]) == {"optimizer", "averaging", "outer"}
+    assert isinstance(saved, dict) and set(saved["opt"]) == {"version", "optimizer", "averaging", "outer"}
     fresh = small_model(seed=1)  # other weights: everything must come from the saved state
     if load_model_first:
         fresh.load_state_dict(saved["model"])

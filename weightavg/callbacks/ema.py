@@ -5,11 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from weightavg.callbacks.host import AveragingCallback, CallbackOptions
-from weightavg.core.settings import (
-    EngineOptions,
-    describe_arguments,
-    setting_values,
-)
+from weightavg.core.settings import EngineOptions, describe_arguments, setting_values
 from weightavg.methods.ema import EMA as EMARule
 from weightavg.methods.ema import EMASettings
 

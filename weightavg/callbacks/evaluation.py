@@ -18,16 +18,8 @@ from lightning.pytorch.callbacks import Checkpoint, EarlyStopping
 
 from weightavg.core.averager import Averager
 from weightavg.core.call import Forward, eval_mode
-from weightavg.core.checks import (
-    check_bool,
-    check_callable,
-    check_choice,
-    check_number,
-    outside_stacklevel,
-)
-from weightavg.core.settings import (
-    Settings,
-)
+from weightavg.core.checks import check_bool, check_callable, check_choice, check_number, outside_stacklevel
+from weightavg.core.settings import Settings
 from weightavg.methods.swa import has_batchnorm_to_recompute, update_bn
 
 
@@ -236,6 +228,10 @@ def check_batchnorm_pass(
             f"{who} recomputes BatchNorm statistics by calling the model on training batches, but "
             f"{type(pl_module).__name__} defines no forward(): define forward(), or pass recompute_bn=False"
         )
+    if bn_batches is None and not math.isfinite(trainer.num_training_batches):
+        # A run bounded by max_steps alone has not loaded its training data yet (Lightning does it after
+        # on_fit_start): load it now to know its length, as Lightning's own estimate of the run's steps does.
+        trainer.fit_loop.setup_data()
     if bn_batches is None and not math.isfinite(trainer.num_training_batches):
         raise ValueError(f"{who} needs bn_batches=... when the training data has no length (or recompute_bn=False)")
 

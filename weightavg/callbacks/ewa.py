@@ -3,30 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import KW_ONLY, dataclass
-from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from weightavg.callbacks.host import AveragingCallback, OutputOptions
-from weightavg.core.checks import (
-    check_bool,
-    check_number,
-)
+from weightavg.callbacks.host import AveragingCallback, OptimizerSteps, OutputOptions
+from weightavg.core.checks import check_bool, check_number
 from weightavg.core.io import save_safetensors
-from weightavg.core.settings import (
-    describe_arguments,
-    renamed_arguments,
-)
+from weightavg.core.settings import describe_arguments, renamed_arguments
 from weightavg.methods.ewa import ConversionSettings, ShareSettings, share_all, to_dense
 from weightavg.methods.ewa import mixtures as ewa_mixtures
 
 
 @renamed_arguments(merge_at_end="apply_at_end")
 @dataclass(eq=False, repr=False)
-class EWA(OutputOptions, ConversionSettings, ShareSettings, Callback):  # signature: last base's fields first
+class EWA(OutputOptions, ConversionSettings, ShareSettings, OptimizerSteps):  # signature: last base's fields first
     """EWA (``weightavg.methods.ewa``) in a Lightning run: the chosen FFNs become random-partition mixtures when fit
     is set up (before ``configure_optimizers`` and before a checkpoint is restored), their experts are pulled toward
     each other after every optimizer step, and at the end of fit each mixture is merged back into its dense FFN.
@@ -60,7 +53,6 @@ class EWA(OutputOptions, ConversionSettings, ShareSettings, Callback):  # signat
             )
         self.name = self.name or "EWA"
         self.converted: list[str] = []
-        self._last_step = -1
 
     def __repr__(self) -> str:
         ramp = f", ramp_steps={self.ramp_steps}" if self.ramp_steps else ""
@@ -86,21 +78,16 @@ class EWA(OutputOptions, ConversionSettings, ShareSettings, Callback):  # signat
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         self.check_mixtures(pl_module, f"{self.name} (select matched nothing, or the model was merged)")
-        self._last_step = trainer.global_step
 
     def current_beta(self, step: int) -> float:
         """The share rate after optimizer step ``step``."""
         return self.beta_at(step)
 
     @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        step = trainer.global_step
-        if step != self._last_step:  # once per optimizer step (gradient accumulation repeats the step count)
-            share_all(pl_module, self.current_beta(step))
-            self._last_step = step
+    def on_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        share_all(pl_module, self.current_beta(step))
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -37,17 +37,15 @@ from typing_extensions import override
 from weightavg.callbacks.evaluation import run_validation
 from weightavg.core.averager import Averager
 from weightavg.core.checks import (
+    STATE_VERSION,
     check_bool,
     check_choice,
     check_name,
     check_output_file,
+    check_state_version,
 )
 from weightavg.core.rule import Rule
-from weightavg.core.settings import (
-    ReadSettings,
-    Settings,
-    averager_options,
-)
+from weightavg.core.settings import ReadSettings, Settings, averager_options
 from weightavg.methods.ema import EMA as EMARule
 
 ValidateWith = Literal["average", "live", "both"]
@@ -131,7 +129,32 @@ class CallbackOptions(HostOptions):
         super().__post_init__()
 
 
-class AveragingCallback(ReadSettings, Callback):
+class OptimizerSteps(Callback):
+    """The Lightning face's one once-per-optimizer-step guard, the base of every weightavg callback: Lightning calls
+    ``on_train_batch_end`` after every batch, several times per optimizer step under gradient accumulation;
+    ``on_optimizer_step(trainer, pl_module, step)`` runs once after each optimizer step (``step`` counts the run's
+    optimizer steps, a resumed fit's included)."""
+
+    _last_step = -1
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_step = trainer.global_step  # restored by then when a fit resumes
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step != self._last_step:
+            self._last_step = step
+            self.on_optimizer_step(trainer, pl_module, step)
+
+    def on_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        """After optimizer step ``step``, once."""
+
+
+class AveragingCallback(ReadSettings, OptimizerSteps):
     """Host any averaging rule in a Lightning ``Trainer``: the base of every averaging callback.
 
     A method's callback declares its fields from the method's settings (``weightavg.methods.ema.EMASettings``), the
@@ -312,13 +335,16 @@ class AveragingCallback(ReadSettings, Callback):
 
     # ------------------------------------------------------------------ training events
     @override
+    def on_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        self._bound().step(step)
+
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # on_optimizer_step, once a step
         averager = self._bound()
         step = trainer.global_step
-        if step > 0:
-            averager.step(step)  # a repeated global_step (gradient accumulation) is ignored
         # The epoch's last batch counts as its end, so an epoch-wise average is fresh for the validation that
         # Lightning runs before on_train_epoch_end.
         if batch_idx + 1 == trainer.num_training_batches:
@@ -474,12 +500,14 @@ class AveragingCallback(ReadSettings, Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {**self._pending, **{key: part.state_dict() for key, part in self._bound_parts().items()}}
+        parts = {**self._pending, **{key: part.state_dict() for key, part in self._bound_parts().items()}}
+        return {"version": STATE_VERSION, **parts}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not self._accept_state:
             return  # validate/test/predict from a checkpoint need no averaging state
+        check_state_version(state_dict, str(self.name))
         bound = self._bound_parts() if self._fitting else {}
         for key in self._state_keys() & set(state_dict):
             if key in bound:

@@ -22,18 +22,10 @@ from weightavg.callbacks.evaluation import (
     metric_on_loaders,
     recompute_batchnorm,
 )
-from weightavg.callbacks.host import OutputOptions, _Finisher, trainer_shows_progress
-from weightavg.core.checks import (
-    check_bool,
-    check_number,
-    check_output_file,
-)
+from weightavg.callbacks.host import OptimizerSteps, OutputOptions, _Finisher, trainer_shows_progress
+from weightavg.core.checks import STATE_VERSION, check_bool, check_number, check_output_file, check_state_version
 from weightavg.core.rule import Snapshot
-from weightavg.core.settings import (
-    TensorOptions,
-    describe_arguments,
-    renamed_arguments,
-)
+from weightavg.core.settings import TensorOptions, describe_arguments, renamed_arguments
 from weightavg.core.snapshots import MEMORY, SnapshotStore
 from weightavg.methods.lcsc import RECIPES, Combiner, CombineSettings, SearchResult, SnapshotSettings
 
@@ -96,6 +88,7 @@ class LCSC(  # signature: last base's fields first
         self.combiner: Combiner | None = None
         self.result: SearchResult | None = None
         self._last_snapshot_step = -1
+        self._expected: list[int] | None = None  # the snapshots a restored checkpoint counts on
         self._start_hosting(Snapshot())
 
     @override
@@ -166,10 +159,12 @@ class LCSC(  # signature: last base's fields first
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         # After a checkpoint restored the step count: drop snapshots an interrupted run took past it.
         combiner = self._combiner()
         if trainer.is_global_zero or self._in_memory:
             combiner.store.discard_after(trainer.global_step)
+        self._check_expected_snapshots(trainer)
         self._last_snapshot_step = trainer.global_step
         self.result = None  # a new fit's search: never report the previous fit's choice
 
@@ -193,8 +188,11 @@ class LCSC(  # signature: last base's fields first
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        step = trainer.global_step
-        if self.every_n_steps is not None and step != self._last_snapshot_step and step % self.every_n_steps == 0:
+        OptimizerSteps.on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx)  # the step guard only
+
+    @override
+    def on_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        if self.every_n_steps is not None and step % self.every_n_steps == 0:
             self._take(trainer)
 
     @override
@@ -286,15 +284,35 @@ class LCSC(  # signature: last base's fields first
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        # The snapshots are the state: files in ``directory`` are found again on resume. A checkpoint must only be
-        # written once every snapshot taken before it is on disk (a background write may still be queued).
+        """The steps of the snapshots this checkpoint counts on (the files in ``directory`` are the snapshots, found
+        again on resume). Written only once every snapshot taken before it is on disk (background writes)."""
+        snapshots = self._expected
         if self.combiner is not None:
             self.combiner.store.flush()
-        return {}
+            snapshots = [s.step for s in self.combiner.store.snapshots]
+        return {"version": STATE_VERSION, "snapshots": list(snapshots or [])}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        return None
+        if not self._accept_state:
+            return
+        check_state_version(state_dict, str(self.name))
+        # Checked when training starts, once the folder is open (checkpoints written before this was recorded hold
+        # nothing: nothing to check).
+        self._expected = state_dict.get("snapshots")
+
+    def _check_expected_snapshots(self, trainer: pl.Trainer) -> None:
+        expected, self._expected = self._expected, None
+        if expected is None or not (trainer.is_global_zero or self._in_memory):
+            return
+        held = {s.step for s in self._combiner().store.snapshots}
+        missing = [step for step in expected if step not in held and step <= trainer.global_step]
+        if missing:
+            rank_zero_warn(
+                f"weightavg: {self.name}: the checkpoint counts on snapshots of steps {missing} that "
+                f"{'memory' if self._in_memory else repr(str(self._folder(trainer)))} does not hold (another folder, "
+                "files deleted since, or snapshots kept in memory): the combination at the end uses the ones there"
+            )
 
 
 describe_arguments(LCSC)

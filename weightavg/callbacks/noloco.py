@@ -10,28 +10,13 @@ import torch
 from lightning.pytorch.strategies import ParallelStrategy
 from typing_extensions import override
 
-from weightavg.callbacks.host import AveragingCallback, HostOptions, ValidateWith, log_to_loggers
+from weightavg.callbacks.host import AveragingCallback, HostOptions, OptimizerSteps, ValidateWith, log_to_loggers
 from weightavg.callbacks.strategy import NAME as LOCAL_DDP
 from weightavg.callbacks.strategy import LocalDDPStrategy
-from weightavg.core.checks import (
-    check_bool,
-)
+from weightavg.core.checks import check_bool
 from weightavg.core.rule import Snapshot
-from weightavg.core.settings import (
-    DtypeOption,
-    Settings,
-    describe_arguments,
-    renamed_arguments,
-    setting_values,
-)
-from weightavg.methods.noloco import (
-    DiLoCoRule,
-    DiLoCoSettings,
-    NoLoCoRule,
-    NoLoCoSettings,
-    Replica,
-    average_replicas,
-)
+from weightavg.core.settings import DtypeOption, Settings, describe_arguments, renamed_arguments, setting_values
+from weightavg.methods.noloco import DiLoCoRule, DiLoCoSettings, NoLoCoRule, NoLoCoSettings, Replica, average_replicas
 
 
 @dataclass(eq=False, repr=False)
@@ -74,7 +59,6 @@ class _OuterStep(AveragingCallback):
         self._start_hosting(Snapshot(), settings)
         self.outer_rule = rule
         self.replica: Replica | None = None
-        self._last_step = -1
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -90,7 +74,6 @@ class _OuterStep(AveragingCallback):
     @override
     def bind_extra(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.replica = Replica(self._bound(), self.outer_rule)  # on the slow weights: a copy of the synced start
-        self._last_step = trainer.global_step
 
     def _replica(self) -> Replica:
         if self.replica is None:
@@ -101,10 +84,12 @@ class _OuterStep(AveragingCallback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        step = trainer.global_step
-        if step != self._last_step:  # once per optimizer step (gradient accumulation repeats the step count)
-            self._replica().inner_step()
-            self._last_step = step
+        # Only the step guard: the slow weights change in outer steps, never at epoch ends or by the averager's rule.
+        OptimizerSteps.on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx)
+
+    @override
+    def on_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        self._replica().inner_step()
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

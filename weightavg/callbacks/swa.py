@@ -10,11 +10,7 @@ from typing_extensions import override
 
 from weightavg.callbacks.evaluation import BatchNormOptions, check_batchnorm_pass, recompute_batchnorm
 from weightavg.callbacks.host import AveragingCallback, CallbackOptions
-from weightavg.core.settings import (
-    EngineOptions,
-    describe_arguments,
-    setting_values,
-)
+from weightavg.core.settings import EngineOptions, describe_arguments, setting_values
 from weightavg.methods.swa import SWA as SWARule
 from weightavg.methods.swa import SWASettings
 

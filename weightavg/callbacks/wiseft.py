@@ -20,17 +20,10 @@ from weightavg.callbacks.evaluation import (
     metric_on_loaders,
 )
 from weightavg.callbacks.host import OutputOptions, _Finisher, log_to_loggers, trainer_shows_progress
-from weightavg.core.checks import (
-    check_bool,
-    check_output_file,
-    outside_stacklevel,
-)
+from weightavg.core.checks import check_bool, check_output_file, outside_stacklevel
 from weightavg.core.progress import progress_bar
 from weightavg.core.rule import Snapshot
-from weightavg.core.settings import (
-    TensorOptions,
-    describe_arguments,
-)
+from weightavg.core.settings import TensorOptions, describe_arguments
 from weightavg.methods.wiseft import ALPHAS, WiSEFTSettings, blend, blend_alpha, choose_alpha
 
 

@@ -11,11 +11,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from typing_extensions import override
 
 from weightavg.callbacks.host import AveragingCallback, CallbackOptions
-from weightavg.core.settings import (
-    EngineOptions,
-    describe_arguments,
-    setting_values,
-)
+from weightavg.core.settings import EngineOptions, describe_arguments, setting_values
 from weightavg.methods.zscl import ZSCL as ZSCLRule
 from weightavg.methods.zscl import DistillationSettings, EnsembleSettings
 

@@ -207,3 +207,20 @@ def outside_stacklevel() -> int:
     ):
         frame, level = frame.f_back, level + 1  # type: ignore[assignment]
     return level
+
+
+#: The version of the faces' checkpoint states (a callback's ``state_dict``, a wrapper's): states without one were
+#: written before it was recorded (version 1, the same layout).
+STATE_VERSION = 1
+
+
+def check_state_version(state: Any, owner: str) -> None:
+    """Refuse a state written by a newer weightavg (a layout this version cannot read), naming both versions."""
+    version = state.get("version", 1) if isinstance(state, dict) else 1
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValueError(f"{owner}: the state's version={version!r} is not a weightavg state version")
+    if version > STATE_VERSION:
+        raise ValueError(
+            f"{owner}: the state was written by a newer weightavg (state version {version}; this one reads up to "
+            f"{STATE_VERSION}): upgrade weightavg to load it"
+        )

@@ -6,7 +6,14 @@ this package and short: a method's settings (``weightavg.methods``) hosted by ``
 (``weightavg.optim.base``). The averaging math lives in ``weightavg.methods``.
 """
 
-from weightavg.optim.base import AveragingOptimizer, InnerOptimizer, ModelOptions, WrapperOptions, check_module
+from weightavg.optim.base import (
+    AveragingOptimizer,
+    InnerOptimizer,
+    ModelOptions,
+    WrapperHost,
+    WrapperOptions,
+    check_module,
+)
 from weightavg.optim.ema import EMA
 from weightavg.optim.ewa import EWA, ConvertedModel
 from weightavg.optim.lcsc import LCSC
@@ -29,6 +36,7 @@ __all__ = [
     "NoLoCo",
     "ReplicaOptions",
     "WiSEFT",
+    "WrapperHost",
     "WrapperOptions",
     "check_module",
     "check_process_group",

@@ -16,13 +16,9 @@ from torch import nn
 from torch.optim import Optimizer
 
 from weightavg.core.averager import Averager
-from weightavg.core.checks import check_number
+from weightavg.core.checks import STATE_VERSION, check_number, check_state_version
 from weightavg.core.rule import Rule
-from weightavg.core.settings import (
-    ReadSettings,
-    Settings,
-    averager_options,
-)
+from weightavg.core.settings import ReadSettings, Settings, averager_options
 from weightavg.methods import swa
 
 
@@ -83,16 +79,95 @@ class ModelOptions(InnerOptimizer):
         super().__post_init__()
 
 
-class AveragingOptimizer(ReadSettings, Optimizer):
-    """Wrap an optimizer so that every ``step()`` also updates an average of its parameters under a rule: the base
-    of every optimizer wrapper.
+class WrapperHost(ReadSettings, Optimizer):
+    """The optimizer-wrapper face's host, the base of every wrapper: it shares the inner optimizer's
+    ``param_groups`` and state, and holds the face's one step path and one state path for every method.
 
-    A method's wrapper declares its fields from ``WrapperOptions``, the method's settings
-    (``weightavg.methods.ema.EMASettings``) and the engine's ``EngineOptions`` (``weightavg.core.settings``), then
-    hands its rule to ``_start_wrapping``.
+    ``step()`` steps the inner optimizer, then calls the method's ``on_step(step)`` once (``step`` counts the
+    wrapper's optimizer steps, restored by ``load_state_dict``). ``state_dict()`` is ``{"optimizer": ...}`` plus the
+    method's parts (``method_state()``), each loaded back by ``load_method_state`` after every part was checked
+    (``check_method_state``), so a refused state changes nothing.
     """
 
     optimizer: Optimizer
+
+    def _share_inner_optimizer(self, params: list[torch.Tensor]) -> None:
+        optimizer = self.optimizer
+        # Optimizer.__init__ sets up the hook registries; the groups and state are then the inner optimizer's own.
+        Optimizer.__init__(self, params, optimizer.defaults)
+        self.param_groups = optimizer.param_groups
+        self.state = optimizer.state
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
+        """Step the inner optimizer, then the method (``on_step``)."""
+        self.check_can_step()
+        with torch.enable_grad():
+            loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        self.on_step(self.steps_done() + 1)
+        return loss
+
+    def steps_done(self) -> int:
+        """Optimizer steps done so far (the face's one step counter)."""
+        raise NotImplementedError
+
+    def check_can_step(self) -> None:
+        """Raise if a step now would be wrong (weights swapped in; ZSCL between tasks), before the inner step."""
+
+    def on_step(self, step: int) -> None:
+        """After inner optimizer step ``step``, once: the method's work (update, snapshot, share, outer step)."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not hasattr(self, "param_groups") or self.param_groups is not self.optimizer.param_groups:
+            super().add_param_group(param_group)  # Optimizer.__init__ building its throwaway groups
+            return
+        raise NotImplementedError(
+            "add the parameter group to the inner optimizer before wrapping it: the method is bound to the "
+            "parameters present when the wrapper is built"
+        )
+
+    def method_state(self) -> dict[str, Any]:
+        """The method's parts of ``state_dict()`` (key -> state), beside ``"optimizer"``."""
+        return {}
+
+    def check_method_state(self, state: dict[str, Any]) -> None:
+        """Raise if the method's parts of ``state`` cannot be loaded (called before anything is loaded)."""
+
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        """Load the method's parts of ``state`` (after the inner optimizer's)."""
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """The inner optimizer's state and the method's, together, with the layout's ``version``."""
+        return {"version": STATE_VERSION, "optimizer": self.optimizer.state_dict(), **self.method_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        check_state_version(state_dict, type(self).__name__)
+        keys = {"optimizer", *self.method_state()}
+        given = set(state_dict) - {"version"} if isinstance(state_dict, dict) else None
+        if not isinstance(state_dict, dict) or given != keys:
+            raise ValueError(
+                f"state_dict must come from {type(self).__name__}.state_dict() (keys {sorted(keys)}), got keys "
+                f"{sorted(state_dict) if isinstance(state_dict, dict) else state_dict!r}"
+            )
+        self.check_method_state(state_dict)  # refuse before touching the inner optimizer
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self.load_method_state(state_dict)
+        # The inner optimizer's load_state_dict replaces its param_groups and state objects: share the new ones.
+        self.param_groups = self.optimizer.param_groups
+        self.state = self.optimizer.state
+
+
+class AveragingOptimizer(WrapperHost):
+    """Wrap an optimizer so that every ``step()`` also updates an average of its parameters under a rule: the base
+    of every wrapper that keeps an engine (all but EWA's).
+
+    A method's wrapper declares its fields from ``WrapperOptions``, the method's settings
+    (``weightavg.methods.ema.EMASettings``) and the engine's ``EngineOptions`` (``weightavg.core.settings``), then
+    hands its rule to ``_start_wrapping``. Its step counter is the engine's (``averager.step_count``).
+    """
 
     def _engine_options(self) -> dict[str, Any]:
         """The ``Averager`` settings of this wrapper's average (``weightavg.core.settings.averager_options``)."""
@@ -112,40 +187,24 @@ class AveragingOptimizer(ReadSettings, Optimizer):
             **self._engine_options(),
         )
         self.averager = self._bind()
-        # Optimizer.__init__ sets up the hook registries; the groups and state are then the inner optimizer's own.
-        Optimizer.__init__(self, params, optimizer.defaults)
-        self.param_groups = optimizer.param_groups
-        self.state = optimizer.state
+        self._share_inner_optimizer(params)
         self._read_settings(rule)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.averager.rule!r}, {self.optimizer!r})"
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
-        """Step the inner optimizer, then update the average if the rule says so."""
-        self._check_can_step()
+    def steps_done(self) -> int:
+        return self.averager.step_count
+
+    def check_can_step(self) -> None:
         if self.averager.is_swapped:
             raise RuntimeError(
                 "step() while other weights are swapped into the model (inside averaged() or interpolated()): "
                 "the optimizer would train them; step outside the with-block"
             )
-        with torch.enable_grad():
-            loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
-        self.averager.step()
-        return loss
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if not hasattr(self, "param_groups") or self.param_groups is not self.optimizer.param_groups:
-            super().add_param_group(param_group)  # Optimizer.__init__ building its throwaway groups
-            return
-        raise NotImplementedError(
-            "add the parameter group to the inner optimizer before wrapping it: the average is bound to the "
-            "parameters present when the wrapper is built"
-        )
+    def on_step(self, step: int) -> None:
+        self.averager.step(step)  # updates the average if the rule says so
 
     def epoch_end(self) -> bool:
         """Mark the end of an epoch (for rules that sample per epoch, e.g. ``SWA(every_unit="epoch")``)."""
@@ -177,39 +236,24 @@ class AveragingOptimizer(ReadSettings, Optimizer):
         (``torch.optim.swa_utils.update_bn``), and keep them in the average. ``model`` must be the bound module."""
         swa.update_bn(self.averager, loader, model, device)
 
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """The inner optimizer's state and the averaging state, together."""
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "averaging": self.averager.state_dict(),
-            **self._extra_state(),
-        }
+    def method_state(self) -> dict[str, Any]:
+        """``"averaging"``, the engine's state, and the method's own parts (``extra_state``)."""
+        return {"averaging": self.averager.state_dict(), **self.extra_state()}
 
-    def _check_can_step(self) -> None:
-        """Raise if the method's state forbids a step now (ZSCL between tasks)."""
+    def check_method_state(self, state: dict[str, Any]) -> None:
+        self.averager.check_state(state["averaging"])
+        self.check_extra_state(state)
 
-    def _extra_state(self) -> dict[str, Any]:
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        self.averager.load_state_dict(state["averaging"])
+        self.load_extra_state(state)
+
+    def extra_state(self) -> dict[str, Any]:
         """A method's own state beyond the average (ZSCL: the teacher and the task count)."""
         return {}
 
-    def _load_extra_state(self, state: dict[str, Any]) -> None:
-        return None
-
-    def _check_extra_state(self, state: dict[str, Any]) -> None:
+    def check_extra_state(self, state: dict[str, Any]) -> None:
         """Raise if the method's own part of ``state`` cannot be loaded (called before anything is loaded)."""
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        keys = {"optimizer", "averaging", *self._extra_state()}
-        if not isinstance(state_dict, dict) or set(state_dict) != keys:
-            raise ValueError(
-                f"state_dict must come from {type(self).__name__}.state_dict() (keys {sorted(keys)}), got keys "
-                f"{sorted(state_dict) if isinstance(state_dict, dict) else state_dict!r}"
-            )
-        self.averager.check_state(state_dict["averaging"])  # refuse before touching the inner optimizer
-        self._check_extra_state(state_dict)
-        self.optimizer.load_state_dict(state_dict["optimizer"])
-        self.averager.load_state_dict(state_dict["averaging"])
-        self._load_extra_state(state_dict)
-        # The inner optimizer's load_state_dict replaces its param_groups and state objects: share the new ones.
-        self.param_groups = self.optimizer.param_groups
-        self.state = self.optimizer.state
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        return None

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from weightavg.core.settings import (
-    EngineOptions,
-    describe_arguments,
-    setting_values,
-)
+from weightavg.core.settings import EngineOptions, describe_arguments, setting_values
 from weightavg.methods.ema import EMA as EMARule
 from weightavg.methods.ema import EMASettings
 from weightavg.optim.base import AveragingOptimizer, WrapperOptions

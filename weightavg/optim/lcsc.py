@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -10,20 +11,11 @@ from typing import Any, Literal
 
 import torch
 
+from weightavg.core.checks import outside_stacklevel
 from weightavg.core.rule import Snapshot
-from weightavg.core.settings import (
-    TensorOptions,
-    describe_arguments,
-)
+from weightavg.core.settings import TensorOptions, describe_arguments
 from weightavg.core.snapshots import MEMORY, SnapshotStore
-from weightavg.methods.lcsc import (
-    RECIPES,
-    Combiner,
-    CombineSettings,
-    SearchResult,
-    SnapshotSettings,
-    recipe_changes,
-)
+from weightavg.methods.lcsc import RECIPES, Combiner, CombineSettings, SearchResult, SnapshotSettings, recipe_changes
 from weightavg.optim.base import AveragingOptimizer, ModelOptions
 
 
@@ -80,7 +72,6 @@ class LCSC(TensorOptions, CombineSettings, SnapshotSettings, ModelOptions, Avera
         self._start_wrapping(Snapshot())
         self.store = SnapshotStore(folder, keep=self.keep, background=self.background)
         self.combiner = Combiner(self.module, self.store, dtype=self.accumulation_dtype, averager=self.averager)
-        self.steps = 0
         self.result: SearchResult | None = None
         self._metrics: dict[str, float] = {}
         self._started = False  # whether the run's snapshots are settled (first step, or load_state_dict)
@@ -104,16 +95,21 @@ class LCSC(TensorOptions, CombineSettings, SnapshotSettings, ModelOptions, Avera
         averaging by loss)."""
         self._metrics.update({name: float(value) for name, value in metrics.items()})
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
+    def check_can_step(self) -> None:
+        super().check_can_step()
         if not self._started:
             self._start_fresh()  # before the inner step: a refused run has changed nothing
-        loss = super().step(closure)
-        self.steps += 1
+
+    def on_step(self, step: int) -> None:
+        super().on_step(step)  # counts the step
         assert self.every_n_steps is not None  # required when built
-        if self.steps % self.every_n_steps == 0:
-            self.combiner.take(step=self.steps, metrics=self._metrics)
-        return loss
+        if step % self.every_n_steps == 0:
+            self.combiner.take(step=step, metrics=self._metrics)
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps done so far."""
+        return self.steps_done()
 
     def search(
         self,
@@ -168,13 +164,22 @@ class LCSC(TensorOptions, CombineSettings, SnapshotSettings, ModelOptions, Avera
         self.store.flush()
         return super().state_dict()
 
-    def _extra_state(self) -> dict[str, Any]:
-        return {"lcsc": {"steps": self.steps}}
+    def extra_state(self) -> dict[str, Any]:
+        """The steps of the snapshots this state counts on (the step count itself is the engine's)."""
+        return {"lcsc": {"snapshots": [s.step for s in self.store.snapshots]}}
 
-    def _load_extra_state(self, state: dict[str, Any]) -> None:
-        self.steps = int(state["lcsc"]["steps"])
+    def load_extra_state(self, state: dict[str, Any]) -> None:
         self.store.discard_after(self.steps)  # an interrupted run's snapshots past the restored step
         self._started = True
+        expected = state["lcsc"].get("snapshots")  # (states written before it was recorded hold only "steps")
+        held = {s.step for s in self.store.snapshots}
+        missing = [step for step in expected or () if step not in held]
+        if missing:
+            warnings.warn(
+                f"the state counts on snapshots of steps {missing} that directory={str(self.directory)!r} does not "
+                "hold (another folder, or files deleted since): combinations use the snapshots that are there",
+                stacklevel=outside_stacklevel(),
+            )
 
 
 describe_arguments(LCSC)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import KW_ONLY, dataclass
 from typing import Any
@@ -11,12 +10,7 @@ import torch
 
 from weightavg.core.checks import check_bool
 from weightavg.core.rule import Snapshot
-from weightavg.core.settings import (
-    DtypeOption,
-    Settings,
-    describe_arguments,
-    setting_values,
-)
+from weightavg.core.settings import DtypeOption, Settings, describe_arguments, setting_values
 from weightavg.methods.noloco import (
     DiLoCoRule,
     DiLoCoSettings,
@@ -83,12 +77,10 @@ class _OuterOptimizer(AveragingOptimizer):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.replica.rule!r}, {self.optimizer!r})"
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
-        """Step the inner optimizer; run the outer step when it is due (every ``sync_every`` steps)."""
-        loss = super().step(closure)
+    def on_step(self, step: int) -> None:
+        """After an inner step: the outer step when it is due (every ``sync_every`` steps)."""
+        super().on_step(step)  # counts the step (the slow weights' rule never updates them by itself)
         self.replica.inner_step()
-        return loss
 
     @property
     def traffic(self) -> Traffic:
@@ -103,13 +95,13 @@ class _OuterOptimizer(AveragingOptimizer):
         """Average the model over every rank (one all-reduce; for the end of training, e.g. before export)."""
         average_replicas([t for live, _ in self.averager.tensor_groups() for t in live], self.replica.group)
 
-    def _extra_state(self) -> dict[str, Any]:
+    def extra_state(self) -> dict[str, Any]:
         return {"outer": self.replica.state_dict()}
 
-    def _check_extra_state(self, state: dict[str, Any]) -> None:
+    def check_extra_state(self, state: dict[str, Any]) -> None:
         self.replica.check_state(state["outer"])
 
-    def _load_extra_state(self, state: dict[str, Any]) -> None:
+    def load_extra_state(self, state: dict[str, Any]) -> None:
         self.replica.load_state_dict(state["outer"])
 
 

@@ -5,11 +5,7 @@ from __future__ import annotations
 from dataclasses import KW_ONLY, dataclass
 
 from weightavg.core.schedules import Unit
-from weightavg.core.settings import (
-    EngineOptions,
-    describe_arguments,
-    setting_values,
-)
+from weightavg.core.settings import EngineOptions, describe_arguments, setting_values
 from weightavg.methods.swa import SWA as SWARule
 from weightavg.methods.swa import SWASettings
 from weightavg.optim.base import AveragingOptimizer, WrapperOptions

@@ -10,10 +10,7 @@ from typing import Any
 
 from weightavg.core.checks import check_number
 from weightavg.core.rule import Snapshot
-from weightavg.core.settings import (
-    TensorOptions,
-    describe_arguments,
-)
+from weightavg.core.settings import TensorOptions, describe_arguments
 from weightavg.methods.wiseft import WiSEFTSettings, apply_blend, blended, check_alphas
 from weightavg.optim.base import AveragingOptimizer, ModelOptions
 

@@ -8,11 +8,7 @@ from typing import Any
 import torch
 
 from weightavg.core.call import to_device
-from weightavg.core.settings import (
-    EngineOptions,
-    describe_arguments,
-    setting_values,
-)
+from weightavg.core.settings import EngineOptions, describe_arguments, setting_values
 from weightavg.methods.zscl import ZSCL as ZSCLRule
 from weightavg.methods.zscl import DistillationSettings, EnsembleSettings
 from weightavg.optim.base import AveragingOptimizer, WrapperOptions
@@ -49,7 +45,8 @@ class ZSCL(EngineOptions, DistillationSettings, EnsembleSettings, WrapperOptions
         device = next(iter(self.averager.live_tensors().values())).device
         return self.distillation.loss(lambda batch: to_device(batch, device))
 
-    def _check_can_step(self) -> None:
+    def check_can_step(self) -> None:
+        super().check_can_step()
         if self._ended:
             raise RuntimeError("the task has ended (end_task()); call start_task() before stepping again")
 
@@ -68,13 +65,13 @@ class ZSCL(EngineOptions, DistillationSettings, EnsembleSettings, WrapperOptions
         self.task += 1
         self._ended = False
 
-    def _extra_state(self) -> dict[str, Any]:
+    def extra_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"task": self.task, "task_ended": self._ended}
         if self.distillation is not None:
             state["distillation"] = self.distillation.state_dict()
         return state
 
-    def _load_extra_state(self, state: dict[str, Any]) -> None:
+    def load_extra_state(self, state: dict[str, Any]) -> None:
         self.task = int(state["task"])
         self._ended = bool(state["task_ended"])
         if self.distillation is not None:
