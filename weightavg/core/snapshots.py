@@ -434,9 +434,10 @@ def combine(
     """``sum_i weights[i] * sources[i]`` over floating entries; integer entries from the last source.
 
     Sources are read one at a time (memory-mapped files, in-memory snapshots or mappings), each added with batched
-    ``add_`` ops into an accumulator of ``dtype`` (fp32, or fp64 on request). Memory beyond ``into`` and the sources
-    is at most 64 MiB of one source's tensors at a time plus, for each ``into`` tensor not of ``dtype`` (or without
-    ``into``), an accumulator of its size: ``into`` tensors of ``dtype`` are summed in place (the same result). Every
+    ``add_`` ops into an accumulator of ``dtype`` (fp32, or fp64 on request), or of the ``into`` tensor's own dtype
+    where that is wider (a float64 model sums in float64). Memory beyond ``into`` and the sources is at most 64 MiB of
+    one source's tensors at a time plus, for each ``into`` tensor not of that dtype (or without ``into``), an
+    accumulator of its size: ``into`` tensors of that dtype are summed in place (the same result). Every
     source's names and shapes are checked first, so an error there leaves ``into`` unchanged.
 
     Args:
@@ -446,7 +447,7 @@ def combine(
         into: a module (its ``state_dict`` tensors are overwritten in place, cast to their dtype) or a mapping of
             tensors to fill; the accumulator lives on their device. Without it the result stays on ``device``.
         store: the store that holds in-memory snapshots.
-        dtype: accumulation dtype (``torch.float32`` or ``torch.float64``).
+        dtype: accumulation dtype (``torch.float32`` or ``torch.float64``; at least the ``into`` tensor's).
         device: where to accumulate without ``into`` (default CPU).
 
     Returns:
@@ -491,13 +492,15 @@ def combine(
     for name, shape in expected.items():
         target = None if targets is None else targets.get(name)
         free = target is not None and target.untyped_storage().data_ptr() not in shared
-        if target is not None and free and target.dtype == dtype:
+        # Never below the target's own precision: a float64 model's combination sums in float64.
+        wanted = dtype if target is None or not target.is_floating_point() else torch.promote_types(dtype, target.dtype)
+        if target is not None and free and target.dtype == wanted:
             accumulators[name] = target.data
             in_place.add(name)
             shared.add(target.untyped_storage().data_ptr())  # a tied name (same tensor) gets its own accumulator
         else:
             place = torch.device(device or "cpu") if target is None else target.device
-            accumulators[name] = torch.empty(shape, dtype=dtype, device=place)
+            accumulators[name] = torch.empty(shape, dtype=wanted, device=place)
     kernels.zero_(list(accumulators.values()))
     integers: dict[str, torch.Tensor] = {}
     for index, (source, weight) in enumerate(zip(sources, coefficients, strict=True)):
@@ -509,7 +512,7 @@ def combine(
                 tensor = tensors[name]  # read from a file: a copy, so groups of _CHUNK_BYTES bound what is held
                 if tensor.is_floating_point():
                     floating.append(accumulators[name])
-                    loaded.append(tensor.to(device=accumulators[name].device, dtype=dtype))
+                    loaded.append(tensor.to(device=accumulators[name].device, dtype=accumulators[name].dtype))
                     pending += loaded[-1].numel() * loaded[-1].element_size()
                     if pending >= _CHUNK_BYTES:
                         kernels.add_(floating, loaded, weight)

@@ -380,7 +380,8 @@ class CombineSettings(Settings):
     """For ``method="greedy"``: add a candidate if the soup's score improves (``"strict"``, the code) or does not
     get worse (``"not_worse"``, the paper)."""
     dtype: str | torch.dtype = "float32"
-    """The accumulation dtype of combinations: ``"float32"`` or ``"float64"``."""
+    """The accumulation dtype of combinations: ``"float32"`` or ``"float64"`` (never below the model's own: a float64
+    model's combinations sum in float64)."""
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, tuple(RECIPES))
