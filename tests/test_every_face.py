@@ -8,8 +8,9 @@ same data; the Hydra config against the callback; the callback pickled and unpic
 from its ``state_dict`` mid-run against the uninterrupted run, bit for bit; bf16 weights (fp32 averages where the
 method averages); and a bad value of the method's first setting refused by every face, naming it.
 
-NoLoCo/DiLoCo need several processes (``tests/distributed``, ``tests/faces/test_noloco.py``, which compares their
-callback and wrapper too) and EWA changes the architecture (``tests/faces/test_ewa.py``).
+EWA, which changes the architecture, has the same checks in one test of its own at the end. NoLoCo/DiLoCo need
+several processes (``tests/distributed``, ``tests/faces/test_noloco.py``, which compares their callback and wrapper
+too).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import weightavg.callbacks as cb
 import weightavg.optim as wo
 from tests.helpers import trainer
 from weightavg.config import CONFIGS, ConfigError, instantiate_averaging
+from weightavg.ewa import mixtures, to_dense, to_moe
 
 STEPS = 8
 State = dict[str, torch.Tensor]
@@ -304,3 +306,78 @@ def test_every_face_refuses_a_bad_setting_naming_it(name: str) -> None:
     node[setting] = value
     with pytest.raises(ConfigError, match=setting):
         instantiate_averaging(node)
+
+
+# ---------------------------------------------------------------------------------------------------------- EWA
+# EWA changes the architecture (its FFNs become mixtures whose experts are pulled together after every step, merged
+# into dense FFNs at the end), so its faces are driven here on their own, with the same checks.
+EWA_SETTINGS: dict[str, Any] = {"beta": 0.3}
+EWA_CONVERSION: dict[str, Any] = {"select": "0", "num_experts": 2, "seed": 0}
+
+
+def ewa_loop(reference: bool, steps: range = range(STEPS), model: nn.Module | None = None) -> tuple[Any, nn.Module]:
+    """A plain loop over the converted model: through ``weightavg.optim.EWA``, or (``reference``) plain SGD and
+    EWA's rule written out here, ``e_i <- e_i + beta * N / (N - 1) * (mean_j e_j - e_i)`` after every step."""
+    if model is None:
+        model = fresh_model(torch.float64)
+        to_moe(model, EWA_CONVERSION["select"], num_experts=2, seed=EWA_CONVERSION["seed"])
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = sgd if reference else wo.EWA(sgd, model=model, **EWA_SETTINGS)
+    data = batches(torch.float64)
+    for index in steps:
+        nn.functional.mse_loss(model(data[index][0]), data[index][1]).backward()
+        opt.step()
+        opt.zero_grad()
+        if reference:
+            with torch.no_grad():
+                for layer in mixtures(model):
+                    for stack in layer.stacks():
+                        stack += EWA_SETTINGS["beta"] * 2 / (2 - 1) * (stack.mean(0, keepdim=True) - stack)
+    return opt, model
+
+
+def merged(model: nn.Module) -> State:
+    to_dense(model)
+    return model_state(None, model)
+
+
+def test_ewa_through_every_face() -> None:
+    _, by_hand = ewa_loop(reference=True)
+    reference = merged(by_hand)
+    opt, model = ewa_loop(reference=False)
+    assert opt.merge() == 1
+    assert_states(model_state(opt, model), reference, rtol=1e-12, atol=1e-12)  # the rule, in float64
+
+    in_module = {**EWA_CONVERSION, "select": "net.0"}  # the LightningModule holds the model as ``net``
+    callback, net = fit(cb.EWA(**EWA_SETTINGS, **in_module))  # converts, shares, merges when fit ends
+    assert not mixtures(net)
+    assert_states(
+        {k.removeprefix("net."): v for k, v in model_state(callback, net).items()}, reference, rtol=1e-12, atol=1e-12
+    )
+    node = OmegaConf.structured(CONFIGS["ewa"][0])
+    for key, value in {**EWA_SETTINGS, **in_module}.items():
+        node[key] = value
+    configured, net2 = fit(pickle.loads(pickle.dumps(instantiate_averaging(node))))  # Hydra, then pickled
+    assert_states(model_state(configured, net2), model_state(callback, net), rtol=0, atol=0)
+
+    first, first_model = ewa_loop(reference=False, steps=range(STEPS // 2))
+    saved = copy.deepcopy({"model": first_model.state_dict(), "opt": first.state_dict()})
+    model = fresh_model(torch.float64)
+    to_moe(model, EWA_CONVERSION["select"], num_experts=2, seed=EWA_CONVERSION["seed"])
+    model.load_state_dict(saved["model"])
+    resumed = wo.EWA(torch.optim.SGD(model.parameters(), lr=0.1), model=model, **EWA_SETTINGS)
+    resumed.load_state_dict(saved["opt"])
+    assert resumed.steps_done() == STEPS // 2
+    data = batches(torch.float64)
+    for index in range(STEPS // 2, STEPS):
+        nn.functional.mse_loss(model(data[index][0]), data[index][1]).backward()
+        resumed.step()
+        resumed.zero_grad()
+    resumed.merge()
+    assert_states(model_state(resumed, model), reference, rtol=1e-12, atol=1e-12)  # as the uninterrupted run
+    with pytest.raises((TypeError, ValueError), match="beta"):
+        cb.EWA(beta=2.0)
+    bad = OmegaConf.structured(CONFIGS["ewa"][0])
+    bad.beta = 2.0
+    with pytest.raises(ConfigError, match="beta"):
+        instantiate_averaging(bad)
