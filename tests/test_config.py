@@ -6,6 +6,7 @@ import dataclasses
 import inspect
 import pickle
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hydra.core.config_store import ConfigStore
@@ -25,7 +26,9 @@ def test_config_lists_every_constructor_argument_with_its_default(name: str) -> 
     module, _, attr = target.rpartition(".")
     cls = getattr(__import__(module, fromlist=[attr]), attr)
     params = inspect.signature(cls).parameters
-    assert list(fields) == list(params)
+    former = list(getattr(cls, "__renamed_arguments__", {}))  # former names, accepted for a release
+    assert list(fields) == [*params, *former]
+    fields = {key: value for key, value in fields.items() if key not in former}
     assert not any(p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in params.values())
     built = OmegaConf.structured(node)
     for key in fields:
@@ -198,9 +201,10 @@ def test_help_shows_every_argument_and_warnings_point_at_the_users_line() -> Non
     assert "<string>:2: UserWarning: ZSCL: distill_weight is ignored" in done.stderr, done.stderr
 
 
-def test_a_rules_setting_cannot_be_changed_on_a_built_face() -> None:
-    """The rule read its settings when the face was built: assigning one later (silently ignored before) is refused
-    on callbacks and wrappers alike; the host's own options stay assignable."""
+def test_a_methods_setting_cannot_be_changed_on_a_built_face() -> None:
+    """The method read its settings when the face was built: assigning one later (silently ignored, or unchecked,
+    before) is refused on callbacks and wrappers alike; the host's own options stay assignable, and so does the
+    WiSE-FT callback's ``alpha`` (the interpolation in effect, which it sets when it chooses)."""
     import torch
 
     import weightavg.callbacks
@@ -212,6 +216,15 @@ def test_a_rules_setting_cannot_be_changed_on_a_built_face() -> None:
         (weightavg.callbacks.NoLoCo(sync_every=5), "sync_every"),
         (weightavg.optim.SWA(torch.optim.SGD(model.parameters(), lr=0.1)), "start"),
         (weightavg.optim.DiLoCo(torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)), "outer_lr"),
+        (weightavg.callbacks.LCSC(), "method"),
+        (weightavg.callbacks.WiSEFT(), "alphas"),
+        (weightavg.optim.WiSEFT(torch.optim.SGD(model.parameters(), lr=0.1), module=model), "alpha"),
+        (
+            weightavg.optim.LCSC(
+                torch.optim.SGD(model.parameters(), lr=0.1), module=model, every_n_steps=2, directory=":memory:"
+            ),
+            "keep",
+        ),
     ]
     for face, setting in faces:
         with pytest.raises(AttributeError, match=rf"{type(face).__name__}\.{setting} is a setting of"):
@@ -219,6 +232,9 @@ def test_a_rules_setting_cannot_be_changed_on_a_built_face() -> None:
     callback = faces[0][0]
     callback.validate_with = "live"  # type: ignore[attr-defined]
     assert callback.validate_with == "live"  # type: ignore[attr-defined]
+    wiseft = weightavg.callbacks.WiSEFT(alpha=0.3)
+    wiseft.alpha = 0.4
+    assert wiseft.alpha == 0.4
 
 
 def test_lcsc_recipes_are_one_registry_that_drives_every_face() -> None:
@@ -329,3 +345,23 @@ def test_importing_weightavg_registers_no_strategy_and_the_lightning_face_regist
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("name", "former", "value", "new"),
+    [
+        ("ewa", "merge_at_end", False, "apply_at_end"),
+        ("noloco", "average_at_end", True, "apply_at_end"),
+        ("diloco", "average_at_end", True, "apply_at_end"),
+        ("lcsc", "rule", "not_worse", "greedy_rule"),
+    ],
+)
+def test_configs_take_a_renamed_arguments_former_name_for_a_release(
+    name: str, former: str, value: Any, new: str
+) -> None:
+    node = OmegaConf.structured(CONFIGS[name][0])
+    node[former] = value  # what averaging.merge_at_end=false on the command line does
+    with pytest.warns(FutureWarning, match=rf"averaging\.{former} is now averaging\.{new}"):
+        callback = instantiate_averaging(node)
+    assert getattr(callback, new) == value
+    assert getattr(instantiate_averaging(OmegaConf.structured(CONFIGS[name][0])), new) != value  # the default

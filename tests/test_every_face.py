@@ -381,3 +381,20 @@ def test_ewa_through_every_face() -> None:
     bad.beta = 2.0
     with pytest.raises(ConfigError, match="beta"):
         instantiate_averaging(bad)
+
+
+def test_wrapper_exports_refuse_a_folder_before_writing(tmp_path: Path) -> None:
+    model = fresh_model(torch.float64)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    for save in (wo.WiSEFT(sgd, module=model).save_interpolated, wo.EMA(sgd, decay=0.9).save_averaged):
+        with pytest.raises(ValueError, match="is a folder"):
+            save(tmp_path)
+    assert list(tmp_path.iterdir()) == []  # no temporary left behind
+
+
+def test_the_search_breeds_from_at_most_its_population_by_default() -> None:
+    from weightavg.methods.lcsc import SearchSettings
+
+    assert SearchSettings().parents == 4 and SearchSettings(population=2).parents == 2  # as the command does
+    with pytest.raises(ValueError, match="parents=3 must not exceed population=2"):
+        SearchSettings(population=2, parents=3)

@@ -28,13 +28,14 @@ import argparse
 import dataclasses
 import importlib
 import math
+import re
 import sys
 import types
 import typing
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import torch
 
@@ -116,25 +117,34 @@ def _scorer(spec: str, function: Callable[[dict[str, torch.Tensor]], Any]) -> Sc
 
 
 def recipe_from(args: argparse.Namespace) -> CombineSettings:
-    """The ``CombineSettings`` the arguments give (checked: a bad value names the setting and what is allowed).
-    Without ``--parents``, children are bred from the best ``min(4, population)``."""
+    """The ``CombineSettings`` the arguments give (checked: a bad value names the setting and what is allowed)."""
     given = {name: getattr(args, name) for name in _fields(SearchSettings) if getattr(args, name) is not None}
-    given.setdefault("parents", min(SearchSettings.parents, given.get("population", SearchSettings.population)))
     recipe = {name: getattr(args, name) for name in _fields(CombineSettings) if name != "settings"}
-    return CombineSettings(**recipe, settings=SearchSettings(**given))
+    return CombineSettings(**recipe, settings=SearchSettings(**given) if given else None)
+
+
+def _named_as_options(message: str) -> str:
+    """A settings check's message, naming the command's options (``--decay 1.5 ...``) instead of the settings."""
+    searched = r"^CombineSettings: settings=SearchSettings\(.*?\) is (.*) \(it is"
+    message = re.sub(searched, r"the search options are \1 (they are", message)
+    message = re.sub(r"^CombineSettings: ", "", message)
+    message = re.sub(r"method='(\w+)'", r"--method \1", message)
+    for name in (*_fields(CombineSettings), *_fields(SearchSettings)):
+        if message.startswith(f"{name}="):
+            return f"--{name.replace('_', '-')} {message[len(name) + 1 :]}"
+    return message
 
 
 def check_arguments(args: argparse.Namespace) -> CombineSettings:
     """Refuse bad arguments before reading any snapshot (the values the parser cannot check), naming the option."""
     try:
-        recipe = recipe_from(args)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            recipe = recipe_from(args)
     except (TypeError, ValueError) as error:
-        message = str(error)
-        for name in (*_fields(CombineSettings), *_fields(SearchSettings)):
-            if message.startswith(f"{name}="):  # the setting's check names it as in Python: name the option
-                message = f"--{name.replace('_', '-')} {message[len(name) + 1 :]}"
-                break
-        raise CommandError(message) from None
+        raise CommandError(_named_as_options(str(error))) from None
+    for warning in caught:  # options the chosen recipe ignores: one line each, as the command's other messages
+        print(f"weightavg.combine: {_named_as_options(str(warning.message))}", file=sys.stderr)
     check_output_file("--output", args.output)
     if args.result is not None:
         check_output_file("--result", args.result)
@@ -143,6 +153,22 @@ def check_arguments(args: argparse.Namespace) -> CombineSettings:
     if args.weights is None and RECIPES[args.method].needs_fitness and args.fitness is None:
         raise CommandError(f"--method {args.method} needs --fitness module:function to score candidates")
     return recipe
+
+
+def check_output_is_no_input(args: argparse.Namespace, snapshots: Sequence[SnapshotInfo]) -> None:
+    """Refuse an ``--output``/``--result`` that is one of the snapshots (it would be overwritten, and its run's
+    snapshot lost) or a snapshot file name inside an input folder, and inputs given twice (counted twice)."""
+    inputs = [Path(s.path).resolve() for s in snapshots if s.path is not None]
+    repeated = sorted({str(path) for path in inputs if inputs.count(path) > 1})
+    if repeated:
+        raise CommandError(f"snapshots given more than once (each would count twice): {repeated}")
+    folders = {Path(name).resolve() for name in args.snapshots if Path(name).is_dir()}
+    for option, value in (("--output", args.output), ("--result", args.result)):
+        if value is None:
+            continue
+        path = Path(value).resolve()
+        if path in inputs or (path.parent in folders and path.name.startswith("snapshot-")):
+            raise CommandError(f"{option} {value!r} is one of the snapshots being combined: write it elsewhere")
 
 
 def check_readable(snapshots: Sequence[SnapshotInfo]) -> None:
@@ -172,6 +198,7 @@ def run(args: argparse.Namespace) -> SearchResult:
     scorer = _scorer(args.fitness, load_fitness(args.fitness)) if args.fitness else None
     snapshots = find_snapshots(args.snapshots, skip_damaged=args.skip_damaged)
     check_readable(snapshots)
+    check_output_is_no_input(args, snapshots)
     k = len(snapshots)
     dtype = recipe.accumulation_dtype
     weights = None if args.weights is None else parse_weights(args.weights, k)
@@ -268,18 +295,35 @@ def add_settings(
         shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
         group.add_argument(
             f"--{field.name.replace('_', '-')}",
-            *(aliases or {}).get(field.name, ()),
             dest=field.name,
             default=default if defaults else None,
             help=f"{text} (default: {shown})",
             **options,
         )
+        for alias in (aliases or {}).get(field.name, ()):
+            group.add_argument(alias, dest=field.name, action=_FormerName, help=argparse.SUPPRESS, **options)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors in one line, as every other failure of the command (``--help`` has the usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"weightavg.combine: {message} (python -m weightavg.combine --help lists the options)\n")
+
+
+class _FormerName(argparse.Action):
+    """An option's former name: works for a release, with a line on stderr naming the new one."""
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option: str | None = None) -> None:
+        new = "--" + self.dest.replace("_", "-")
+        print(f"weightavg.combine: {option} is now {new} ({option} will be removed)", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's parser: its recipe and search options generated from ``CombineSettings`` and
     ``SearchSettings``, ``--method`` from ``RECIPES``."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m weightavg.combine", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("snapshots", nargs="+", help="snapshot folders and/or safetensors files")
@@ -302,11 +346,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings(
         parser,
         SearchSettings,
-        title="the search of --method lcsc (weightavg.methods.lcsc.SearchSettings; without --parents, children are "
-        "bred from the best min(4, population))",
+        title="the search of --method lcsc (weightavg.methods.lcsc.SearchSettings)",
         defaults=False,
     )
-    parser.add_argument("--save-dtype", choices=("same", "float32", "float16", "bfloat16"), default="same")
+    parser.add_argument(
+        "--save-dtype",
+        choices=("same", "float32", "float16", "bfloat16"),
+        default="same",
+        help="the dtype of the written tensors (default: same: each as in the newest snapshot)",
+    )
     parser.add_argument("--result", help="write the coefficients and the search history here (JSON)")
     parser.add_argument(
         "--skip-damaged",

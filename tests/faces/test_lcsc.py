@@ -7,6 +7,7 @@ import copy
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from tests.helpers import (
     small_net,
     trainer,
 )
-from weightavg.callbacks import LCSC
+from weightavg.callbacks import EMA, LCSC
 from weightavg.core.io import read_weights
 from weightavg.methods.lcsc import SearchResult, SearchSettings
 from weightavg.optim import LCSC as LCSCOptimizer
@@ -160,7 +161,11 @@ def test_resume_drops_snapshots_past_the_checkpoint_and_ends_like_an_uninterrupt
     assert [s.step for s in first._combiner().store.snapshots] == [3, 6, 9, 12, 15]
     resumed = LCSC(every_n_steps=3, keep=None, method="uniform", directory=tmp_path / "resumed")
     live = LiveAtEnd()
-    _, model_b = fit([live, resumed], epochs=3, ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=8.ckpt"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, model_b = fit([live, resumed], epochs=3, ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=8.ckpt"))
+    said = [str(w.message) for w in caught if "weightavg" in str(w.message)]
+    assert not said, said  # the checkpoint holds what LCSC counts on: nothing to warn about
     assert [s.step for s in resumed._combiner().store.snapshots] == [s.step for s in full._combiner().store.snapshots]
     for key, value in model_a.state_dict().items():
         assert torch.equal(value, model_b.state_dict()[key]), key
@@ -554,6 +559,10 @@ def combine_command(folder: Path, *args: str) -> subprocess.CompletedProcess[str
         (["--method", "ema", "--decay", "1.5"], "--decay 1.5 is out of range: allowed [0, 1)"),  # the option's name
         (["--method", "lcsc", "--population", "2", "--parents", "3", "--fitness", "fitness:nan"], "--parents 3"),
         (["s1.safetensors", "broken.safetensors"], "snapshot file broken.safetensors is damaged or truncated"),
+        (["s0.safetensors", "s1.safetensors", "--output", "s1.safetensors"], "is one of the snapshots being combined"),
+        (["s0.safetensors", "s0.safetensors"], "snapshots given more than once"),
+        (["--method", "greddy"], "argument --method: invalid choice: 'greddy'"),  # the parser's errors: one line too
+        (["--decay", "abc"], "argument --decay: invalid float value: 'abc'"),
     ],
 )
 def test_combine_command_reports_failures_in_one_line(tmp_path: Path, args: list[str], message: str) -> None:
@@ -571,6 +580,23 @@ def test_combine_command_reports_failures_in_one_line(tmp_path: Path, args: list
     assert done.stderr.startswith("weightavg.combine: ") and message in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_combine_command_names_former_and_ignored_options_in_one_line_each(tmp_path: Path) -> None:
+    for i in range(2):
+        save_file({"w": torch.full((3,), float(i))}, str(tmp_path / f"s{i}.safetensors"))
+    done = combine_command(
+        tmp_path, "s0.safetensors", "s1.safetensors", "--rule", "strict", "--decay", "0.5", "--population", "3",
+        "--output", "out.safetensors",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines == [
+        "weightavg.combine: --rule is now --greedy-rule (--rule will be removed)",
+        "weightavg.combine: the search options are ignored with --method uniform (they are for --method lcsc)",
+        "weightavg.combine: --decay 0.5 is ignored with --method uniform (it is for --method ema)",
+    ], lines  # (--rule strict is the default: nothing to say about it beyond its new name)
+    assert read_weights(tmp_path / "out.safetensors", argument="path")["w"].tolist() == [0.5, 0.5, 0.5]
 
 
 def test_combine_command_small_population_and_finite_fitness(tmp_path: Path) -> None:
@@ -632,3 +658,19 @@ def test_combine_command_on_a_full_disk_and_a_read_only_folder(tmp_path: Path) -
     assert len(lines) == 2 and "Traceback" not in done.stderr, done.stderr
     assert "writing --output 'full/out.safetensors' failed" in lines[0] and "No space left" in lines[0]
     assert "--output='full/out.safetensors' cannot be written: no file can be created in 'full'" in lines[1]
+
+
+def test_an_lcsc_that_applies_after_an_applying_average_says_it_discards_it(tmp_path: Path) -> None:
+    """LCSC combines snapshots of the live weights: put in the model after an EMA that applies its average, it
+    replaces that average, and says so (and the run's summary line names what the model ends with)."""
+    ema = EMA(decay=0.9)
+    lcsc = LCSC(every_n_steps=4, method="uniform", directory=tmp_path, recompute_bn=False)
+    with pytest.warns(UserWarning, match=r"discards EMA\(decay=0\.9\)'s average"):
+        _, model = fit([ema, lcsc], epochs=1)
+    weights = lcsc.result.weights if lcsc.result is not None else []
+    assert weights == [0.5, 0.5]  # steps 4 and 8: the model holds their mean, not the EMA
+    assert not any(
+        torch.equal(t, model.state_dict()[k])
+        for k, t in ema._bound().averaged_tensors().items()
+        if k.endswith("weight")
+    )

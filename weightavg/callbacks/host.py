@@ -165,6 +165,9 @@ class AveragingCallback(ReadSettings, OptimizerSteps):
     #: Whether this callback puts its own result into the model at the end of fit, from what the model holds then
     #: (WiSE-FT, LCSC: ``_Finisher``); such callbacks must come after the owner that applies an average.
     _finisher: ClassVar[bool] = False
+    #: For a finisher: whether its result is computed from what the model holds then (WiSE-FT interpolates toward it,
+    #: NoLoCo averages it over ranks), or replaces it (LCSC combines snapshots of the live weights).
+    _starts_from_model: ClassVar[bool] = True
     rule: Rule
     name: str | None  # the given name; the rule's repr once hosting starts
     validate_with: ValidateWith
@@ -238,9 +241,9 @@ class AveragingCallback(ReadSettings, OptimizerSteps):
             cb._validates = cb is validator
             cb._owns_model = cb is owner
             cb._writes_checkpoint = cb is writer
-        interpolators = [cb for cb in ours if cb._finisher and cb.apply_at_end]
-        if owner is not None and interpolators and ours.index(interpolators[0]) < ours.index(owner):
-            first = interpolators[0].name
+        finishers = [cb for cb in ours if cb._finisher and cb.apply_at_end]
+        if owner is not None and finishers and ours.index(finishers[0]) < ours.index(owner):
+            first = finishers[0].name
             raise ValueError(
                 f"{first} comes before {owner.name} (apply_at_end=True) in Trainer(callbacks=...): {owner.name} "
                 f"would replace {first}'s result when fit ends. Put {first} after it to start from its average, or "
@@ -250,14 +253,24 @@ class AveragingCallback(ReadSettings, OptimizerSteps):
             _warn_on_checkpoint_mismatch(trainer, ours, validator, writer)
         if stage == "fit" and self.validate_with == "both":
             self._check_early_stopping_order(trainer)
-        if len(ours) > 1 and self is ours[0]:
+        if self is ours[0]:
             ends = owner.name if owner else "the live weights"
-            if interpolators:
-                ends = f"{interpolators[-1].name}'s result (from {ends})"
-            rank_zero_info(
-                f"weightavg: validation uses {validator.name if validator else 'the live weights'}; "
-                f"the model ends with {ends}"
-            )
+            for finisher in finishers:  # in the order they finish
+                if finisher._starts_from_model:
+                    ends = f"{finisher.name}'s result (from {ends})"
+                    continue
+                if owner is not None and stage == "fit":
+                    rank_zero_warn(
+                        f"weightavg: {finisher.name} (apply_at_end=True) puts its combination of snapshots of the live "
+                        f"weights into the model when fit ends, which discards {owner.name}'s average (apply_at_end="
+                        f"True): set apply_at_end=False on one of them (or combine {owner.name}'s exports instead)"
+                    )
+                ends = f"{finisher.name}'s result"
+            if len(ours) > 1:
+                rank_zero_info(
+                    f"weightavg: validation uses {validator.name if validator else 'the live weights'}; "
+                    f"the model ends with {ends}"
+                )
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

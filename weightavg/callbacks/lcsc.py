@@ -58,6 +58,8 @@ class LCSC(  # signature: last base's fields first
     statistics; candidates during the search are scored with combined statistics) (Args below).
     """
 
+    _starts_from_model = False  # its snapshots are of the live weights: an average applied before it is replaced
+
     _: KW_ONLY
     every_n_epochs: int | None = None
     """Snapshot every this many epochs instead of ``every_n_steps`` (at most one of them; neither: every epoch)."""
@@ -89,7 +91,7 @@ class LCSC(  # signature: last base's fields first
         self.result: SearchResult | None = None
         self._last_snapshot_step = -1
         self._expected: list[int] | None = None  # the snapshots a restored checkpoint counts on
-        self._start_hosting(Snapshot())
+        self._start_hosting(Snapshot(), SnapshotSettings, CombineSettings)
 
     @override
     def check_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -229,10 +231,19 @@ class LCSC(  # signature: last base's fields first
             averager.save(self.export_path)
         if self.result_path is not None and trainer.is_global_zero:
             self.result.save(self.result_path)
-        rank_zero_info(
-            f"weightavg: {self.name} ({self.method}) over {len(combiner.store.snapshots)} snapshots: fitness "
-            f"{self.result.fitness:.5g} after {self.result.evaluations} evaluations"
+        count = len(combiner.store.snapshots)
+        scored = (
+            f"fitness {self.result.fitness:.5g} after {self.result.evaluations} evaluations"
+            if self.result.evaluations
+            else "not scored (no monitor/metric)"
         )
+        rank_zero_info(f"weightavg: {self.name} ({self.method}) over {count} snapshots: {scored}")
+        if count == 1:  # e.g. the default one snapshot per epoch over an endless loader
+            rank_zero_warn(
+                f"weightavg: {self.name} combined a single snapshot (every_n_steps={self.every_n_steps}, "
+                f"every_n_epochs={self.every_n_epochs}, in {trainer.global_step} optimizer steps): the result is that "
+                "snapshot; snapshot more often (every_n_steps=...)"
+            )
         if self.apply_at_end:
             averager.refresh()
             averager.swap()  # by pointer: the live weights stay in the averager for later checkpoints
@@ -281,6 +292,10 @@ class LCSC(  # signature: last base's fields first
             return values[self.search_on]
 
         return evaluate
+
+    @override
+    def _state_keys(self) -> set[str]:
+        return {"snapshots"}  # no average: the snapshots are files, this state lists the ones it counts on
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -88,6 +88,7 @@ class WiSEFT(TensorOptions, OutputOptions, FitnessOptions, WiSEFTSettings, _Fini
         self.curves: dict[str, dict[float, float]] = {}
         self._logged: dict[float, dict[str, Any]] = {}
         self._start_hosting(Snapshot())
+        self._read_settings(WiSEFTSettings, except_=("alpha",))  # alpha: the interpolation in effect, kept here
 
     def _check_without_sweep(self) -> None:
         """Refuse sweep arguments that a run without ``monitor``/``metric`` would ignore where they change which

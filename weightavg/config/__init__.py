@@ -72,6 +72,8 @@ def builds(target: type, *, name: str, doc: str) -> type:
         else:
             spec = dataclasses.field(default=default)
         fields.append((parameter.name, kind, spec))
+    for former in getattr(target, "__renamed_arguments__", {}):  # accepted for a release, with a FutureWarning
+        fields.append((former, Any, dataclasses.field(default=None)))
     config = dataclasses.make_dataclass(name, fields)
     config.__module__, config.__doc__ = __name__, doc
     return config
@@ -159,11 +161,37 @@ def instantiate_averaging(config: Any, *, where: str = GROUP, **overrides: Any) 
 
     if config is None or "_target_" not in config:
         return None
+    config = _former_names(config, where)
     try:
         return instantiate(config, **overrides)
     except InstantiationException as error:
         cause = error.__cause__ or error
         raise ConfigError(f"{where}: {cause}") from cause
+
+
+def _former_names(config: Any, where: str) -> Any:
+    """``config`` with the former names of renamed arguments moved to the new ones (with a FutureWarning naming
+    both, as the Python faces give) and removed."""
+    import warnings
+
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    try:
+        renamed = getattr(get_class(str(config["_target_"])), "__renamed_arguments__", {})
+    except Exception:  # an unknown target: instantiate reports it
+        return config
+    given = {old: new for old, new in renamed.items() if config.get(old) is not None}
+    if not given:
+        return config  # the former fields are None: the constructor takes them as not given
+    node = OmegaConf.to_container(config, resolve=True)
+    assert isinstance(node, dict)
+    for old, new in renamed.items():
+        value = node.pop(old, None)
+        if old in given:
+            warnings.warn(f"{where}.{old} is now {where}.{new}: {old} will be removed", FutureWarning, stacklevel=3)
+            node[new] = value
+    return OmegaConf.create(node)
 
 
 __all__ = [

@@ -56,21 +56,23 @@ class Frozen:
 
 
 class ReadSettings:
-    """Base of the faces: the settings their rule read when it was built cannot be assigned later (the assignment
-    would be silently ignored); their other attributes stay assignable."""
+    """Base of the faces: the method's settings, read when the face was built, cannot be assigned later (the
+    assignment would be silently ignored, or skip the checks); their other attributes stay assignable."""
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in self.__dict__.get("_rule_fields", ()):
             raise AttributeError(
-                f"{type(self).__name__}.{name} is a setting of its rule, read when it was built: build another "
+                f"{type(self).__name__}.{name} is a setting of its method, read when it was built: build another "
                 f"{type(self).__name__} with {name}={value!r}"
             )
         super().__setattr__(name, value)
 
-    def _read_settings(self, *sources: object) -> None:
-        """Mark the fields of ``sources`` (settings classes or rule instances) as read by the rule."""
+    def _read_settings(self, *sources: object, except_: tuple[str, ...] = ()) -> None:
+        """Mark the fields of ``sources`` (settings classes or rule instances) as read when the face was built, so
+        that assigning them later is refused (``except_``: fields the face itself keeps up to date)."""
         names = {f.name for source in sources if dataclasses.is_dataclass(source) for f in dataclasses.fields(source)}
-        object.__setattr__(self, "_rule_fields", frozenset(names | set(self.__dict__.get("_rule_fields", ()))))
+        names = (names | set(self.__dict__.get("_rule_fields", ()))) - set(except_) - {"_"}
+        object.__setattr__(self, "_rule_fields", frozenset(names))
 
 
 def setting_values(obj: object, group: type) -> dict[str, Any]:
@@ -215,6 +217,8 @@ def renamed_arguments(**renamed: str) -> Callable[[T], T]:
         @functools.wraps(init)
         def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
             for old, new in renamed.items():
+                if old in kwargs and kwargs[old] is None:  # not given (a config's empty former field)
+                    del kwargs[old]
                 if old in kwargs:
                     if new in kwargs:
                         raise TypeError(f"{cls.__name__}() got {old}= and {new}=: {old} is the former name of {new}")
@@ -227,6 +231,8 @@ def renamed_arguments(**renamed: str) -> Callable[[T], T]:
             init(self, *args, **kwargs)
 
         cls.__init__ = __init__  # type: ignore[misc]
+        # Read by the Hydra configs, which take the former names too (weightavg.config.builds).
+        cls.__renamed_arguments__ = {**getattr(cls, "__renamed_arguments__", {}), **renamed}  # type: ignore[attr-defined]
         return cls
 
     return decorate

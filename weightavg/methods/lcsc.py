@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import KW_ONLY, asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -150,8 +150,8 @@ class SearchSettings:
 
     population: int = 16
     """Candidates kept each generation."""
-    parents: int = 4
-    """The best candidates children are bred from (at most ``population``)."""
+    parents: int | None = None
+    """The best candidates children are bred from (at most ``population``); default ``min(4, population)``."""
     children: int = 12
     """New candidates per generation."""
     generations: int = 25
@@ -170,9 +170,13 @@ class SearchSettings:
     """Seeds every random draw; the search is deterministic given it and the fitness."""
 
     def __post_init__(self) -> None:
-        for name in ("population", "parents", "children"):
+        check_number("population", self.population, low=1, integer=True)
+        if self.parents is None:
+            object.__setattr__(self, "parents", min(4, self.population))  # frozen: resolved once, here
+        for name in ("parents", "children"):
             check_number(name, getattr(self, name), low=1, integer=True)
         check_number("generations", self.generations, low=0, integer=True)
+        assert self.parents is not None
         if self.parents > self.population:
             raise ValueError(f"parents={self.parents} must not exceed population={self.population}")
         check_number("mutation_rate", self.mutation_rate, low=0.0, high=1.0)
@@ -398,7 +402,28 @@ class CombineSettings(Settings):
             )
         check_choice("greedy_rule", self.greedy_rule, ("strict", "not_worse"))
         combine_dtype(self.dtype)
+        if self.warn_unused_options:
+            self._warn_unused_options()
         super().__post_init__()
+
+    #: Whether options of recipes other than ``method`` are warned about when set (not for the wrapper, whose
+    #: settings are the defaults of ``search()``, which may choose another recipe).
+    warn_unused_options: ClassVar[bool] = True
+
+    def _warn_unused_options(self) -> None:
+        used = set(RECIPES[self.method].options)
+        defaults = {f.name: f.default for f in fields(CombineSettings)}
+        for recipe in RECIPES.values():
+            for option in recipe.options:
+                value = getattr(self, option)
+                if option not in used and value != defaults[option] and value is not None:
+                    users = [r.name for r in RECIPES.values() if option in r.options]
+                    warnings.warn(
+                        f"{type(self).__name__}: {option}={value!r} is ignored with method={self.method!r} (it is "
+                        f"for method={' or '.join(map(repr, users))})",
+                        UserWarning,
+                        stacklevel=outside_stacklevel(),
+                    )
 
     @property
     def search_settings(self) -> SearchSettings:
@@ -443,6 +468,8 @@ class Recipe:
     """Whether it is driven by a fitness (else a fitness, when given, only scores its result)."""
     choose: Callable[[Sequence[SnapshotInfo], Fitness | None, CombineSettings, Mode, bool], SearchResult]
     """``choose(snapshots, fitness, settings, mode, progress) -> SearchResult``."""
+    options: tuple[str, ...] = ()
+    """The ``CombineSettings`` fields it reads (another recipe's, set to a non-default value, is warned about)."""
 
 
 def _scored(weights: torch.Tensor, fitness: Fitness | None, mode: Mode, method: str) -> SearchResult:
@@ -546,6 +573,7 @@ RECIPES: dict[str, Recipe] = {
             "Liu et al., ICLR 2025, Linear Combination of Saved Checkpoints (search reconstructed)",
             True,
             _lcsc,
+            ("settings",),
         ),
         Recipe(
             "greedy",
@@ -553,6 +581,7 @@ RECIPES: dict[str, Recipe] = {
             "Wortsman et al., ICML 2022, Model soups",
             True,
             _greedy,
+            ("greedy_rule",),
         ),
         Recipe(
             "uniform",
@@ -567,6 +596,7 @@ RECIPES: dict[str, Recipe] = {
             "Liu et al., ICLR 2025 (its EMA baseline)",
             False,
             _ema,
+            ("decay",),
         ),
         Recipe(
             "metric",
@@ -574,6 +604,7 @@ RECIPES: dict[str, Recipe] = {
             "Choi and Yu 2025, Metrics-Weighted Averaging (formula reconstructed)",
             False,
             _metric,
+            ("penalty", "by", "metric_key"),
         ),
         Recipe("last", "the newest snapshot alone", "the baseline", False, _last),
     )

@@ -5,6 +5,7 @@ groups."""
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -16,7 +17,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from weightavg.core.averager import Averager
-from weightavg.core.checks import STATE_VERSION, check_number, check_state_version
+from weightavg.core.checks import STATE_VERSION, check_number, check_output_file, check_state_version
 from weightavg.core.rule import Rule
 from weightavg.core.settings import ReadSettings, Settings, averager_options
 from weightavg.methods import swa
@@ -227,8 +228,9 @@ class AveragingOptimizer(WrapperHost):
         """Overwrite the live weights with the average (e.g. at the end of training)."""
         self.averager.copy_to_model()
 
-    def save_averaged(self, path: str) -> None:
-        """Export the averaged weights as safetensors (atomic write)."""
+    def save_averaged(self, path: str | os.PathLike[str]) -> None:
+        """Export the averaged weights as safetensors (atomic write; a folder or an unwritable path is refused)."""
+        check_output_file("path", path)
         self.averager.save(path)
 
     def update_bn(self, loader: Iterable[Any], model: nn.Module, device: torch.device | None = None) -> None:

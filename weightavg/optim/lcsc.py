@@ -57,6 +57,8 @@ class LCSC(TensorOptions, CombineSettings, SnapshotSettings, ModelOptions, Avera
         >>> opt.apply(result.weights)
     """
 
+    warn_unused_options = False  # its CombineSettings are the defaults of search(), which may pick another recipe
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.every_n_steps is None:
@@ -70,6 +72,7 @@ class LCSC(TensorOptions, CombineSettings, SnapshotSettings, ModelOptions, Avera
         if not (isinstance(folder, str) and folder == MEMORY):
             folder = _rank_folder(Path(folder).expanduser())
         self._start_wrapping(Snapshot())
+        self._read_settings(SnapshotSettings, CombineSettings)  # search() takes changes to the recipe instead
         self.store = SnapshotStore(folder, keep=self.keep, background=self.background)
         self.combiner = Combiner(self.module, self.store, dtype=self.accumulation_dtype, averager=self.averager)
         self.result: SearchResult | None = None

@@ -8,7 +8,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
-from weightavg.core.checks import check_number
+from weightavg.core.checks import check_number, check_output_file
 from weightavg.core.rule import Snapshot
 from weightavg.core.settings import TensorOptions, describe_arguments
 from weightavg.methods.wiseft import WiSEFTSettings, apply_blend, blended, check_alphas
@@ -40,6 +40,7 @@ class WiSEFT(TensorOptions, WiSEFTSettings, ModelOptions, AveragingOptimizer):  
     def __post_init__(self) -> None:
         super().__post_init__()
         self._start_wrapping(Snapshot())
+        self._read_settings(WiSEFTSettings)
         if self.anchor is not None:
             self.averager.load_weights(self.anchor, argument="anchor")
 
@@ -67,7 +68,9 @@ class WiSEFT(TensorOptions, WiSEFTSettings, ModelOptions, AveragingOptimizer):  
         apply_blend(self.averager, self._alpha(alpha))
 
     def save_interpolated(self, path: str | os.PathLike[str], alpha: float | None = None) -> None:
-        """Export the interpolation at ``alpha`` as safetensors (atomic write)."""
+        """Export the interpolation at ``alpha`` as safetensors (atomic write; a folder or an unwritable path is
+        refused)."""
+        check_output_file("path", path)
         with self.interpolated(alpha):
             self.averager.save_model(path)
 
