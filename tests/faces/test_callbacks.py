@@ -232,11 +232,10 @@ def test_export_path_writes_the_average(tmp_path: Path) -> None:
         torch.testing.assert_close(fresh.state_dict()[name], value)
 
 
-def test_swa_recomputes_batchnorm_statistics_on_the_average() -> None:
-    swa = SWA(start=0.5, apply_at_end=False)
-    _, model = fit([swa], epochs=2)
+def assert_statistics_recomputed(swa: SWA, model: DigitsModule) -> None:
+    """Independent reference: a copy of the model holding the averaged parameters, statistics from torch's update_bn
+    over one epoch of the training loader."""
     averaged = swa._bound().averaged_tensors()
-    # Independent reference: a copy of the model holding the averaged parameters, statistics from torch's update_bn.
     reference = DigitsModule()
     reference.load_state_dict(model.state_dict())
     with torch.no_grad():
@@ -246,6 +245,12 @@ def test_swa_recomputes_batchnorm_statistics_on_the_average() -> None:
     torch.optim.swa_utils.update_bn(train, reference)
     for name in ("net.1.running_mean", "net.1.running_var"):
         torch.testing.assert_close(averaged[name], reference.state_dict()[name])
+
+
+def test_swa_recomputes_batchnorm_statistics_on_the_average() -> None:
+    swa = SWA(start=0.5, apply_at_end=False)
+    _, model = fit([swa], epochs=2)
+    assert_statistics_recomputed(swa, model)
 
 
 @pytest.mark.parametrize("bounded", ["max_epochs", "max_steps"])
@@ -259,16 +264,7 @@ def test_swa_recomputes_batchnorm_statistics_whether_epochs_or_steps_bound_the_r
         pl.seed_everything(0, verbose=False)
         model = DigitsModule()
         trainer(max_steps=12, callbacks=[swa]).fit(model, *digits_loaders())
-    averaged = swa._bound().averaged_tensors()
-    reference = DigitsModule()
-    reference.load_state_dict(model.state_dict())
-    with torch.no_grad():
-        for name, param in reference.named_parameters():
-            param.copy_(averaged[name])
-    train, _ = digits_loaders()
-    torch.optim.swa_utils.update_bn(train, reference)
-    for name in ("net.1.running_mean", "net.1.running_var"):
-        torch.testing.assert_close(averaged[name], reference.state_dict()[name])
+    assert_statistics_recomputed(swa, model)
 
 
 def test_bad_arguments_name_the_argument() -> None:
