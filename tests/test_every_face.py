@@ -398,3 +398,16 @@ def test_the_search_breeds_from_at_most_its_population_by_default() -> None:
     assert SearchSettings().parents == 4 and SearchSettings(population=2).parents == 2  # as the command does
     with pytest.raises(ValueError, match="parents=3 must not exceed population=2"):
         SearchSettings(population=2, parents=3)
+
+
+def test_errors_name_the_file_and_the_argument(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from weightavg.core.snapshots import combine
+
+    save_file({"w": torch.zeros(3)}, str(tmp_path / "a.safetensors"))
+    save_file({"w": torch.zeros(4)}, str(tmp_path / "b.safetensors"))
+    with pytest.raises(ValueError, match=r"sources\[1\] \(.*b\.safetensors\) does not match sources\[0\] \(.*a\."):
+        combine([tmp_path / "a.safetensors", tmp_path / "b.safetensors"], [0.5, 0.5])
+    with pytest.raises(TypeError, match=r"settings=\{'populaton': 8\}: .*SearchSettings has \['population'"):
+        cb.LCSC(settings={"populaton": 8})

@@ -478,10 +478,13 @@ def combine(
             expected = shapes
             if targets is not None:
                 io.check_keys(
-                    {k: v.shape for k, v in targets.items() if k in shapes}, shapes, source="sources[0]", against="into"
+                    {k: v.shape for k, v in targets.items() if k in shapes},
+                    shapes,
+                    source=_label(sources, 0),
+                    against="into",
                 )
         else:
-            io.check_keys(expected, shapes, source=f"sources[{index}]", against="sources[0]")
+            io.check_keys(expected, shapes, source=_label(sources, index), against=_label(sources, 0))
     # A target of the accumulation dtype is the accumulator itself (no model-sized fp32 copy beside it), unless a
     # source shares its memory; the sums are the same either way.
     shared = {
@@ -526,6 +529,15 @@ def combine(
         names = [name for name in result if name in targets and name not in in_place]
         kernels.copy_([targets[name].data for name in names], [result[name] for name in names])
     return result
+
+
+def _label(sources: Sequence[SnapshotSource], index: int) -> str:
+    """``sources[i]``, with the file it is where there is one (errors name what the user can look at)."""
+    source = sources[index]
+    path = (
+        source.path if isinstance(source, SnapshotInfo) else source if isinstance(source, (str, os.PathLike)) else None
+    )
+    return f"sources[{index}]" if path is None else f"sources[{index}] ({os.fspath(path)})"
 
 
 def _shapes(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Size]:

@@ -390,7 +390,12 @@ class CombineSettings(Settings):
     def __post_init__(self) -> None:
         check_choice("method", self.method, tuple(RECIPES))
         if isinstance(self.settings, Mapping):  # a config node
-            self.settings = SearchSettings(**dict(self.settings))
+            given = dict(self.settings)
+            try:
+                self.settings = SearchSettings(**given)
+            except TypeError as error:  # an unknown field: name the argument and the fields there are
+                known = [f.name for f in fields(SearchSettings)]
+                raise TypeError(f"settings={given!r}: {error}; SearchSettings has {known}") from None
         if self.settings is not None and not isinstance(self.settings, SearchSettings):
             raise TypeError(f"settings={self.settings!r} must be a weightavg.methods.lcsc.SearchSettings or None")
         check_number("decay", self.decay, low=0.0, high=1.0, high_open=True)
