@@ -120,7 +120,9 @@ def recipe_from(args: argparse.Namespace) -> CombineSettings:
     """The ``CombineSettings`` the arguments give (checked: a bad value names the setting and what is allowed)."""
     given = {name: getattr(args, name) for name in _fields(SearchSettings) if getattr(args, name) is not None}
     recipe = {name: getattr(args, name) for name in _fields(CombineSettings) if name != "settings"}
-    return CombineSettings(**recipe, settings=SearchSettings(**given) if given else None)
+    settings = CombineSettings(**recipe, settings=SearchSettings(**given) if given else None)
+    settings.warn_unused()  # the command runs this one recipe
+    return settings
 
 
 def _named_as_options(message: str) -> str:

@@ -674,3 +674,19 @@ def test_an_lcsc_that_applies_after_an_applying_average_says_it_discards_it(tmp_
         for k, t in ema._bound().averaged_tensors().items()
         if k.endswith("weight")
     )
+
+
+def test_another_recipes_option_is_warned_about_once_by_the_callback_and_never_by_the_wrapper() -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lcsc = LCSC(every_n_steps=4, method="uniform", decay=0.5, directory=":memory:", recompute_bn=False)
+        fit([lcsc], epochs=1)
+    said = [str(w.message) for w in caught if "is ignored" in str(w.message)]
+    assert said == ["LCSC: decay=0.5 is ignored with method='uniform' (it is for method='ema')"], said
+    model = small_net()
+    opt = LCSCOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), module=model, every_n_steps=1,
+                        directory=":memory:", decay=0.5)  # fmt: skip
+    loop(opt, model, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # decay is the default of search(method="ema"); another recipe ignores it
+        assert opt.search(method="uniform").weights == [0.5, 0.5]

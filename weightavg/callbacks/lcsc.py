@@ -59,6 +59,7 @@ class LCSC(  # signature: last base's fields first
     """
 
     _starts_from_model = False  # its snapshots are of the live weights: an average applied before it is replaced
+    warn_unused_options = True  # it runs one recipe: another's options would be ignored
 
     _: KW_ONLY
     every_n_epochs: int | None = None
@@ -214,10 +215,9 @@ class LCSC(  # signature: last base's fields first
             rank_zero_info(f"weightavg: {self.name} took no snapshot; the live weights stay")
             return
         evaluate = self._evaluator(trainer, pl_module)
-        recipe = CombineSettings(**self.recipe())
         progress = trainer_shows_progress(trainer, self.progress)
-        self.result = self._run_suspending_peers(
-            lambda: combiner.choose(recipe, evaluate, mode=self.mode, progress=progress)
+        self.result = self._run_suspending_peers(  # this callback is its own CombineSettings
+            lambda: combiner.choose(self, evaluate, mode=self.mode, progress=progress)
         )
         # Every rank searched (validation runs are collective); rank 0's choice is everyone's, even when the
         # monitored metric was not synchronised across ranks (log it with sync_dist=True to score all the data).

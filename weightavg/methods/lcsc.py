@@ -408,14 +408,16 @@ class CombineSettings(Settings):
         check_choice("greedy_rule", self.greedy_rule, ("strict", "not_worse"))
         combine_dtype(self.dtype)
         if self.warn_unused_options:
-            self._warn_unused_options()
+            self.warn_unused()
         super().__post_init__()
 
-    #: Whether options of recipes other than ``method`` are warned about when set (not for the wrapper, whose
-    #: settings are the defaults of ``search()``, which may choose another recipe).
-    warn_unused_options: ClassVar[bool] = True
+    #: Whether options of recipes other than ``method`` are warned about when built: by the faces that run one recipe
+    #: (the callback; the command calls ``warn_unused``), not by the wrapper, whose settings are the defaults of
+    #: ``search()``, nor by the settings a search is run with.
+    warn_unused_options: ClassVar[bool] = False
 
-    def _warn_unused_options(self) -> None:
+    def warn_unused(self) -> None:
+        """Warn about each option of another recipe than ``method`` set to a non-default value (it is ignored)."""
         used = set(RECIPES[self.method].options)
         defaults = {f.name: f.default for f in fields(CombineSettings)}
         for recipe in RECIPES.values():

@@ -57,8 +57,6 @@ class LCSC(TensorOptions, CombineSettings, SnapshotSettings, ModelOptions, Avera
         >>> opt.apply(result.weights)
     """
 
-    warn_unused_options = False  # its CombineSettings are the defaults of search(), which may pick another recipe
-
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.every_n_steps is None:
